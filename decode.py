@@ -1,0 +1,348 @@
+"""Action decoder: turns a planned latent action back into a Push-T macro action (method.md s8).
+
+A world model trained without action labels (`la`, `vq`) plans in its own latent-action space. This script
+learns the map (current DINO tokens P_t, latent action z) -> normalised 10-d macro action from a small labelled
+set: the frozen world model's IDM labels each val/train window (o_t, o_t+5) with z, the dataset gives the true
+action. Reads RUN/ckpt.pt and the run's dataset (cached DINO features when present, else render + encode).
+Writes RUN/decoder.pt {"model", "config", "wm_ckpt_id", "report"}, RUN/decode.json (val RMSE in px per env
+step, R^2 per action dim, label budget; for vq each code's mean decoded action and usage) and RUN/codes.png (vq).
+The baseline has real actions already: nothing to decode, exit 0.
+GPU:  python decode.py --run runs/vq                  (100k + 10k pairs; wall-clock on H200: not yet measured)
+CPU:  python decode.py --run /tmp/tiny/vq --pairs 200 --val-pairs 50 --max-epochs 3 --device cpu
+"""
+import argparse
+import copy
+import dataclasses
+import inspect
+import math
+import os
+import random
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import dino
+import wm
+from train import get_tokens, save_checkpoint, write_json
+
+
+@dataclass
+class DecodeConfig:
+    run: str = ""  # run folder written by train.py (reads ckpt.pt, writes decoder.pt, decode.json, codes.png)
+    pairs: int = 100_000  # label budget: labelled train transitions the decoder may use (seed: 100,000)
+    val_pairs: int = 10_000  # labelled val transitions for early stopping and the report (seed: 10,000)
+    use_delta: bool = False  # also feed the pooled predicted next state (seed's use_delta; off in its README config)
+    batch_size: int = 256  # decoder training batch (seed train_action_decoder.py)
+    lr: float = 1e-3  # AdamW learning rate (seed)
+    weight_decay: float = 0.0  # AdamW weight decay (seed)
+    max_epochs: int = 200  # epoch cap (seed)
+    patience: int = 5  # epochs without val-RMSE improvement before stopping (seed)
+    min_delta: float = 1e-4  # smallest val-RMSE drop that counts as improvement, normalised units (seed)
+    encode_batch: int = 64  # windows per world-model batch while labelling pairs
+    code_states: int = 256  # real val states each vq code is decoded on to find its mean action
+    workers: int = 4  # DataLoader processes rendering frames (only used without a feature cache)
+    device: str = "auto"  # auto, cpu or cuda (auto picks cuda when present)
+    seed: int = 0  # seeds pair sampling, init and shuffling (seed: 0)
+    dino_weights: str = ""  # DINOv2 weights PATH or "random"; "" = the run's own
+
+
+# Shape legend: B batch, N pairs, P patches, D DINO width, L/C latent-action width, A macro-action width (10),
+# F env steps per macro action (frameskip), K codes.
+FEAT = 128  # width of the pooled-state projection (seed MacroActionDecoderStd dec_dim)
+HID = 256  # MLP width (seed MacroActionDecoderStd hid)
+
+
+def parse_config(cls, argv=None):
+    """Flags from the dataclass: --field-name, help = the field's trailing comment, default shown."""
+    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kw = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else dict(type=type(f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=helps.get(f.name, " "), **kw)
+    return cls(**vars(p.parse_args(argv)))
+
+
+def write_png(path, img):
+    """Atomic PNG write of a BGR uint8 image."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_bytes(cv2.imencode(".png", img)[1].tobytes())
+    os.replace(tmp, path)
+
+
+def open_run(run, device):
+    """Load RUN's world model (eval mode) and check that its dataset is still the one it was trained on."""
+    model, ckpt = wm.load_run(run, device)  # clear errors for a missing or older-format checkpoint
+    root = Path(ckpt["data"]["root"])
+    meta = data.load_meta(root)
+    if meta["fingerprint"] != ckpt["data"]["fingerprint"]:
+        raise ValueError(f"{root}: dataset fingerprint {meta['fingerprint']} differs from the one {run} was trained "
+                         f"on ({ckpt['data']['fingerprint']}); point the run at its own dataset or retrain")
+    return model, ckpt, root
+
+
+def window_source(ckpt, root, split, num_frames, dino_weights, device, encoder=None):
+    """WindowDataset over `split` with cached DINO features when a matching cache exists, else rendered frames.
+
+    Returns (dataset, encoder): the encoder is built (once, shared via `encoder`) only when frames must be encoded."""
+    tc = ckpt["train_config"]
+    weights = dino_weights or tc["dino_weights"] or None
+    feats = dino.load_features(root, split, tc["dino_name"], tc["dino_size"], weights)
+    ds = data.WindowDataset(root, split, num_frames=num_frames, frameskip=ckpt["model_config"]["frameskip"],
+                            img_size=tc["img_size"], features=feats)
+    if feats is None and encoder is None:
+        encoder = dino.load_dinov2(tc["dino_name"], weights, device=device)
+    return ds, encoder
+
+
+def macro_px(a_norm, stats):
+    """Normalised macro actions (N, A) -> px offsets (N, F, 2) with the run's stored action statistics."""
+    mean, std = torch.tensor(stats["action_mean"]), torch.tensor(stats["action_std"])
+    return data.macro_to_env(a_norm[:, None].cpu().float(), mean, std)  # (N, F, 2)
+
+
+def draw_codes(steps_px, usage, title, cols=8, cell=150):
+    """Grid picture, one cell per code: the mean decoded push as an arrow, start at the cell centre.
+
+    steps_px (K, F, 2) mean PD-target offsets per env step; the polyline runs through their cumulative sums and the
+    arrow ends at the total. Image axes match the world (x right, y down; pusht.md s1). One scale for all cells."""
+    K, F_ = steps_px.shape[:2]
+    path = np.cumsum(steps_px, 1)  # (K, F, 2)
+    rows, head = math.ceil(K / cols), 60
+    scale = 0.32 * cell / max(np.abs(path).max(), 1e-6)  # image px per world px
+    img = np.full((head + rows * cell, cols * cell, 3), 255, np.uint8)  # BGR
+    put = lambda text, xy, size=0.42, colour=(0, 0, 0): cv2.putText(  # noqa: E731
+        img, text, xy, cv2.FONT_HERSHEY_SIMPLEX, size, colour, 1, cv2.LINE_AA)
+    put(title, (8, 24), 0.6)
+    put(f"arrow = sum of the {F_} env-step offsets, thin line = their running sum; 50 world px = {50 * scale:.0f} "
+        "image px; grey = unused code", (8, 48), 0.45, (60, 60, 60))
+    for k in range(K):
+        x0, y0 = (k % cols) * cell, head + (k // cols) * cell
+        c = np.array([x0 + cell / 2, y0 + cell / 2 + 4])  # (2,) arrow start
+        colour = (160, 160, 160) if usage[k] == 0 else (200, 80, 30)
+        cv2.rectangle(img, (x0, y0), (x0 + cell - 1, y0 + cell - 1), (220, 220, 220), 1)
+        pts = np.vstack([c, c + path[k] * scale]).round().astype(np.int32)  # (F+1, 2)
+        cv2.polylines(img, [pts], False, colour, 1, cv2.LINE_AA)
+        cv2.arrowedLine(img, tuple(map(int, pts[0])), tuple(map(int, pts[-1])), colour, 2, cv2.LINE_AA, tipLength=0.25)
+        cv2.circle(img, tuple(map(int, pts[0])), 3, (0, 0, 0), -1)
+        put(f"code {k}  n={int(usage[k])}", (x0 + 6, y0 + 16))
+        put(f"|sum| {np.linalg.norm(path[k, -1]):.0f} px", (x0 + 6, y0 + cell - 8), 0.4, (80, 80, 80))
+    return img
+
+
+class ActionDecoder(nn.Module):
+    """(P_t, z[, P^_t+1]) -> normalised macro action; the seed's MacroActionDecoderStd (use_e, use_z, use_delta)."""
+
+    def __init__(self, visual_dim=384, latent_dim=32, action_dim=10, use_delta=False):
+        super().__init__()
+        self.use_delta = use_delta
+        # One learned query pools the 196 patch tokens into one state vector (seed: randn * 0.02).
+        self.query = nn.Parameter(torch.randn(visual_dim) * 0.02)
+        self.proj_e = nn.Sequential(nn.Linear(visual_dim, HID), nn.GELU(), nn.Linear(HID, FEAT))
+        if use_delta:
+            self.proj_d = nn.Sequential(nn.Linear(visual_dim, HID), nn.GELU(), nn.Linear(HID, FEAT))
+        else:
+            # A disabled branch becomes a learned constant so the head's input width stays 128 + 128 + L (seed).
+            self.d_const = nn.Parameter(torch.zeros(FEAT))
+        self.head = nn.Sequential(nn.LayerNorm(2 * FEAT + latent_dim), nn.Linear(2 * FEAT + latent_dim, HID), nn.GELU(),
+                                  nn.Linear(HID, HID), nn.GELU(), nn.Linear(HID, action_dim))  # no output bound (seed)
+
+    def pool(self, p):
+        """Attention pooling with the learned query: (B, P, D) -> (B, D)."""
+        w = torch.softmax(p @ self.query / math.sqrt(p.shape[-1]), dim=1)  # (B, P)
+        return (w.unsqueeze(-1) * p).sum(1)  # (B, D)
+
+    def forward(self, p_t, z, p_next=None):
+        """p_t (B, P, D), z (B, L), p_next (B, P, D) only with use_delta -> (B, A)."""
+        e = self.pool(p_t)  # (B, D)
+        # LayerNorm without affine parameters before the projection (seed: F.layer_norm(e, [D])).
+        f_e = self.proj_e(F.layer_norm(e, e.shape[-1:]))  # (B, FEAT)
+        if self.use_delta:
+            d = self.pool(p_next) - e  # (B, D) pooled change the world model predicts
+            f_d = self.proj_d(F.layer_norm(d, d.shape[-1:]))  # (B, FEAT)
+        else:
+            f_d = self.d_const.expand(len(e), -1)  # (B, FEAT)
+        return self.head(torch.cat([f_e, f_d, z], -1))  # (B, A)
+
+
+def load_decoder(run, ckpt, device):
+    """RUN/decoder.pt -> ActionDecoder (eval mode); refuses one trained against another world-model checkpoint."""
+    path = Path(run) / "decoder.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no action decoder; run `python decode.py --run {run}` first")
+    saved = torch.load(path, map_location=device, weights_only=True)
+    if saved["wm_ckpt_id"] != ckpt["ckpt_id"]:
+        raise ValueError(f"{path} was trained for world-model checkpoint {saved['wm_ckpt_id']}, but {run}/ckpt.pt "
+                         f"is now {ckpt['ckpt_id']} (retrained?); rerun `python decode.py --run {run}`")
+    decoder = ActionDecoder(**saved["config"]["arch"]).to(device)
+    decoder.load_state_dict(saved["model"])
+    return decoder.eval()
+
+
+@torch.no_grad()
+def build_pairs(model, ds, n, encoder, dino_size, cfg, device, generator, store):
+    """Label n random windows of ds with the frozen world model -> dict of tensors.
+
+    p (N, P, D) fp16 real tokens of frame t, on `store`; z (N, C) the conditioning the predictor saw (pre-VQ latent
+    for la, codebook vector for vq); y (N, A) the true normalised macro action; codes (N,) for vq; p_next (N, P, D)
+    the predicted next tokens, only with use_delta. All but the token stores live on the CPU."""
+    idx = torch.randperm(len(ds), generator=generator)[:n].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=cfg.encode_batch,
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    shape = (len(idx), model.cfg.num_patches, model.cfg.visual_dim)
+    keys = ("p", "p_next") if cfg.use_delta else ("p",)
+    out = {k: torch.empty(shape, dtype=torch.float16, device=store) for k in keys}  # (N, P, D) each
+    rows, i, t0 = {"z": [], "y": [], "codes": []}, 0, time.time()
+    for batch in tqdm(loader, desc="labelling pairs", leave=False):
+        batch = {k: x.to(device, non_blocking=True) for k, x in batch.items()}
+        v = get_tokens(batch, encoder, dino_size)  # (B, 2, P, D)
+        with ctx:
+            c = model.conditioning(v)  # la/vq: the IDM on (o_t, o_t+5), T = 2 as in training
+            if cfg.use_delta:
+                out["p_next"][i:i + len(v)] = model.rollout(v[:, 0], c["cond"][:, :1])[0][:, 0].to(store)  # (B, P, D)
+        out["p"][i:i + len(v)] = v[:, 0].to(store)  # (B, P, D) fp16
+        rows["z"].append(c["cond"][:, 0].float().cpu())  # (B, C) a_0, the real transition (method.md s4.3 item 7)
+        rows["y"].append(batch["action"][:, 0].float().cpu())  # (B, A) row 0: the actions between frame 0 and 1
+        rows["codes"] += [c["codes"][:, 0].cpu()] if "codes" in c else []  # (B,)
+        i += len(v)
+    print(f"labelled {i} pairs in {time.time() - t0:.1f} s ({i / (time.time() - t0 + 1e-9):.0f} pairs/s)")
+    return {**out, **{k: torch.cat(v) for k, v in rows.items() if v}}
+
+
+def take(pairs, idx, device):
+    """Decoder inputs and targets of the pairs at idx (a CPU index tensor), moved to device."""
+    p = pairs["p"][idx.to(pairs["p"].device)].to(device).float()  # (B, P, D)
+    p_next = pairs["p_next"][idx.to(p.device)].to(device).float() if "p_next" in pairs else None  # (B, P, D)
+    return (p, pairs["z"][idx].to(device), p_next), pairs["y"][idx].to(device)  # y (B, A)
+
+
+@torch.no_grad()
+def predict(decoder, pairs, device, batch_size=256):
+    """Decoded normalised actions for every pair -> (N, A) fp32 on CPU."""
+    decoder.eval()
+    return torch.cat([decoder(*take(pairs, idx, device)[0]).float().cpu()
+                      for idx in torch.arange(len(pairs["y"])).split(batch_size)])  # (N, A)
+
+
+def fit_decoder(decoder, train, val, cfg, device, generator):
+    """AdamW + Huber(beta 1) on normalised actions, early stopping on val RMSE, best weights restored (seed).
+
+    Returns the per-epoch history [{"epoch", "train_huber", "val_rmse"}]."""
+    opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state, bad, history = float("inf"), None, 0, []
+    for epoch in range(1, cfg.max_epochs + 1):
+        t0, total = time.time(), torch.zeros((), device=device)
+        decoder.train()
+        for idx in torch.randperm(len(train["y"]), generator=generator).split(cfg.batch_size):
+            x, y = take(train, idx, device)
+            loss = F.smooth_l1_loss(decoder(*x), y, beta=1.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+        # Val RMSE over all A dims in normalised units decides early stopping (seed train_action_decoder.py).
+        rmse = (predict(decoder, val, device) - val["y"]).pow(2).mean().sqrt().item()
+        history.append({"epoch": epoch, "train_huber": total.item() / len(train["y"]), "val_rmse": rmse})
+        print(f"epoch {epoch:3d} | huber {history[-1]['train_huber']:.4f} | val rmse {rmse:.4f} | best "
+              f"{min(best, rmse):.4f} | {len(train['y']) / (time.time() - t0):.0f} pairs/s")
+        if rmse < best - cfg.min_delta:
+            best, bad, best_state = rmse, 0, copy.deepcopy(decoder.state_dict())
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    decoder.load_state_dict(best_state)  # IMPORTANT: the best epoch, not the last (which overfit by construction)
+    return history
+
+
+def accuracy_report(pred, y, stats):
+    """Val RMSE (normalised; px per env step, overall and per axis) and R^2 per action dimension."""
+    err_px = macro_px(pred, stats) - macro_px(y, stats)  # (N, F, 2) px
+    r2 = 1 - (pred - y).pow(2).sum(0) / (y - y.mean(0)).pow(2).sum(0).clamp_min(1e-12)  # (A,)
+    return {"val_rmse_norm": (pred - y).pow(2).mean().sqrt().item(),
+            "val_rmse_px": err_px.pow(2).mean().sqrt().item(),
+            "val_rmse_px_xy": err_px.pow(2).mean((0, 1)).sqrt().tolist(),
+            "r2_per_dim": r2.tolist(), "r2_mean": r2.mean().item()}
+
+
+@torch.no_grad()
+def code_meanings(decoder, model, K, p, device, stats):
+    """Each of the K codes decoded on the same real states p (N, P, D), averaged: what it does -> (K, F, 2) px."""
+    codebook = model.plan_to_cond(torch.arange(K, device=device)[None])[0]  # (K, C)
+    p = p.to(device).float()  # (N, P, D)
+    mean_a = []
+    for k in range(K):
+        z = codebook[k].expand(len(p), -1)  # (N, C)
+        p_next = model.rollout(p, z[:, None])[0][:, 0] if decoder.use_delta else None  # (N, P, D)
+        mean_a.append(decoder(p, z, p_next).mean(0))  # (A,)
+    return macro_px(torch.stack(mean_a), stats)  # (K, F, 2)
+
+
+def main(cfg):
+    print(asdict(cfg))
+    device = dino.resolve_device(cfg.device)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    model, ckpt, root = open_run(cfg.run, device)
+    mc, tc, variant = ckpt["model_config"], ckpt["train_config"], ckpt["model_config"]["variant"]
+    if variant == "baseline":
+        print(f"{cfg.run}: variant baseline plans real actions; there is no latent action to decode. Nothing written.")
+        return None
+    run, gen = Path(cfg.run), torch.Generator().manual_seed(cfg.seed)
+
+    # Labelled pairs from the frozen world model, split by episode through the dataset's train/val splits.
+    train_ds, encoder = window_source(ckpt, root, "train", 2, cfg.dino_weights, device)
+    val_ds, encoder = window_source(ckpt, root, "val", 2, cfg.dino_weights, device, encoder)
+    n_train, n_val = min(cfg.pairs, len(train_ds)), min(cfg.val_pairs, len(val_ds))
+    # Token store: 150 KB per pair at P 196, D 384 in fp16 (16.5 GB for the seed's 110k pairs); kept on the GPU
+    # when it takes under half of the free memory, which saves a host gather + copy per batch, else in host memory.
+    need = (n_train + n_val) * mc["num_patches"] * mc["visual_dim"] * 2 * (1 + cfg.use_delta)
+    on_gpu = device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0]
+    store = device if on_gpu else torch.device("cpu")
+    print(f"pair token store: {need / 1e9:.2f} GB on {store}")
+    train = build_pairs(model, train_ds, n_train, encoder, tc["dino_size"], cfg, device, gen, store)
+    val = build_pairs(model, val_ds, n_val, encoder, tc["dino_size"], cfg, device, gen, store)
+    budget = {"train_pairs": len(train["y"]), "val_pairs": len(val["y"]), "requested_train_pairs": cfg.pairs}
+    print(f"label budget: {budget['train_pairs']} labelled train transitions (+{budget['val_pairs']} val)")
+
+    # Train with early stopping on val RMSE.
+    arch = dict(visual_dim=mc["visual_dim"], latent_dim=train["z"].shape[1], action_dim=mc["action_dim"],
+                use_delta=cfg.use_delta)
+    decoder = ActionDecoder(**arch).to(device)
+    t0 = time.time()
+    history = fit_decoder(decoder, train, val, cfg, device, gen)
+    report = {"run": str(run), "variant": variant, "label_budget": budget, "epochs": len(history),
+              "best_epoch": min(history, key=lambda h: h["val_rmse"])["epoch"], "train_seconds": time.time() - t0,
+              **accuracy_report(predict(decoder, val, device), val["y"], ckpt["stats"]), "history": history}
+    print(f"val RMSE {report['val_rmse_px']:.2f} px per env step (x, y: {report['val_rmse_px_xy'][0]:.2f}, "
+          f"{report['val_rmse_px_xy'][1]:.2f}); R^2 mean {report['r2_mean']:.3f}; per dim "
+          + " ".join(f"{r:.2f}" for r in report["r2_per_dim"]))
+
+    # vq: what each code means, averaged over real val states, and how often the IDM picks it.
+    if variant == "vq":
+        states = val["p"][:cfg.code_states]  # (N, P, D) real val states every code is decoded on
+        steps = code_meanings(decoder.eval(), model, mc["num_codes"], states, device, ckpt["stats"])  # (K, F, 2)
+        usage = torch.bincount(val["codes"], minlength=len(steps))  # (K,)
+        report["codes"] = [{"code": k, "usage": int(usage[k]), "mean_action_px": steps[k].tolist(),
+                            "sum_px": steps[k].sum(0).tolist()} for k in range(len(steps))]
+        title = f"{run.name}: mean decoded push per code ({len(steps)} codes, usage over {len(val['y'])} val pairs)"
+        write_png(run / "codes.png", draw_codes(steps.numpy(), usage.numpy(), title))
+        print(f"wrote {run / 'codes.png'}")
+    save_checkpoint(run / "decoder.pt", {"model": decoder.state_dict(), "config": {"arch": arch, "decode": asdict(cfg)},
+                                         "wm_ckpt_id": ckpt["ckpt_id"], "report": report})
+    write_json(run / "decode.json", report)
+    print(f"wrote {run / 'decoder.pt'} and {run / 'decode.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_config(DecodeConfig))
