@@ -76,72 +76,41 @@ def _world(local, x, y, th):
     return local @ np.array([[c, s], [-s, c]]) + (x, y)  # (N, 2) = R(th) v + p
 
 
-def _walls(canvas, x0=0, y0=0):
-    for (ax, ay), (bx, by) in WALLS:  # pygame fat segments of radius 2: 4-px lines with round caps
-        cv2.line(canvas, (ax - x0, ay - y0), (bx - x0, by - y0), WALL_RGB, 4)
+def _walls(canvas):
+    for a, b in WALLS:  # pygame fat segments of radius 2: 4-px lines with round caps
+        cv2.line(canvas, a, b, WALL_RGB, 4)
 
 
-@functools.lru_cache(maxsize=8)
-def _static(img_size):
-    """The state-independent layers: white, green anchor T (no outline) and walls, at 512 px and at img_size."""
+@functools.lru_cache(maxsize=1)
+def _background():
+    """The state-independent layers at 512 px: white, the green anchor T (no outline) and the walls."""
     canvas = np.full((WORLD, WORLD, 3), 255, np.uint8)  # (512, 512, 3)
     for poly in (T_CAP, T_STEM):
         cv2.fillPoly(canvas, [np.rint(_world(poly, *GOAL_POSE)).astype(np.int32)], GOAL_RGB)
     _walls(canvas)
-    small = cv2.resize(canvas, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
-    # Tiles resized alone give the full resize's pixels only if OpenCV's float32 sampling positions agree at every
-    # tile offset (they do for 224, not for 196): check once on noise, else tiles start at the canvas origin.
-    g = math.gcd(WORLD, img_size)
-    src, dst = WORLD // g, img_size // g
-    noise = np.random.default_rng(0).integers(0, 256, (WORLD, WORLD, 3), np.uint8)  # (512, 512, 3)
-    full = cv2.resize(noise, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
-    exact = img_size <= WORLD and all(np.array_equal(full[m * dst:, m * dst:], cv2.resize(
-        noise[m * src:, m * src:], ((g - m) * dst,) * 2, interpolation=cv2.INTER_LINEAR)) for m in range(1, g))
-    return canvas, small, exact
-
-
-def _draw(canvas, corners, centre, x0=0, y0=0):
-    """Block (8 corner pixels: cap, stem), agent and walls again on top, on a canvas whose (0, 0) is (x0, y0)."""
-    corners = corners - (x0, y0)
-    for pts in (corners[:4], corners[4:]):  # each rectangle filled, then outlined: the dark seam is upstream's
-        cv2.fillPoly(canvas, [pts], BLOCK_LIGHT)
-        cv2.polylines(canvas, [pts], True, BLOCK_RGB, 4)  # pygame's fat segments of radius 2
-    centre = (centre[0] - x0, centre[1] - y0)
-    cv2.circle(canvas, centre, AGENT_RADIUS, AGENT_RGB, -1)
-    cv2.circle(canvas, centre, AGENT_RADIUS - 4, AGENT_LIGHT, -1)
-    _walls(canvas, x0, y0)
+    return canvas
 
 
 def render_state(state, img_size=224):
     """RGB frame (S, S, 3) uint8 of a state: a pure function of its first 5 numbers (pusht.md s9).
 
-    Upstream draws everything at 512 px (pymunk debug-draw order: block cap, stem, agent, walls) and calls
-    cv2.resize(img, (224, 224)) (INTER_LINEAR, no anti-aliasing). We make the same pixels faster: a linear
-    downscale by 512/S maps each tile of 512/g source pixels (g = gcd(512, S)) to S/g output pixels using that
-    tile only, so only the tiles under the block and agent are drawn and resized; the rest is the pre-resized
-    static frame (exact: tests_data.py compares with the full resize). DINO-WM's red contact marks are left
-    out so that a frame depends on the state only.
+    As upstream: draw at 512 px in pymunk's debug-draw order (block cap, stem, agent, walls), then
+    cv2.resize(img, (S, S)) (INTER_LINEAR, no anti-aliasing). DINO-WM's red contact marks are left out so that a
+    frame depends on the state only. About 7,000 frames/s at 224 px on one core.
     """
-    big, small, exact = _static(img_size)
+    canvas = _background().copy()  # (512, 512, 3)
     # World pixels rounded half-to-even, as pygame's to_pygame (Python round) does.
     corners = np.rint(_world(T_CORNERS, state[2], state[3], state[4])).astype(np.int32)  # (8, 2)
+    for pts in (corners[:4], corners[4:]):  # each rectangle filled, then outlined: the dark seam is upstream's
+        cv2.fillPoly(canvas, [pts], BLOCK_LIGHT)
+        cv2.polylines(canvas, [pts], True, BLOCK_RGB, 4)  # pygame's fat segments of radius 2
     centre = (round(state[0]), round(state[1]))
-    g = math.gcd(WORLD, img_size)
-    src, dst = WORLD // g, img_size // g  # tile sides in source and output pixels
-    # Whole tiles covering the block, the agent and 4 px of outline, clipped to the canvas.
-    (lx, ly), (hx, hy) = corners.min(0).tolist(), corners.max(0).tolist()
-    lx, ly = min(lx, centre[0] - AGENT_RADIUS) - 4, min(ly, centre[1] - AGENT_RADIUS) - 4
-    hx, hy = max(hx, centre[0] + AGENT_RADIUS) + 4, max(hy, centre[1] + AGENT_RADIUS) + 4
-    x0, y0 = (min(max(v // src, 0), g) * src if exact else 0 for v in (lx, ly))
-    x1, y1 = (min(max(-(-(v + 1) // src), 0), g) * src if img_size <= WORLD else WORLD for v in (hx, hy))
-    frame = small.copy()  # (S, S, 3)
-    if x1 > x0 and y1 > y0:  # else block and agent are off the canvas
-        tile = big[y0:y1, x0:x1].copy()
-        _draw(tile, corners, centre, x0, y0)
-        if src != dst:
-            tile = cv2.resize(tile, ((x1 - x0) // src * dst, (y1 - y0) // src * dst), interpolation=cv2.INTER_LINEAR)
-        frame[y0 // src * dst:y1 // src * dst, x0 // src * dst:x1 // src * dst] = tile
-    return frame
+    cv2.circle(canvas, centre, AGENT_RADIUS, AGENT_RGB, -1)
+    cv2.circle(canvas, centre, AGENT_RADIUS - 4, AGENT_LIGHT, -1)
+    _walls(canvas)
+    if img_size == WORLD:
+        return canvas
+    return cv2.resize(canvas, (img_size, img_size), interpolation=cv2.INTER_LINEAR)  # (S, S, 3)
 
 
 def is_success(goal_state, state):
@@ -640,6 +609,23 @@ def info(root, bench=500):
           f"({ds.num_frames} frames at {ds.img_size} px, {'from frames.npy' if ds.frames is not None else 'rendered'})")
 
 
+def figure(out, seed=5, size=224):
+    """A PNG strip of one scripted episode every 5 env steps (one macro action): start ... goal 25 steps later."""
+    states, _ = collect_episode(seed, 25)  # (26, 7)
+    tiles = []
+    for t in range(0, 26, 5):
+        tile = cv2.cvtColor(render_state(states[t], size), cv2.COLOR_RGB2BGR)  # (S, S, 3) for cv2.imwrite
+        label = "start" if t == 0 else "goal (t = 25)" if t == 25 else f"t = {t}"
+        cv2.putText(tile, label, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+        tiles.append(np.pad(tile, ((0, 0), (0, 4), (0, 0)), constant_values=255))  # 4-px white gutter
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")  # cv2 picks the format from the suffix
+    cv2.imwrite(str(tmp), np.concatenate(tiles, 1)[:, :-4])
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -659,12 +645,17 @@ def main(argv=None):
     m.add_argument("--keep-frames", action="store_true", help="decode the mp4s into frames.npy (large)")
     i = sub.add_parser("info", help="statistics and loader speed of a dataset")
     i.add_argument("root", help="dataset folder")
+    f = sub.add_parser("figure", help="PNG strip of one scripted episode (the README's picture)")
+    f.add_argument("--out", default="assets/pusht.png", help="PNG path")
+    f.add_argument("--seed", type=int, default=5, help="episode seed")
     a = p.parse_args(argv)
     print(vars(a))
     if a.cmd == "collect":
         collect(a.out, a.episodes, a.steps, a.img_size, a.seed, a.workers, a.val_fraction)
     elif a.cmd == "import-dinowm":
         import_dinowm(a.src, a.out, a.keep_frames)
+    elif a.cmd == "figure":
+        figure(a.out, a.seed)
     else:
         info(a.root)
 

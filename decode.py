@@ -50,7 +50,7 @@ class DecodeConfig:
     min_delta: float = 1e-4  # smallest val-RMSE drop that counts as improvement, normalised units (seed)
     encode_batch: int = 64  # windows per world-model batch while labelling pairs
     code_states: int = 256  # real val states each vq code is decoded on to find its mean action
-    workers: int = 4  # DataLoader processes rendering frames (only used without a feature cache)
+    workers: int = 2  # DataLoader processes rendering frames (only used without a feature cache)
     device: str = "auto"  # auto, cpu or cuda (auto picks cuda when present)
     seed: int = 0  # seeds pair sampling, init and shuffling (seed: 0)
     dino_weights: str = ""  # DINOv2 weights PATH or "random"; "" = the run's own
@@ -197,7 +197,8 @@ def build_pairs(model, ds, n, encoder, dino_size, cfg, device, generator, store)
     the predicted next tokens, only with use_delta. All but the token stores live on the CPU."""
     idx = torch.randperm(len(ds), generator=generator)[:n].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=cfg.encode_batch,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         num_workers=0 if ds.features is not None else cfg.workers)  # cache: no render
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     shape = (len(idx), model.cfg.num_patches, model.cfg.visual_dim)
     keys = ("p", "p_next") if cfg.use_delta else ("p",)

@@ -42,7 +42,7 @@ class EvalConfig:
     probe_windows: int = 5000  # train windows fitting the linear probe latent action -> true action
     batch_size: int = 64  # windows per batch; swap score and shuffle delta use the seed's batch of 64
     plot: str = ""  # rollout-error PNG; "" = next to --out as <out stem>_rollout.png
-    workers: int = 4  # DataLoader processes rendering frames (only used without a feature cache)
+    workers: int = 2  # DataLoader processes rendering frames (only used without a feature cache)
     device: str = "auto"  # auto, cpu or cuda (auto picks cuda when present)
     seed: int = 0  # seeds window draws and the swap/shuffle permutations
     dino_weights: str = ""  # DINOv2 weights PATH or "random"; "" = each run's own
@@ -101,7 +101,8 @@ def batches(ds, n, cfg, device, desc):
     """Seeded draw of min(n, len(ds)) windows (without replacement), batched and moved to the device."""
     idx = np.random.default_rng(cfg.seed).choice(len(ds), min(n, len(ds)), replace=False)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx.tolist()), batch_size=cfg.batch_size,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         num_workers=0 if ds.features is not None else cfg.workers)  # cache: no render
     for b in tqdm(loader, desc=desc, leave=False):
         yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
