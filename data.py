@@ -7,8 +7,8 @@ block_angle, agent_vx, agent_vy], episodes concatenated; actions.npy float32 (F,
 (an episode's last one leads nowhere); lengths.npy int64 (E,); optional frames.npy uint8 (F, S, S, 3), else frames
 are rendered from states when read. Same arguments on an existing DIR: a no-op; any other existing DIR: an error.
   tiny:   python data.py collect --out runs/tiny/data --episodes 20 --steps 60 && python data.py info runs/tiny/data
-  full:   python data.py collect --out data/pusht --episodes 10000 --steps 100 --workers 16  (CPU; 65 MB; about
-          15 s, estimated from ~4,700 frames/s measured on one core)
+  full:   python data.py collect --out data/pusht --episodes 10000 --steps 100 --workers 16  (CPU; 65 MB;
+          ~2 min on one core at the ~8,000 frames/s measured for 300 x 100 steps, less with --workers)
   import: python data.py import-dinowm --src pusht_noise --out data/dinowm [--keep-frames]
 """
 import argparse
@@ -76,28 +76,20 @@ def _world(local, x, y, th):
     return local @ np.array([[c, s], [-s, c]]) + (x, y)  # (N, 2) = R(th) v + p
 
 
-def _walls(canvas):
-    for a, b in WALLS:  # pygame fat segments of radius 2: 4-px lines with round caps
-        cv2.line(canvas, a, b, WALL_RGB, 4)
-
-
 @functools.lru_cache(maxsize=1)
 def _background():
-    """The state-independent layers at 512 px: white, the green anchor T (no outline) and the walls."""
+    """The state-independent layer at 512 px: white and the green anchor T (no outline); walls go on top later."""
     canvas = np.full((WORLD, WORLD, 3), 255, np.uint8)  # (512, 512, 3)
     for poly in (T_CAP, T_STEM):
         cv2.fillPoly(canvas, [np.rint(_world(poly, *GOAL_POSE)).astype(np.int32)], GOAL_RGB)
-    _walls(canvas)
     return canvas
 
 
 def render_state(state, img_size=224):
-    """RGB frame (S, S, 3) uint8 of a state: a pure function of its first 5 numbers (pusht.md s9).
-
-    As upstream: draw at 512 px in pymunk's debug-draw order (block cap, stem, agent, walls), then
-    cv2.resize(img, (S, S)) (INTER_LINEAR, no anti-aliasing). DINO-WM's red contact marks are left out so that a
-    frame depends on the state only. About 7,000 frames/s at 224 px on one core.
-    """
+    """RGB frame (S, S, 3) uint8 of a state, a pure function of its first 5 numbers (pusht.md s9). As upstream: drawn
+    at 512 px in pymunk's debug-draw order (block cap, stem, agent, walls), then cv2.resize(img, (S, S)) (INTER_LINEAR,
+    no anti-aliasing). DINO-WM's red contact marks are left out so that a frame depends on the state only. About
+    7,000 frames/s at 224 px on one core."""
     canvas = _background().copy()  # (512, 512, 3)
     # World pixels rounded half-to-even, as pygame's to_pygame (Python round) does.
     corners = np.rint(_world(T_CORNERS, state[2], state[3], state[4])).astype(np.int32)  # (8, 2)
@@ -107,10 +99,9 @@ def render_state(state, img_size=224):
     centre = (round(state[0]), round(state[1]))
     cv2.circle(canvas, centre, AGENT_RADIUS, AGENT_RGB, -1)
     cv2.circle(canvas, centre, AGENT_RADIUS - 4, AGENT_LIGHT, -1)
-    _walls(canvas)
-    if img_size == WORLD:
-        return canvas
-    return cv2.resize(canvas, (img_size, img_size), interpolation=cv2.INTER_LINEAR)  # (S, S, 3)
+    for a, b in WALLS:  # pygame fat segments of radius 2: 4-px lines with round caps
+        cv2.line(canvas, a, b, WALL_RGB, 4)
+    return canvas if img_size == WORLD else cv2.resize(canvas, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
 
 
 def is_success(goal_state, state):
@@ -122,10 +113,8 @@ def is_success(goal_state, state):
 
 class PushT:
     """Push-T with DINO-WM's physics (env/pusht/pusht_env.py, with_velocity=True), quirks included (pusht.md s11).
-
     State (7,): [agent_x, agent_y, block_x, block_y, block_angle mod 2 pi, agent_vx, agent_vy], px, rad, px/s.
-    Action (2,): PD target offset in px relative to the agent (DINO-WM's env action x action_scale 100).
-    """
+    Action (2,): PD target offset in px relative to the agent (DINO-WM's env action x action_scale 100)."""
 
     def __init__(self, img_size=224):
         self.img_size = img_size
@@ -188,8 +177,7 @@ class PushT:
 
     def get_state(self):
         a, b = self.agent, self.block
-        return np.array([a.position.x, a.position.y, b.position.x, b.position.y, b.angle % (2 * np.pi),
-                         a.velocity.x, a.velocity.y], np.float64)  # (7,)
+        return np.array([*a.position, *b.position, b.angle % (2 * np.pi), *a.velocity], np.float64)  # (7,)
 
     def render(self):
         return render_state(self.get_state(), self.img_size)
@@ -236,10 +224,8 @@ def _waypoint(state, goal, way):
 
 def collect_episode(seed, steps):
     """One episode of the scripted pusher from reset(seed): states (steps+1, 7) f64, actions (steps+1, 2) f32 px.
-
     Each plan is a random walk or a push: walk to a stand-off point outside a random contact on the T (round the T
-    if needed), then push along a direction into it. Noise on every command; targets stay in the arena.
-    """
+    if needed), then push along a direction into it. Noise on every command; targets stay in the arena."""
     p = POLICY
     env, rng = PushT(), np.random.default_rng(seed)
     env.reset(seed)
@@ -275,20 +261,9 @@ def collect_episode(seed, steps):
 
 def _fingerprint(splits):
     h = hashlib.sha256()
-    for name in ("train", "val"):
-        for key in ("states", "actions", "lengths"):
-            h.update(np.ascontiguousarray(splits[name][key]).tobytes())
+    for a in (splits[name][key] for name in ("train", "val") for key in ("states", "actions", "lengths")):
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
-
-
-def _stats(split):
-    """Action mean/std (px) over real steps (not each episode's last action) and proprio mean/std over frames."""
-    real = np.ones(len(split["actions"]), bool)
-    real[np.cumsum(split["lengths"]) - 1] = False
-    a, pr = split["actions"][real].astype(np.float64), split["states"][:, PROPRIO]
-    safe = lambda sd: np.where(sd > 0, sd, 1.0).tolist()  # a constant column would divide by zero
-    return dict(action_mean=a.mean(0).tolist(), action_std=safe(a.std(0)),
-                proprio_mean=pr.mean(0).tolist(), proprio_std=safe(pr.std(0)))
 
 
 def _existing(out, args):
@@ -324,13 +299,19 @@ def _staging(out):
 
 
 def _write(tmp, splits, meta):
-    """Arrays and meta.json (with stats and fingerprint) into the staging folder."""
+    """Arrays and meta.json into the staging folder, with the fingerprint and the train split's statistics: action
+    mean/std (px) over real steps (not each episode's last action), proprio mean/std over all frames."""
     splits = {name: dict(states=np.asarray(sp["states"], np.float64), actions=np.asarray(sp["actions"], np.float32),
                          lengths=np.asarray(sp["lengths"], np.int64)) for name, sp in splits.items()}
     for name, split in splits.items():
         for key, array in split.items():
             np.save(tmp / name / f"{key}.npy", array)
-    meta.update(format=FORMAT, env=ENV, fingerprint=_fingerprint(splits), **_stats(splits["train"]),
+    tr = splits["train"]
+    a = np.delete(tr["actions"], np.cumsum(tr["lengths"]) - 1, axis=0).astype(np.float64)  # (F - E, 2) real steps
+    pr = tr["states"][:, PROPRIO]  # (F, 4)
+    safe = lambda sd: np.where(sd > 0, sd, 1.0).tolist()  # a constant column would divide by zero
+    meta.update(format=FORMAT, env=ENV, fingerprint=_fingerprint(splits), action_mean=a.mean(0).tolist(),
+                action_std=safe(a.std(0)), proprio_mean=pr.mean(0).tolist(), proprio_std=safe(pr.std(0)),
                 splits={n: dict(episodes=len(s["lengths"]), frames=int(len(s["states"]))) for n, s in splits.items()})
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -373,8 +354,7 @@ def load_split(root, split):
 
 def collect(out, episodes, steps, img_size=224, seed=0, workers=1, val_fraction=0.1):
     """Run the scripted pusher for `episodes` episodes of `steps` env steps (seed + i for episode i) into out."""
-    out = Path(out)
-    n_val = max(1, round(episodes * val_fraction))
+    out, n_val = Path(out), max(1, round(episodes * val_fraction))
     if episodes - n_val < 1 or steps < 1:
         raise ValueError(f"collect needs at least 2 episodes and 1 step (got {episodes} episodes, {steps} steps)")
     args = dict(source="collect", episodes=episodes, steps=steps, img_size=img_size, seed=seed,
@@ -382,10 +362,9 @@ def collect(out, episodes, steps, img_size=224, seed=0, workers=1, val_fraction=
     if _existing(out, args):
         return
     job, seeds, t0 = functools.partial(collect_episode, steps=steps), range(seed, seed + episodes), time.time()
-    with contextlib.ExitStack() as stack:  # episodes are independent: same arrays for any worker count
-        pool = stack.enter_context(multiprocessing.Pool(workers)) if workers > 1 else None
+    with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         runs = pool.imap(job, seeds, chunksize=4) if pool else map(job, seeds)
-        episodes_out = list(tqdm(runs, total=episodes, desc="collect", unit="ep"))
+        episodes_out = list(tqdm(runs, total=episodes, desc="collect", unit="ep"))  # any worker count: same arrays
     frames, dt = episodes * (steps + 1), time.time() - t0
     print(f"collected {episodes} episodes, {frames} frames in {dt:.1f} s: {frames / dt:.0f} frames/s with {workers} "
           "worker(s) (states only: frames are rendered when read)")
@@ -424,8 +403,7 @@ def _read(path, shape):
     except Exception as e:
         raise ValueError(f"{path} is corrupt or not the expected plain data ({e})") from e
     if not isinstance(x, np.ndarray) or x.ndim != len(shape) or any(w and w != v for w, v in zip(shape, x.shape)):
-        raise ValueError(f"{path}: got {getattr(x, 'shape', type(x))} {getattr(x, 'dtype', '')}, expected {shape} "
-                         "(0 = any)")
+        raise ValueError(f"{path}: got {getattr(x, 'shape', type(x))}, expected {shape} (0 = any)")
     return x
 
 
@@ -504,13 +482,11 @@ def _like(x, v):
 
 class WindowDataset(torch.utils.data.Dataset):
     """Training windows (pusht.md s13): num_frames frames at s, s + frameskip, ..., every start s of every episode.
-
     item: obs uint8 (T, S, S, 3) rendered from states (or read from frames.npy if it has img_size) unless
     features (F, P, D) are given, then feat float16 (T, P, D); action float32 (T, A), A = 2 * frameskip: row k
     holds the frameskip env actions after frame k, time-major (x0, y0, x1, y1, ...), z-scored with meta's stats
     (the last row leads past the window and is unused); proprio float32 (T, 4) z-scored; state float32 (T, 7);
-    index int64 () = global frame index of frame 0.
-    """
+    index int64 () = global frame index of frame 0."""
 
     def __init__(self, root, split, num_frames=2, frameskip=5, img_size=None, features=None):
         self.meta, d = load_meta(root), load_split(root, split)
@@ -530,9 +506,8 @@ class WindowDataset(torch.utils.data.Dataset):
         self.actions = ((d["actions"] - mean) / std).astype(np.float32)  # (F, 2)
         pm, ps = np.asarray(self.meta["proprio_mean"]), np.asarray(self.meta["proprio_std"])
         self.proprio = ((d["states"][:, PROPRIO] - pm) / ps).astype(np.float32)  # (F, 4)
-        self.states = d["states"]
+        self.states, self.features = d["states"], features
         self.frames = d["frames"] if d["frames"] is not None and d["frames"].shape[1] == self.img_size else None
-        self.features = features
         if features is not None and len(features) != len(self.states):
             raise ValueError(f"features have {len(features)} rows, {root}/{split} has {len(self.states)} frames")
 
@@ -579,8 +554,7 @@ def replay_drift(split, episodes=5, steps=25):
 
 def info(root, bench=500):
     """Print counts, action stats, block motion, coverage and loader speed of a dataset folder."""
-    meta = load_meta(root)
-    splits = {name: load_split(root, name) for name in ("train", "val")}
+    meta, splits = load_meta(root), {name: load_split(root, name) for name in ("train", "val")}
     if _fingerprint(splits) != meta["fingerprint"]:
         raise ValueError(f"{root}: arrays do not match meta.json's fingerprint {meta['fingerprint']} "
                          "(modified or corrupt); re-create the dataset")
@@ -627,11 +601,11 @@ def figure(out, seed=5, size=224):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The CLI: each sub-command calls the function of the same name with its flags as keyword arguments."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("collect", help="scripted pushing episodes",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c = sub.add_parser("collect", help="scripted pushing episodes", formatter_class=fmt)
     c.add_argument("--out", required=True, help="dataset folder to create")
     c.add_argument("--episodes", type=int, default=100, help="episodes in train + val")
     c.add_argument("--steps", type=int, default=100, help="env steps per episode (frames = steps + 1)")
@@ -639,25 +613,18 @@ def main(argv=None):
     c.add_argument("--seed", type=int, default=0, help="episode i starts from reset(seed + i)")
     c.add_argument("--workers", type=int, default=1, help="processes; the output does not depend on it")
     c.add_argument("--val-fraction", type=float, default=0.1, help="the last episodes form val (at least 1)")
-    m = sub.add_parser("import-dinowm", help="convert DINO-WM's pusht_noise")
+    m = sub.add_parser("import-dinowm", help="convert DINO-WM's pusht_noise", formatter_class=fmt)
     m.add_argument("--src", required=True, help="pusht_noise folder with train/ and val/")
     m.add_argument("--out", required=True, help="dataset folder to create")
     m.add_argument("--keep-frames", action="store_true", help="decode the mp4s into frames.npy (large)")
-    i = sub.add_parser("info", help="statistics and loader speed of a dataset")
-    i.add_argument("root", help="dataset folder")
-    f = sub.add_parser("figure", help="PNG strip of one scripted episode (the README's picture)")
+    sub.add_parser("info", help="statistics and loader speed of a dataset").add_argument("root", help="dataset folder")
+    f = sub.add_parser("figure", help="PNG strip of one scripted episode (the README's picture)", formatter_class=fmt)
     f.add_argument("--out", default="assets/pusht.png", help="PNG path")
     f.add_argument("--seed", type=int, default=5, help="episode seed")
-    a = p.parse_args(argv)
-    print(vars(a))
-    if a.cmd == "collect":
-        collect(a.out, a.episodes, a.steps, a.img_size, a.seed, a.workers, a.val_fraction)
-    elif a.cmd == "import-dinowm":
-        import_dinowm(a.src, a.out, a.keep_frames)
-    elif a.cmd == "figure":
-        figure(a.out, a.seed)
-    else:
-        info(a.root)
+    args = vars(p.parse_args(argv))
+    print(args)
+    commands = {"collect": collect, "import-dinowm": import_dinowm, "info": info, "figure": figure}
+    commands[args.pop("cmd")](**args)
 
 
 if __name__ == "__main__":
