@@ -50,6 +50,7 @@ if [ "$mode" = quick ]; then
          --idm-mlp-dim 256 --num-workers 0)
   DECODE=(--pairs 2000 --val-pairs 400 --max-epochs 40)
   PLAN=(--episodes 8 --num-samples 64 --topk 8 --opt-steps 5 --videos 1)
+  OPEN=() MPC=()
   EVAL=(--windows 64 --probe-windows 256)
 else
   # The seed's recipe (method.md s6): 162k steps at batch 64, 196-px encoder input, default model sizes.
@@ -57,7 +58,8 @@ else
   SIZE=196
   TRAIN=(--steps 162000)
   DECODE=(--pairs 100000 --val-pairs 10000)
-  PLAN=(--opt-steps 10 --batch-episodes 10)  # the seed's open-loop numbers come from 10 CEM iterations
+  PLAN=(--batch-episodes 10)
+  OPEN=(--opt-steps 10) MPC=(--opt-steps 30)  # the seed's open loop ran 10 CEM iterations, stable-worldmodel 30
   EVAL=()
 fi
 
@@ -71,9 +73,9 @@ for v in baseline la vq; do
 done
 for v in la vq; do stage "decode-$v" $PY decode.py --run "$OUT/$v" "${DECODE[@]}"; done
 for v in baseline la vq; do
-  for p in open-loop mpc; do
-    stage "plan-$v-$p" $PY plan.py --run "$OUT/$v" --protocol "$p" --out "$OUT/results/$v-$p.json" "${PLAN[@]}"
-  done
+  stage "plan-$v-open-loop" $PY plan.py --run "$OUT/$v" --protocol open-loop \
+    --out "$OUT/results/$v-open-loop.json" "${PLAN[@]}" "${OPEN[@]}"
+  stage "plan-$v-mpc" $PY plan.py --run "$OUT/$v" --protocol mpc --out "$OUT/results/$v-mpc.json" "${PLAN[@]}" "${MPC[@]}"
 done
 rm -f "$OUT/.done/eval"  # the table is cheap to rebuild and should reflect every result present
 stage eval $PY eval.py --run "$OUT/baseline" --run "$OUT/la" --run "$OUT/vq" --out "$OUT/metrics.json" \
