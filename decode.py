@@ -96,7 +96,7 @@ def window_source(ckpt, root, split, num_frames, dino_weights, device, encoder=N
     Returns (dataset, encoder): the encoder is built (once, shared via `encoder`) only when frames must be encoded."""
     tc = ckpt["train_config"]
     weights = dino_weights or tc["dino_weights"] or None
-    feats = dino.load_features(root, split, tc["dino_name"], tc["dino_size"], weights)
+    feats = dino.load_features(root, split, tc["dino_name"], tc["dino_size"], weights, img_size=tc["img_size"])
     ds = data.WindowDataset(root, split, num_frames=num_frames, frameskip=ckpt["model_config"]["frameskip"],
                             img_size=tc["img_size"], features=feats)
     if feats is None and encoder is None:

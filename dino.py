@@ -3,8 +3,8 @@
 The frozen eyes of DINO-WM: facebookresearch/dinov2's ViT-S/B/L/g (+ _reg) in plain PyTorch. The state_dict is
 key for key the official one (official .pth files load with strict=True) and forward_features equals the
 official model's, positional-embedding interpolation included (spec/dinov2.md).
-Reads:  weights .pth (--dino-weights PATH, else <torch hub dir>/checkpoints/<official file>, else downloaded once
-        from dl.fbaipublicfiles.com); for `encode`, a dataset DIR in data.py's layout.
+Reads:  weights .pth (--dino-weights PATH, else <torch hub dir>/checkpoints/<official file>, else the official
+        URL, downloaded once); for `encode`, a dataset DIR in data.py's layout.
 Writes: DIR/{split}/features.npy float16 (F, P, D) + features.json {name, size, weights, img_size, fingerprint,
         frames, done}: resumable, and ignored by load_features unless complete and matching.
 GPU:    python dino.py encode --data runs/data --device cuda --workers 8    (H200 images/s: not yet measured)
