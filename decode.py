@@ -90,6 +90,13 @@ def open_run(run, device):
     return model, ckpt, root
 
 
+def window_loader(ds, idx, batch_size, workers, device):
+    """Windows ds[idx] in order, batched; worker processes only when frames must be rendered (no feature cache)."""
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
+                                       num_workers=0 if ds.features is not None else workers,
+                                       pin_memory=device.type == "cuda")
+
+
 def window_source(ckpt, root, split, num_frames, dino_weights, device, encoder=None):
     """WindowDataset over `split` with cached DINO features when a matching cache exists, else rendered frames.
 
@@ -196,9 +203,7 @@ def build_pairs(model, ds, n, encoder, dino_size, cfg, device, generator, store)
     for la, codebook vector for vq); y (N, A) the true normalised macro action; codes (N,) for vq; p_next (N, P, D)
     the predicted next tokens, only with use_delta. All but the token stores live on the CPU."""
     idx = torch.randperm(len(ds), generator=generator)[:n].tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=cfg.encode_batch,
-                                         pin_memory=device.type == "cuda",
-                                         num_workers=0 if ds.features is not None else cfg.workers)  # cache: no render
+    loader = window_loader(ds, idx, cfg.encode_batch, cfg.workers, device)
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     shape = (len(idx), model.cfg.num_patches, model.cfg.visual_dim)
     keys = ("p", "p_next") if cfg.use_delta else ("p",)

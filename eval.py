@@ -100,9 +100,7 @@ def linear_probe(x_fit, y_fit, x, y, generator, boots=200):
 def batches(ds, n, cfg, device, desc):
     """Seeded draw of min(n, len(ds)) windows (without replacement), batched and moved to the device."""
     idx = np.random.default_rng(cfg.seed).choice(len(ds), min(n, len(ds)), replace=False)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx.tolist()), batch_size=cfg.batch_size,
-                                         pin_memory=device.type == "cuda",
-                                         num_workers=0 if ds.features is not None else cfg.workers)  # cache: no render
+    loader = decode.window_loader(ds, idx.tolist(), cfg.batch_size, cfg.workers, device)
     for b in tqdm(loader, desc=desc, leave=False):
         yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
 

@@ -53,7 +53,7 @@ if [ "$mode" = quick ]; then
   OPEN=() MPC=()
   EVAL=(--windows 64 --probe-windows 256)
 else
-  # The seed's recipe (method.md s6): 162k steps at batch 64, 196-px encoder input, default model sizes.
+  # The seed's recipe: 162k steps at batch 64, 196-px encoder input, default model sizes.
   COLLECT=(--episodes 10000 --steps 100 --img-size 224 --workers "$(nproc)")
   SIZE=196
   TRAIN=(--steps 162000)
