@@ -1,5 +1,5 @@
-"""Push-T world and its datasets: DINO-WM's simulator (pymunk 7, OpenCV frames), a scripted collector, an importer
-for DINO-WM's `pusht_noise`, and the window loader every later stage trains on (spec: shared/spec/pusht.md).
+"""Push-T and its data: DINO-WM's simulator (pymunk 7, OpenCV frames), a scripted collector, an importer for
+DINO-WM's `pusht_noise`, the window loader every stage trains on, and the plumbing all stages share.
 
 Writes DIR/meta.json (format, source, seed, img_size, env and policy constants, fingerprint, action/proprio mean and
 std over real train steps) and DIR/{train,val}/: states.npy float64 (F, 7) [agent_x, agent_y, block_x, block_y,
@@ -7,35 +7,81 @@ block_angle, agent_vx, agent_vy], episodes concatenated; actions.npy float32 (F,
 (an episode's last one leads nowhere); lengths.npy int64 (E,); optional frames.npy uint8 (F, S, S, 3), else frames
 are rendered from states when read. Same arguments on an existing DIR: a no-op; any other existing DIR: an error.
   tiny:   python data.py collect --out runs/tiny/data --episodes 20 --steps 60 && python data.py info runs/tiny/data
-  full:   python data.py collect --out data/pusht --episodes 10000 --steps 100 --workers 16  (CPU; 65 MB;
-          ~2 min on one core at the ~8,000 frames/s measured for 300 x 100 steps, less with --workers)
+  full:   python data.py collect --out data/pusht --episodes 10000 --steps 100   (CPU, one worker per core; 65 MB)
   import: python data.py import-dinowm --src pusht_noise --out data/dinowm [--keep-frames]
 """
 import argparse
 import contextlib
+import dataclasses
+import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import math
 import multiprocessing
 import os
 import pickle
+import random
+import re
 import shutil
+import sys
 import tempfile
 import time
+import typing
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 import pymunk
 import torch
-from pymunk.vec2d import Vec2d
 from tqdm import tqdm
+
+@dataclass
+class CollectConfig:
+    out: str = ""  # dataset folder to create (required)
+    episodes: int = 100  # episodes in train + val
+    steps: int = 100  # env steps per episode (frames = steps + 1)
+    img_size: int = 224  # frame side in px when frames are read; DINO-WM renders 224
+    seed: int = 0  # episode i starts from reset(seed + i)
+    workers: int = 0  # processes, 0 = one per CPU core; the output does not depend on it
+    val_fraction: float = 0.1  # the last episodes form val (at least 1)
+
+    def __post_init__(self):
+        require(self.out, "--out DIR is required: the dataset folder to create")
+        require(self.episodes >= 2 and self.steps >= 1, f"--episodes {self.episodes} / --steps {self.steps}: need at "
+                                                        "least 2 episodes of 1 step")
+        require(self.img_size >= 14 and self.workers >= 0 and 0 < self.val_fraction < 1,
+                "--img-size must be >= 14, --workers >= 0 and --val-fraction in (0, 1)")
+
+
+@dataclass
+class ImportConfig:
+    src: str = ""  # DINO-WM's pusht_noise folder with train/ and val/ (required)
+    out: str = ""  # dataset folder to create (required)
+    keep_frames: bool = False  # decode the mp4s into frames.npy (large) instead of rendering frames from states
+
+    def __post_init__(self):
+        require(self.src and self.out, "--src PUSHT_NOISE_DIR and --out DIR are required")
+
+
+@dataclass
+class InfoConfig:
+    root: str = field(default="", metadata={"positional": True})  # dataset folder: python data.py info DIR
+
+
+@dataclass
+class FigureConfig:
+    out: str = "assets/pusht.png"  # PNG path
+    seed: int = 5  # episode seed
+
 
 # Shapes: F frames in a split, E episodes, T frames in a window, S image side, A = 2 * frameskip macro-action width.
 FORMAT = "pusht-v1"
-WORLD = 512  # world = canvas, px, origin top-left, y down (pusht.md s1)
+WORLD = 512  # world = canvas, px, origin top-left, y down (DINO-WM env/pusht/pusht_env.py window_size)
 SIM_HZ, CONTROL_HZ = 100, 10  # 10 physics substeps of 0.01 s per env step (DINO-WM pusht_env.py)
 DT = 1.0 / SIM_HZ
 KP, KV = 100, 20  # PD gains of the pusher (DINO-WM pusht_env.py); critically damped, omega = 10 rad/s
@@ -45,14 +91,15 @@ T_STEM = np.array([(-15, 30), (-15, 120), (15, 120), (15, 30)], np.float64)
 T_CORNERS = np.concatenate([T_CAP, T_STEM])  # (8, 2) drawn as two outlined rectangles
 T_OUTLINE = np.array([(-60, 0), (60, 0), (60, 30), (15, 30), (15, 120), (-15, 120), (-15, 30), (-60, 30)], np.float64)
 WALLS = [((5, 506), (5, 5)), ((5, 5), (506, 5)), ((506, 5), (506, 506)), ((5, 506), (506, 506))]  # radius 2
-GOAL_POSE = (256.0, 256.0, math.pi / 4)  # the green anchor T: drawn only, not the task goal (pusht.md s8)
+GOAL_POSE = (256.0, 256.0, math.pi / 4)  # the green anchor T: drawn only, not the task goal (pusht_env.py goal_pose)
 PROPRIO = [0, 1, 5, 6]  # proprio = [agent_x, agent_y, agent_vx, agent_vy] (DINO-WM pusht_dset.py)
-# RGB colours of DINO-WM's pygame renderer; "light" = colour x 1.2 capped at 255, rounded (pusht.md s9).
+# RGB colours of DINO-WM's pygame renderer; "light" = colour x 1.2 capped at 255, rounded
+# (pymunk SpaceDebugDrawOptions, as pusht_env.py draws).
 GOAL_RGB, BLOCK_RGB, BLOCK_LIGHT = (144, 238, 144), (119, 136, 153), (143, 163, 184)
 AGENT_RGB, AGENT_LIGHT, WALL_RGB = (65, 105, 225), (78, 126, 255), (211, 211, 211)
 ENV = dict(world=WORLD, sim_hz=SIM_HZ, control_hz=CONTROL_HZ, kp=KP, kv=KV, agent_radius=AGENT_RADIUS,
            block_mass=1, block_moment=3000.0, block_cog=[0.0, 45.0], goal_pose=list(GOAL_POSE), pymunk=pymunk.version)
-# Scripted contact-seeking pusher (pusht.md s14); our design, judged by `info`'s statistics, stored in meta.json.
+# Scripted contact-seeking pusher: our design (DINO-WM's noisy expert demonstrations cannot be regenerated), judged by `info`'s statistics, stored in meta.json.
 POLICY = dict(
     wander_prob=0.15,  # chance that a new plan is a random walk instead of a push
     wander_steps=[3, 10],  # length of a random walk, env steps
@@ -86,7 +133,8 @@ def _background():
 
 
 def render_state(state, img_size=224):
-    """RGB frame (S, S, 3) uint8 of a state, a pure function of its first 5 numbers (pusht.md s9). As upstream: drawn
+    """RGB frame (S, S, 3) uint8 of a state, a pure function of its first 5 numbers (pusht_env.py
+    _render_frame). As upstream: drawn
     at 512 px in pymunk's debug-draw order (block cap, stem, agent, walls), then cv2.resize(img, (S, S)) (INTER_LINEAR,
     no anti-aliasing). DINO-WM's red contact marks are left out so that a frame depends on the state only. About
     7,000 frames/s at 224 px on one core."""
@@ -105,14 +153,14 @@ def render_state(state, img_size=224):
 
 
 def is_success(goal_state, state):
-    """DINO-WM's eval_state: joint agent+block position error < 20 px and block angle error < pi/9 (pusht.md s8)."""
+    """DINO-WM's eval_state: joint agent+block position error < 20 px and block angle error < pi/9 (pusht_env.py)."""
     g, s = np.asarray(goal_state, np.float64), np.asarray(state, np.float64)
     d = abs(g[4] - s[4]) % (2 * math.pi)  # mod 2 pi first: also right for unwrapped angles
     return bool(np.linalg.norm(g[:4] - s[:4]) < 20 and min(d, 2 * math.pi - d) < math.pi / 9)
 
 
 class PushT:
-    """Push-T with DINO-WM's physics (env/pusht/pusht_env.py, with_velocity=True), quirks included (pusht.md s11).
+    """Push-T with DINO-WM's physics (env/pusht/pusht_env.py, with_velocity=True), quirks included.
     State (7,): [agent_x, agent_y, block_x, block_y, block_angle mod 2 pi, agent_vx, agent_vy], px, rad, px/s.
     Action (2,): PD target offset in px relative to the agent (DINO-WM's env action x action_scale 100)."""
 
@@ -141,7 +189,7 @@ class PushT:
         space.add(self.block, cap, stem)
 
     def reset(self, seed=None):
-        """DINO-WM's reset distribution (pusht.md s7) from a legacy RandomState; returns the first frame."""
+        """DINO-WM's reset distribution (pusht_env.py reset) from a legacy RandomState; returns the first frame."""
         if seed is None:
             seed = np.random.randint(0, 25536)  # DINO-WM seed(): drawn from the global NumPy RNG
         rs = np.random.RandomState(seed)
@@ -150,7 +198,12 @@ class PushT:
         return self.set_state(state + [rs.randn() * 2 * np.pi - np.pi, 0, 0])
 
     def set_state(self, state):
-        """Place agent and block (5 or 7 numbers; 5 means zero velocity) and return the frame (pusht.md s6)."""
+        """Place agent and block (5 or 7 numbers; 5 means zero velocity) and return the frame (pusht_env.py)."""
+        self.place(state)
+        return self.render()
+
+    def place(self, state):
+        """set_state() without the render."""
         s = np.asarray(state, np.float64).reshape(-1)
         if s.shape not in ((5,), (7,)) or not np.isfinite(s).all():
             raise ValueError(f"PushT.set_state wants 5 or 7 finite numbers, got {np.asarray(state).tolist()}")
@@ -161,14 +214,16 @@ class PushT:
         self.block.angle = s[4]  # angle first: it rotates about the CoG, then position puts the origin exactly
         self.block.position = (s[2], s[3])
         self.space.step(DT)  # QUIRK (_set_state): one extra physics step; get_state() may differ slightly from s
-        return self.render()
 
     def advance(self, action):
         """step() without the render: one 10 Hz control step of 10 PD-driven physics substeps."""
-        target = self.agent.position + (float(action[0]), float(action[1]))  # fixed once per step, never clipped
-        for _ in range(SIM_HZ // CONTROL_HZ):  # same float operations, in the same order, as DINO-WM's step()
-            acc = KP * (target - self.agent.position) + KV * (Vec2d(0, 0) - self.agent.velocity)
-            self.agent.velocity += acc * DT
+        px, py = self.agent.position
+        tx, ty = px + float(action[0]), py + float(action[1])  # the PD target: fixed once per step, never clipped
+        for _ in range(SIM_HZ // CONTROL_HZ):
+            # DINO-WM's step(): acc = kp (target - pos) + kv (0 - vel); vel += acc dt, in floats with the same IEEE
+            # operations in the same order as its Vec2d arithmetic (bit-identical), but 2-3x faster.
+            (px, py), (vx, vy) = self.agent.position, self.agent.velocity
+            self.agent.velocity = (vx + (KP * (tx - px) + KV * (0 - vx)) * DT, vy + (KP * (ty - py) + KV * (0 - vy)) * DT)
             self.space.step(DT)
 
     def step(self, action):
@@ -272,20 +327,24 @@ def _existing(out, args):
         return False
     try:
         old, args = load_meta(out).get("args", {}), json.loads(json.dumps(args))
-    except (FileNotFoundError, ValueError) as e:
-        raise FileExistsError(f"{out} exists but is not a dataset ({e}); choose another --out or remove it") from e
+    except UserError as e:
+        raise UserError(f"--out {out} exists but is not a dataset ({e}); choose another --out or remove it") from e
     if old != args:
         diff = {k: (old.get(k), v) for k, v in args.items() if old.get(k) != v}
-        raise FileExistsError(f"{out} already holds a different dataset (stored vs requested: {diff}); "
-                              "choose another --out or delete it")
+        raise UserError(f"--out {out} already holds a different dataset (stored vs requested: {diff}); "
+                        "choose another --out or delete it")
     print(f"{out} already holds this dataset (same arguments); nothing to do")
     return True
 
 
 @contextlib.contextmanager
 def _staging(out):
-    """A temp folder next to out, renamed to out when the block succeeds and deleted when it fails."""
+    """A temp folder next to out, renamed to out when the block succeeds and deleted when it fails. Staging folders
+    that an earlier, killed run left behind (no cleanup ran) are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f".{out.name}.tmp-*"):
+        print(f"removing {old}, left by an interrupted earlier run")
+        shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "train").mkdir(), (tmp / "val").mkdir()
@@ -309,7 +368,7 @@ def _write(tmp, splits, meta):
     tr = splits["train"]
     a = np.delete(tr["actions"], np.cumsum(tr["lengths"]) - 1, axis=0).astype(np.float64)  # (F - E, 2) real steps
     pr = tr["states"][:, PROPRIO]  # (F, 4)
-    safe = lambda sd: np.where(sd > 0, sd, 1.0).tolist()  # a constant column would divide by zero
+    safe = lambda sd: np.where(sd > 0, sd, 1.0).tolist()  # noqa: E731  a constant column would divide by zero
     meta.update(format=FORMAT, env=ENV, fingerprint=_fingerprint(splits), action_mean=a.mean(0).tolist(),
                 action_std=safe(a.std(0)), proprio_mean=pr.mean(0).tolist(), proprio_std=safe(pr.std(0)),
                 splits={n: dict(episodes=len(s["lengths"]), frames=int(len(s["states"]))) for n, s in splits.items()})
@@ -318,14 +377,16 @@ def _write(tmp, splits, meta):
 
 def load_meta(root):
     path = Path(root) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not a dataset folder (make one with `python data.py collect`)")
+    require(Path(root).is_dir(), f"dataset folder {root} does not exist; make one with `python data.py collect --out "
+                                 f"{root}` (or check the path)")
+    require(path.is_file(), f"{path} is missing: {root} is not a dataset folder (make one with `python data.py "
+                            "collect`)")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is corrupt ({e}); re-create the dataset") from e
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; re-create the dataset")
+        raise UserError(f"{path} is corrupt ({e}); re-create the dataset with `python data.py collect`") from e
+    require(meta.get("format") == FORMAT, f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; re-create the "
+                                          "dataset with this data.py")
     return meta
 
 
@@ -336,44 +397,45 @@ def load_split(root, split):
         try:
             out[key] = a = np.load(d / f"{key}.npy", allow_pickle=False)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{d / key}.npy is missing; re-create the dataset") from e
+            raise UserError(f"{d / key}.npy is missing; re-create the dataset with `python data.py collect`") from e
         except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{d / key}.npy is corrupt ({e}); re-create the dataset") from e
-        if a.dtype != dtype or a.shape[1:] != shape:
-            raise ValueError(f"{d / key}.npy: {a.dtype} {a.shape}, expected {np.dtype(dtype)} (n, {shape})")
+            raise UserError(f"{d / key}.npy is corrupt ({e}); re-create the dataset with `python data.py collect`") from e
+        require(a.dtype == dtype and a.shape[1:] == shape,
+                f"{d / key}.npy: {a.dtype} {a.shape}, expected {np.dtype(dtype)} (n, {shape}); re-create the dataset")
     n, lengths = len(out["states"]), out["lengths"]
-    if len(lengths) == 0 or lengths.min() < 1 or lengths.sum() != n or len(out["actions"]) != n:
-        raise ValueError(f"{d}: lengths.npy (sum {lengths.sum()}) must have positive entries summing to the rows of "
-                         f"states.npy ({n}) and actions.npy ({len(out['actions'])})")
+    require(len(lengths) > 0 and lengths.min() >= 1 and lengths.sum() == n and len(out["actions"]) == n,
+            f"{d}: lengths.npy (sum {lengths.sum()}) must have positive entries summing to the rows of states.npy ({n})"
+            f" and actions.npy ({len(out['actions'])}); re-create the dataset")
     out["starts"] = np.cumsum(lengths) - lengths  # (E,) global index of each episode's first frame
     out["frames"] = np.load(d / "frames.npy", mmap_mode="r") if (d / "frames.npy").is_file() else None
-    if out["frames"] is not None and (out["frames"].dtype != np.uint8 or out["frames"].shape[0] != n):
-        raise ValueError(f"{d}/frames.npy: {out['frames'].dtype} {out['frames'].shape}, expected uint8 ({n}, S, S, 3)")
+    require(out["frames"] is None or (out["frames"].dtype == np.uint8 and out["frames"].shape[0] == n),
+            f"{d}/frames.npy: not uint8 ({n}, S, S, 3); re-import the dataset")
     return out
 
 
-def collect(out, episodes, steps, img_size=224, seed=0, workers=1, val_fraction=0.1):
-    """Run the scripted pusher for `episodes` episodes of `steps` env steps (seed + i for episode i) into out."""
-    out, n_val = Path(out), max(1, round(episodes * val_fraction))
-    if episodes - n_val < 1 or steps < 1:
-        raise ValueError(f"collect needs at least 2 episodes and 1 step (got {episodes} episodes, {steps} steps)")
-    args = dict(source="collect", episodes=episodes, steps=steps, img_size=img_size, seed=seed,
-                val_fraction=val_fraction, policy=POLICY)
+def collect(cfg):
+    """Run the scripted pusher for cfg.episodes episodes of cfg.steps env steps (seed + i for episode i)."""
+    out, n_val, workers = Path(cfg.out), max(1, round(cfg.episodes * cfg.val_fraction)), cfg.workers or os.cpu_count()
+    require(cfg.episodes - n_val >= 1, f"--episodes {cfg.episodes} with --val-fraction {cfg.val_fraction} leaves no "
+                                       "train episode; collect more episodes")
+    args = dict(source="collect", episodes=cfg.episodes, steps=cfg.steps, img_size=cfg.img_size, seed=cfg.seed,
+                val_fraction=cfg.val_fraction, policy=POLICY)
     if _existing(out, args):
         return
-    job, seeds, t0 = functools.partial(collect_episode, steps=steps), range(seed, seed + episodes), time.time()
+    writable(out / "meta.json", "--out")
+    job, seeds, t0 = functools.partial(collect_episode, steps=cfg.steps), range(cfg.seed, cfg.seed + cfg.episodes), time.time()
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         runs = pool.imap(job, seeds, chunksize=4) if pool else map(job, seeds)
-        episodes_out = list(tqdm(runs, total=episodes, desc="collect", unit="ep"))  # any worker count: same arrays
-    frames, dt = episodes * (steps + 1), time.time() - t0
-    print(f"collected {episodes} episodes, {frames} frames in {dt:.1f} s: {frames / dt:.0f} frames/s with {workers} "
-          "worker(s) (states only: frames are rendered when read)")
-    cut = episodes - n_val  # val = the last episodes
+        episodes = list(tqdm(runs, total=cfg.episodes, desc="collect", unit="ep"))  # any worker count: same arrays
+    frames, dt = cfg.episodes * (cfg.steps + 1), time.time() - t0
+    print(f"collected {cfg.episodes} episodes, {frames} frames in {dt:.1f} s: {frames / dt:.0f} frames/s with "
+          f"{workers} worker(s) (states only: frames are rendered when read)")
+    cut = cfg.episodes - n_val  # val = the last episodes
     splits = {name: dict(states=np.concatenate([e[0] for e in part]), actions=np.concatenate([e[1] for e in part]),
-                         lengths=np.full(len(part), steps + 1, np.int64))
-              for name, part in (("train", episodes_out[:cut]), ("val", episodes_out[cut:]))}
+                         lengths=np.full(len(part), cfg.steps + 1, np.int64))
+              for name, part in (("train", episodes[:cut]), ("val", episodes[cut:]))}
     with _staging(out) as tmp:
-        _write(tmp, splits, dict(source="collect", img_size=img_size, seed=seed, policy=POLICY, args=args))
+        _write(tmp, splits, dict(source="collect", img_size=cfg.img_size, seed=cfg.seed, policy=POLICY, args=args))
     print(f"wrote {out}")
 
 
@@ -390,6 +452,7 @@ class _NoClasses(pickle.Unpickler):
 
 def _read(path, shape):
     """A DINO-WM file as float64 (torch tensor, weights_only) or int64 (pickle) array, checked against shape."""
+    require(path.is_file(), f"{path} is missing: --src must be DINO-WM's pusht_noise folder (train/, val/)")
     try:
         if path.suffix == ".pth":
             x = torch.load(path, map_location="cpu", weights_only=True)
@@ -398,34 +461,31 @@ def _read(path, shape):
             with open(path, "rb") as f:
                 x = np.asarray(_NoClasses(f).load())
             x = x.astype(np.int64) if x.dtype.kind in "iu" else x
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path} is missing") from e
     except Exception as e:
-        raise ValueError(f"{path} is corrupt or not the expected plain data ({e})") from e
-    if not isinstance(x, np.ndarray) or x.ndim != len(shape) or any(w and w != v for w, v in zip(shape, x.shape)):
-        raise ValueError(f"{path}: got {getattr(x, 'shape', type(x))}, expected {shape} (0 = any)")
+        raise UserError(f"{path} is corrupt or not the expected plain data ({e})") from e
+    require(isinstance(x, np.ndarray) and x.ndim == len(shape) and all(not w or w == v for w, v in zip(shape, x.shape)),
+            f"{path}: got {getattr(x, 'shape', type(x))}, expected {shape} (0 = any)")
     return x
 
 
 def _decode_mp4(obses, i, length):
     """RGB frames (length, S, S, 3) of obses/episode_{i:03d}.mp4 (or {i:04d}); error if the count differs."""
     path = next((p for p in (obses / f"episode_{i:03d}.mp4", obses / f"episode_{i:04d}.mp4") if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"{obses}/episode_{i:03d}.mp4 (or {i:04d}) is missing")
+    require(path is not None, f"{obses}/episode_{i:03d}.mp4 (or {i:04d}) is missing")
     cap, frames = cv2.VideoCapture(str(path)), []
     while (got := cap.read())[0]:
         frames.append(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB))  # OpenCV decodes BGR; decord (upstream) gives RGB
     cap.release()
-    if len(frames) != length:
-        raise ValueError(f"{path}: {len(frames)} frames, but seq_lengths.pkl says {length}")
+    require(len(frames) == length, f"{path}: {len(frames)} frames, but seq_lengths.pkl says {length}")
     return np.stack(frames)  # (T, S, S, 3)
 
 
-def import_dinowm(src, out, keep_frames=False):
-    """Convert DINO-WM's pusht_noise into our format (pusht.md s12): real steps only, states7 = states ++ velocities
-    (angle as stored), rel_actions in px; frames.npy from the mp4s with keep_frames, else rendered from states."""
-    src, out = Path(src), Path(out)
-    args = dict(source="dinowm", src=str(src.resolve()), keep_frames=keep_frames)
+def import_dinowm(cfg):
+    """Convert DINO-WM's pusht_noise (datasets/pusht_dset.py layout) into ours: real steps only, states7 = states ++
+    velocities (angle as stored), rel_actions in px; frames.npy from the mp4s with keep_frames, else rendered."""
+    src, out = Path(cfg.src), Path(cfg.out)
+    require(src.is_dir(), f"--src {src} does not exist; pass DINO-WM's pusht_noise folder (with train/ and val/)")
+    args = dict(source="dinowm", src=str(src.resolve()), keep_frames=cfg.keep_frames)
     if _existing(out, args):
         return
     with _staging(out) as tmp:
@@ -436,11 +496,11 @@ def import_dinowm(src, out, keep_frames=False):
             n, t_max, _ = states.shape
             vel, act = _read(d / "velocities.pth", (n, t_max, 2)), _read(d / "rel_actions.pth", (n, t_max, 2))
             lengths = _read(d / "seq_lengths.pkl", (n,))
-            if lengths.dtype != np.int64 or lengths.min() < 1 or lengths.max() > t_max:
-                raise ValueError(f"{d}/seq_lengths.pkl: need {n} integers in [1, {t_max}]")
+            require(lengths.dtype == np.int64 and lengths.min() >= 1 and lengths.max() <= t_max,
+                    f"{d}/seq_lengths.pkl: need {n} integers in [1, {t_max}]")
             real = np.arange(t_max) < lengths[:, None]  # (N, T_max) drops the padding
             splits[name] = dict(states=np.concatenate([states, vel], -1)[real], actions=act[real], lengths=lengths)
-            if keep_frames:
+            if cfg.keep_frames:
                 frames = None
                 for i, start in enumerate(tqdm(np.cumsum(lengths) - lengths, desc=f"decode {name}", unit="ep")):
                     ep = _decode_mp4(d / "obses", i, lengths[i])  # (T, S, S, 3)
@@ -448,8 +508,8 @@ def import_dinowm(src, out, keep_frames=False):
                         img_size = ep.shape[1] if name == "train" else img_size
                         frames = np.lib.format.open_memmap(tmp / name / "frames.npy", "w+", np.uint8,
                                                            (int(lengths.sum()), img_size, img_size, 3))
-                    if ep.shape[1:] != frames.shape[1:]:
-                        raise ValueError(f"{d}/obses: episode {i} has {ep.shape[1:]} frames, not {frames.shape[1:]}")
+                    require(ep.shape[1:] == frames.shape[1:],
+                            f"{d}/obses: episode {i} has {ep.shape[1:]} frames, not {frames.shape[1:]}")
                     frames[start:start + lengths[i]] = ep
                 frames.flush()
                 del frames  # close the memmap before the folder is renamed
@@ -460,15 +520,15 @@ def import_dinowm(src, out, keep_frames=False):
 
 
 def macro_to_env(a_norm, action_mean, action_std):
-    """(..., H, A) z-scored macro actions -> (..., H * A/2, 2) env actions in px, time-major (pusht.md s13)."""
+    """(..., H, A) z-scored macro actions -> (..., H * A/2, 2) env actions in px, time-major (DINO-WM
+    datasets/traj_dset.py: "(n f) d -> n (f d)" undone, then de-normalised)."""
     a = a_norm.reshape(*a_norm.shape[:-2], -1, 2)  # (..., H * frameskip, 2)
     return a * _like(a, action_std) + _like(a, action_mean)
 
 
 def env_to_macro(a_px, action_mean, action_std, frameskip=5):
     """(..., H * frameskip, 2) env actions in px -> (..., H, 2 * frameskip) z-scored macro actions."""
-    if a_px.shape[-2] % frameskip:
-        raise ValueError(f"env_to_macro: {a_px.shape[-2]} env actions is not a multiple of frameskip {frameskip}")
+    assert a_px.shape[-2] % frameskip == 0, f"{a_px.shape[-2]} env actions is not a multiple of {frameskip}"
     a = (a_px - _like(a_px, action_mean)) / _like(a_px, action_std)
     return a.reshape(*a.shape[:-2], -1, 2 * frameskip)  # (..., H, A)
 
@@ -480,23 +540,30 @@ def _like(x, v):
     return np.asarray(v, x.dtype if x.dtype.kind == "f" else np.float64)
 
 
-class WindowDataset(torch.utils.data.Dataset):
-    """Training windows (pusht.md s13): num_frames frames at s, s + frameskip, ..., every start s of every episode.
-    item: obs uint8 (T, S, S, 3) rendered from states (or read from frames.npy if it has img_size) unless
-    features (F, P, D) are given, then feat float16 (T, P, D); action float32 (T, A), A = 2 * frameskip: row k
-    holds the frameskip env actions after frame k, time-major (x0, y0, x1, y1, ...), z-scored with meta's stats
-    (the last row leads past the window and is unused); proprio float32 (T, 4) z-scored; state float32 (T, 7);
-    index int64 () = global frame index of frame 0."""
+def render_batch(states, img_size):
+    """(..., 7) states -> (..., S, S, 3) uint8 frames."""
+    states = np.asarray(states)
+    frames = [render_state(s, img_size) for s in states.reshape(-1, states.shape[-1])]
+    return np.stack(frames).reshape(*states.shape[:-1], img_size, img_size, 3)
 
-    def __init__(self, root, split, num_frames=2, frameskip=5, img_size=None, features=None):
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Training windows (DINO-WM datasets/traj_dset.py): num_frames frames at s, s + frameskip, ..., every start s of
+    every episode. A batch of windows (fetched at once through __getitems__, one NumPy gather per key):
+      state float32 (B, T, 7); action float32 (B, T, A), A = 2 * frameskip: row k holds the frameskip env actions
+      after frame k, time-major (x0, y0, x1, y1, ...), z-scored with meta's stats (the last row leads past the
+      window and is unused); proprio float32 (B, T, 4) z-scored; index int64 (B,) = global frame index of frame 0;
+      with pixels=True also obs uint8 (B, T, S, S, 3), rendered from states (or read from frames.npy if it has
+      img_size), or feat float16 (B, T, P, D) when a feature cache is given instead."""
+
+    def __init__(self, root, split, num_frames=2, frameskip=5, pixels=False, img_size=None, features=None):
         self.meta, d = load_meta(root), load_split(root, split)
-        self.num_frames, self.frameskip = num_frames, frameskip
+        self.num_frames, self.frameskip, self.pixels = num_frames, frameskip, pixels
         self.img_size = img_size or self.meta["img_size"]
         span = frameskip * num_frames  # frames a window's actions cover
         counts = np.maximum(d["lengths"] - span + 1, 0)  # (E,) windows per episode
-        if counts.sum() == 0:
-            raise ValueError(f"{root}/{split}: no episode has the {span} frames one window needs "
-                             f"(longest {d['lengths'].max()}); collect longer episodes or lower num_frames/frameskip")
+        require(counts.sum() > 0, f"{root}/{split}: no episode has the {span} frames one window needs (longest "
+                                  f"{d['lengths'].max()}); collect longer episodes or lower --num-hist/--frameskip")
         if (counts == 0).any():
             warnings.warn(f"{root}/{split}: {(counts == 0).sum()} of {len(counts)} episodes are shorter than one "
                           f"window ({span} frames) and are skipped")
@@ -506,27 +573,46 @@ class WindowDataset(torch.utils.data.Dataset):
         self.actions = ((d["actions"] - mean) / std).astype(np.float32)  # (F, 2)
         pm, ps = np.asarray(self.meta["proprio_mean"]), np.asarray(self.meta["proprio_std"])
         self.proprio = ((d["states"][:, PROPRIO] - pm) / ps).astype(np.float32)  # (F, 4)
-        self.states, self.features = d["states"], features
+        self.states, self.features = d["states"].astype(np.float32), features
         self.frames = d["frames"] if d["frames"] is not None and d["frames"].shape[1] == self.img_size else None
-        if features is not None and len(features) != len(self.states):
-            raise ValueError(f"features have {len(features)} rows, {root}/{split} has {len(self.states)} frames")
+        require(features is None or len(features) == len(self.states),
+                f"the feature cache has {0 if features is None else len(features)} rows, {root}/{split} has "
+                f"{len(self.states)} frames; rebuild it with `python dino.py encode --data {root}`")
 
     def __len__(self):
         return len(self.window_start)
 
-    def __getitem__(self, i):
-        g = int(self.window_start[i])
-        idx = g + self.frameskip * np.arange(self.num_frames)  # (T,) global frame indices
-        act = self.actions[g:g + self.frameskip * self.num_frames].reshape(self.num_frames, -1)  # (T, A)
-        item = dict(action=torch.from_numpy(act.copy()), proprio=torch.from_numpy(self.proprio[idx]),
-                    state=torch.from_numpy(self.states[idx].astype(np.float32)), index=torch.tensor(g))
+    def __getitems__(self, indices):
+        g = self.window_start[np.asarray(indices)]  # (B,) global frame of each window's frame 0
+        idx = g[:, None] + self.frameskip * np.arange(self.num_frames)  # (B, T)
+        span = g[:, None] + np.arange(self.frameskip * self.num_frames)  # (B, T*frameskip) env steps
+        B, T = idx.shape
+        batch = dict(state=torch.from_numpy(self.states[idx]), proprio=torch.from_numpy(self.proprio[idx]),
+                     action=torch.from_numpy(self.actions[span].reshape(B, T, -1)), index=torch.from_numpy(g))
         if self.features is not None:
-            item["feat"] = torch.from_numpy(np.asarray(self.features[idx], np.float16))  # (T, P, D)
-        elif self.frames is not None:
-            item["obs"] = torch.from_numpy(np.ascontiguousarray(self.frames[idx]))  # (T, S, S, 3)
-        else:
-            item["obs"] = torch.from_numpy(np.stack([render_state(s, self.img_size) for s in self.states[idx]]))
-        return item
+            batch["feat"] = torch.from_numpy(self.features[idx.ravel()]).view(B, T, *self.features.shape[1:])
+        elif self.pixels and self.frames is not None:
+            batch["obs"] = torch.from_numpy(self.frames[idx.ravel()]).view(B, T, *self.frames.shape[1:])
+        elif self.pixels:
+            batch["obs"] = torch.from_numpy(render_batch(self.states[idx], self.img_size))  # (B, T, S, S, 3)
+        return batch
+
+    def __getitem__(self, i):
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def loader(ds, batch_size, sampler, workers=-1, device="cpu", drop_last=False):
+    """DataLoader over a WindowDataset that fetches whole batches (__getitems__), in the order of sampler (any
+    iterable of window indices). workers: processes that render or read frames, -1 = one per CPU core; state-only
+    windows take none (a batch is one NumPy gather)."""
+    workers = 0 if not ds.pixels else os.cpu_count() if workers < 0 else workers
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       collate_fn=_as_is, drop_last=drop_last, pin_memory=torch.device(device).type == "cuda",
+                                       persistent_workers=workers > 0, generator=torch.Generator())
+
+
+def _as_is(batch):
+    return batch  # __getitems__ already built the batch (a module-level function, so workers can pickle it)
 
 
 def block_motion(split, k=5):
@@ -540,24 +626,24 @@ def block_motion(split, k=5):
 
 
 def replay_drift(split, episodes=5, steps=25):
-    """Mean position error (agent, block) in px when our simulator replays recorded actions from recorded states
-    (pusht.md s12). Expect ~0 for our data and small drift (set_state's extra step, float32), not divergence,
-    for data from another simulator."""
+    """Mean position error (agent, block) in px when our simulator replays recorded actions from recorded states.
+    Expect ~0 for our data and small drift (set_state's extra step, float32), not divergence, for data from another
+    simulator."""
     env, err = PushT(), []
     for s0 in split["starts"][split["lengths"] > steps][:episodes]:
-        env.set_state(split["states"][s0])
+        env.place(split["states"][s0])
         for t in range(s0, s0 + steps):
             env.advance(split["actions"][t])
             err.append(np.linalg.norm((env.get_state() - split["states"][t + 1])[:4].reshape(2, 2), axis=1))
     return np.mean(err, 0) if err else (float("nan"), float("nan"))
 
 
-def info(root, bench=500):
+def info(cfg, bench=500):
     """Print counts, action stats, block motion, coverage and loader speed of a dataset folder."""
+    root = cfg.root
     meta, splits = load_meta(root), {name: load_split(root, name) for name in ("train", "val")}
-    if _fingerprint(splits) != meta["fingerprint"]:
-        raise ValueError(f"{root}: arrays do not match meta.json's fingerprint {meta['fingerprint']} "
-                         "(modified or corrupt); re-create the dataset")
+    require(_fingerprint(splits) == meta["fingerprint"], f"{root}: arrays do not match meta.json's fingerprint "
+                                                         f"{meta['fingerprint']} (modified or corrupt); re-create it")
     print(f"{root}: source {meta['source']}, img_size {meta['img_size']}, seed {meta.get('seed')}, "
           f"fingerprint {meta['fingerprint']} (verified)")
     for name, sp in splits.items():
@@ -573,59 +659,204 @@ def info(root, bench=500):
     bins = len(np.unique(s[:, 4] % (2 * np.pi) // (np.pi / 4)))
     print(f"  coverage (train): block xy in {cells / 64:.2f} of 8x8 cells, block angle in {bins / 8:.2f} of 8 bins")
     try:
-        ds = WindowDataset(root, "train")
-    except ValueError as e:
+        ds = WindowDataset(root, "train", pixels=True)
+    except UserError as e:
         return print(f"  loader benchmark skipped: {e}")
     picks, t0 = np.random.default_rng(0).integers(0, len(ds), bench), time.perf_counter()
-    for i in picks:
-        ds[i]
+    for i in range(0, bench, 50):
+        ds.__getitems__(picks[i:i + 50])
     print(f"  loader: {len(ds)} train windows; {bench / (time.perf_counter() - t0):.0f} windows/s "
           f"({ds.num_frames} frames at {ds.img_size} px, {'from frames.npy' if ds.frames is not None else 'rendered'})")
 
 
-def figure(out, seed=5, size=224):
+def figure(cfg):
     """A PNG strip of one scripted episode every 5 env steps (one macro action): start ... goal 25 steps later."""
-    states, _ = collect_episode(seed, 25)  # (26, 7)
+    states, _ = collect_episode(cfg.seed, 25)  # (26, 7)
     tiles = []
     for t in range(0, 26, 5):
-        tile = cv2.cvtColor(render_state(states[t], size), cv2.COLOR_RGB2BGR)  # (S, S, 3) for cv2.imwrite
+        tile = cv2.cvtColor(render_state(states[t], 224), cv2.COLOR_RGB2BGR)  # (S, S, 3) for cv2.imencode
         label = "start" if t == 0 else "goal (t = 25)" if t == 25 else f"t = {t}"
         cv2.putText(tile, label, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
         tiles.append(np.pad(tile, ((0, 0), (0, 4), (0, 0)), constant_values=255))  # 4-px white gutter
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")  # cv2 picks the format from the suffix
-    cv2.imwrite(str(tmp), np.concatenate(tiles, 1)[:, :-4])
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_png(cfg.out, np.concatenate(tiles, 1)[:, :-4])
+    print(f"wrote {cfg.out}")
 
 
-def main(argv=None):
-    """The CLI: each sub-command calls the function of the same name with its flags as keyword arguments."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("collect", help="scripted pushing episodes", formatter_class=fmt)
-    c.add_argument("--out", required=True, help="dataset folder to create")
-    c.add_argument("--episodes", type=int, default=100, help="episodes in train + val")
-    c.add_argument("--steps", type=int, default=100, help="env steps per episode (frames = steps + 1)")
-    c.add_argument("--img-size", type=int, default=224, help="frame side in px when read; DINO-WM uses 224")
-    c.add_argument("--seed", type=int, default=0, help="episode i starts from reset(seed + i)")
-    c.add_argument("--workers", type=int, default=1, help="processes; the output does not depend on it")
-    c.add_argument("--val-fraction", type=float, default=0.1, help="the last episodes form val (at least 1)")
-    m = sub.add_parser("import-dinowm", help="convert DINO-WM's pusht_noise", formatter_class=fmt)
-    m.add_argument("--src", required=True, help="pusht_noise folder with train/ and val/")
-    m.add_argument("--out", required=True, help="dataset folder to create")
-    m.add_argument("--keep-frames", action="store_true", help="decode the mp4s into frames.npy (large)")
-    sub.add_parser("info", help="statistics and loader speed of a dataset").add_argument("root", help="dataset folder")
-    f = sub.add_parser("figure", help="PNG strip of one scripted episode (the README's picture)", formatter_class=fmt)
-    f.add_argument("--out", default="assets/pusht.png", help="PNG path")
-    f.add_argument("--seed", type=int, default=5, help="episode seed")
-    args = vars(p.parse_args(argv))
-    print(args)
-    commands = {"collect": collect, "import-dinowm": import_dinowm, "info": info, "figure": figure}
-    commands[args.pop("cmd")](**args)
+# ---------------------------------------------------------------------------------------------------------------------
+# Plumbing every stage shares (every script imports data.py): flags from dataclasses, expected errors, device and
+# precision, atomic writes, a lock per run folder.
+
+class UserError(Exception):
+    """An expected mistake in the input (a flag, a file): reported as one line with the way out, exit status 2."""
+
+
+def require(ok, message):
+    if not ok:
+        raise UserError(message)
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_choices(cfg):
+    """Fields typed Literal[...] hold one of their choices (argparse checks flags; this checks configs built in code)."""
+    for f in dataclasses.fields(cfg):
+        choices = typing.get_args(f.type) if typing.get_origin(f.type) is Literal else ()
+        value = getattr(cfg, f.name)
+        require(not choices or value in choices, f"{flag(f.name)} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def add_flags(parser, cls):
+    """One flag per field of dataclass cls: --field-name, help = the field's trailing comment with its default,
+    choices from Literal[...], --x/--no-x for bools, one or more values for list fields. Flags not given are absent
+    from the parsed namespace (argparse.SUPPRESS), so callers can tell what the user typed."""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kw = dict(help=f"{comments.get(f.name, '')} (default: {default!r})", default=argparse.SUPPRESS)
+        if f.metadata.get("derived"):
+            continue  # computed by the script from the data and the encoder, never a flag
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=comments.get(f.name))
+            continue
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kw.update(action="extend", nargs="+")
+        elif typing.get_origin(f.type) is Literal:
+            kw["choices"] = typing.get_args(f.type)
+        else:
+            kw["type"] = type(default)
+        parser.add_argument(flag(f.name), **kw)
+
+
+def parse_config(*classes, argv=None, doc=None):
+    """Configs from the command line: one instance per dataclass (each validates itself in __post_init__), then the
+    set of field names the user gave."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in classes:
+        add_flags(p.add_argument_group(cls.__name__), cls)
+    given = vars(p.parse_args(argv))
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
+    return (*(cls(**{k: v for k, v in given.items() if k in names(cls)}) for cls in classes), set(given))
+
+
+def cli(main, *classes, doc=None, commands=None):
+    """The entry point of every script: parse the flags (sub-commands: {name: (function, config class)}), run, and
+    turn an expected error into one line on stderr with exit status 2 (tracebacks are for bugs)."""
+    try:
+        if commands:
+            p = argparse.ArgumentParser(description=doc)
+            sub = p.add_subparsers(dest="command", required=True)
+            for name, (fn, cls) in commands.items():
+                add_flags(sub.add_parser(name, help=fn.__doc__.split("\n")[0], description=fn.__doc__), cls)
+            args = vars(p.parse_args())
+            fn, cls = commands[args.pop("command")]
+            return fn(cls(**args))
+        *cfgs, given = parse_config(*classes, doc=doc)
+        return main(*cfgs, given=given) if "given" in inspect.signature(main).parameters else main(*cfgs)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: files written so far are complete; re-run the command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def setup(device="auto", seed=0, dtype="bfloat16", rank=0):
+    """--device (auto = cuda when present; the choice is printed), seeds for random, NumPy and torch, and the
+    precision: bf16 autocast (+ TF32 for what stays fp32) on CUDA; dtype float32 = fp32 everywhere, TF32 off.
+    CPU is always fp32. Returns (device, autocast context)."""
+    require(device != "cuda" or torch.cuda.is_available(),
+            "--device cuda: no CUDA device is visible here; use --device cpu (or auto)")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    amp = cuda and dtype == "bfloat16"
+    if cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = amp  # IMPORTANT: off for fp32
+    print(f"device: {dev} | precision: {'bf16 autocast' if amp else 'fp32 (TF32 off)' if cuda else 'fp32'}")
+    return dev, (torch.autocast("cuda", torch.bfloat16) if amp else contextlib.nullcontext())
+
+
+def merge_resume(path, given, *pairs):
+    """Resume from the configs stored in `path`: pairs of (config, stored dict, runtime field names). A field the
+    user gave must equal the stored value, except runtime fields, which then override it; every other field takes
+    the stored value. given=None (configs built in code): fields that differ from their defaults count as given."""
+    merged, bad = [], []
+    for cfg, stored, runtime in pairs:
+        kw = dict(stored)
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            typed = f.name in given if given is not None else value != f.default
+            if f.metadata.get("derived") or not typed or value == stored[f.name]:
+                continue
+            if f.name in runtime:
+                kw[f.name] = value
+            else:
+                bad.append(f"{flag(f.name)} {value!r} (the run has {stored[f.name]!r})")
+        merged.append(type(cfg)(**kw))
+    require(not bad, f"{path} holds a run with other settings: {'; '.join(bad)}. Drop these flags to resume it, or "
+                     "choose another --out")
+    return merged
+
+
+def writable(path, name):
+    """Fail before any work when the file `path` (given by flag `name`) could not be written."""
+    path = Path(path)
+    parent = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    require(not path.is_dir(), f"{name} {path} is a folder; give a file path")
+    require(parent.is_dir() and os.access(parent, os.W_OK), f"{name} {path}: {parent} is not a writable folder")
+
+
+def atomic_write(path, obj):
+    """Write path so that a reader (or a killed process) never sees half a file: a temp file, then a rename.
+    obj: dict/list for .json, a dict of tensors for .pt, bytes, or a function that writes the temp path it gets."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # same suffix: cv2 picks video containers by it
+    try:
+        if callable(obj):
+            obj(tmp)
+        elif path.suffix == ".json":
+            tmp.write_text(json.dumps(obj, indent=1))
+        elif path.suffix == ".pt":
+            torch.save(obj, tmp)
+        else:
+            tmp.write_bytes(obj)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_png(path, img_bgr):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, cv2.imencode(".png", img_bgr)[1].tobytes())
+
+
+def load_pt(path, rebuild):
+    """torch.load(weights_only=True) with a clear error naming the file and the command that rebuilds it."""
+    require(Path(path).is_file(), f"{path} is missing; {rebuild}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}); {rebuild}") from e
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """Hold folder/.lock (an OS lock, released when the process ends, even killed) while the block runs."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder} is in use by another process (a train.py or decode.py running in it); wait for "
+                            "it to finish or choose another --out") from None
+        yield
 
 
 if __name__ == "__main__":
-    main()
+    cli(None, doc=__doc__, commands={"collect": (collect, CollectConfig), "import-dinowm": (import_dinowm, ImportConfig),
+                                     "info": (info, InfoConfig), "figure": (figure, FigureConfig)})

@@ -1,27 +1,21 @@
-"""Action decoder: turns a planned latent action back into a Push-T macro action (method.md s8).
+"""Action decoder: turns a planned latent action back into a Push-T macro action (the seed's
+train_action_decoder.py, MacroActionDecoderStd in its "latent state + latent action" configuration).
 
-A world model trained without action labels (`la`, `vq`) plans in its own latent-action space. This script
-learns the map (current DINO tokens P_t, latent action z) -> normalised 10-d macro action from a small labelled
-set: the frozen world model's IDM labels each val/train window (o_t, o_t+5) with z, the dataset gives the true
-action. Reads RUN/ckpt.pt and the run's dataset (cached DINO features when present, else render + encode).
-Writes RUN/decoder.pt {"model", "config", "wm_ckpt_id", "report"}, RUN/decode.json (val RMSE in px per env
-step, R^2 per action dim, label budget; for vq each code's mean decoded action and usage) and RUN/codes.png (vq).
-The baseline has real actions already: nothing to decode, exit 0.
-GPU:  python decode.py --run runs/vq                  (100k + 10k pairs; wall-clock on H200: not yet measured)
-CPU:  python decode.py --run /tmp/tiny/vq --pairs 200 --val-pairs 50 --max-epochs 3 --device cpu
+A world model trained without action labels (`la`, `vq`) plans in its own latent-action space. This script learns
+the map (current tokens P_t, latent action z) -> normalised 10-d macro action from a small labelled set: the frozen
+world model's IDM labels each window (o_t, o_t+5) with z, the dataset gives the true action. Reads RUN/ckpt.pt and
+the run's dataset (--data for a run moved away from it). Writes RUN/decoder.pt {"model", "config", "wm_ckpt_id",
+"report"}, RUN/decode.json (val RMSE in px per env step, R^2 per action dim, label budget; for vq each code's mean
+decoded action and usage) and RUN/codes.png (vq). The baseline has real actions already: nothing to decode, exit 0.
+GPU:  python decode.py --run runs/full/vq                 (100k + 10k pairs of DINOv2 tokens; H200: not yet measured)
+CPU:  python decode.py --run runs/quick/vq --pairs 20000 --val-pairs 2000     (state tokens: ~15 s on 2 cores)
 """
-import argparse
 import copy
-import dataclasses
-import inspect
 import math
-import os
-import random
-import re
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -31,14 +25,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import dino
 import wm
-from train import get_tokens, save_checkpoint, write_json
+from data import require
 
 
 @dataclass
 class DecodeConfig:
     run: str = ""  # run folder written by train.py (reads ckpt.pt, writes decoder.pt, decode.json, codes.png)
+    data: str = ""  # dataset folder, "" = the one the run was trained on (for a run moved away from its data)
     pairs: int = 100_000  # label budget: labelled train transitions the decoder may use (seed: 100,000)
     val_pairs: int = 10_000  # labelled val transitions for early stopping and the report (seed: 10,000)
     use_delta: bool = False  # also feed the pooled predicted next state (seed's use_delta; off in its README config)
@@ -50,71 +44,30 @@ class DecodeConfig:
     min_delta: float = 1e-4  # smallest val-RMSE drop that counts as improvement, normalised units (seed)
     encode_batch: int = 64  # windows per world-model batch while labelling pairs
     code_states: int = 256  # real val states each vq code is decoded on to find its mean action
-    workers: int = 2  # DataLoader processes rendering frames (only used without a feature cache)
-    device: str = "auto"  # auto, cpu or cuda (auto picks cuda when present)
+    workers: int = -1  # loader processes rendering frames (pixel tokens without a cache); -1 = one per CPU core
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     seed: int = 0  # seeds pair sampling, init and shuffling (seed: 0)
-    dino_weights: str = ""  # DINOv2 weights PATH or "random"; "" = the run's own
+    dino_weights: str = ""  # DINOv2 weights PATH or "random"; "" = the run's own (pixel tokens only)
+
+    def __post_init__(self):
+        data.check_choices(self)
+        require(self.run, "--run RUN is required: a run folder written by train.py")
+        require(min(self.pairs, self.val_pairs, self.batch_size, self.max_epochs, self.patience, self.encode_batch,
+                    self.code_states) >= 1, "--pairs, --val-pairs, --batch-size, --max-epochs, --patience, "
+                                            "--encode-batch and --code-states must be >= 1")
+        require(self.lr > 0 and self.weight_decay >= 0 and self.min_delta >= 0 and self.workers >= -1,
+                "--lr must be > 0; --weight-decay and --min-delta >= 0; --workers >= -1")
 
 
-# Shape legend: B batch, N pairs, P patches, D DINO width, L/C latent-action width, A macro-action width (10),
-# F env steps per macro action (frameskip), K codes.
+# Shape legend: B batch, N pairs, P tokens per frame, D token width, L/C latent-action width, A macro-action width
+# (10), F env steps per macro action (frameskip), K codes.
 FEAT = 128  # width of the pooled-state projection (seed MacroActionDecoderStd dec_dim)
 HID = 256  # MLP width (seed MacroActionDecoderStd hid)
 
 
-def parse_config(cls, argv=None):
-    """Flags from the dataclass: --field-name, help = the field's trailing comment, default shown."""
-    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kw = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else dict(type=type(f.default))
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=helps.get(f.name, " "), **kw)
-    return cls(**vars(p.parse_args(argv)))
-
-
-def write_png(path, img):
-    """Atomic PNG write of a BGR uint8 image."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_bytes(cv2.imencode(".png", img)[1].tobytes())
-    os.replace(tmp, path)
-
-
-def open_run(run, device):
-    """Load RUN's world model (eval mode) and check that its dataset is still the one it was trained on."""
-    model, ckpt = wm.load_run(run, device)  # clear errors for a missing or older-format checkpoint
-    root = Path(ckpt["data"]["root"])
-    meta = data.load_meta(root)
-    if meta["fingerprint"] != ckpt["data"]["fingerprint"]:
-        raise ValueError(f"{root}: dataset fingerprint {meta['fingerprint']} differs from the one {run} was trained "
-                         f"on ({ckpt['data']['fingerprint']}); point the run at its own dataset or retrain")
-    return model, ckpt, root
-
-
-def window_loader(ds, idx, batch_size, workers, device):
-    """Windows ds[idx] in order, batched; worker processes only when frames must be rendered (no feature cache)."""
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
-                                       num_workers=0 if ds.features is not None else workers,
-                                       pin_memory=device.type == "cuda")
-
-
-def window_source(ckpt, root, split, num_frames, dino_weights, device, encoder=None):
-    """WindowDataset over `split` with cached DINO features when a matching cache exists, else rendered frames.
-
-    Returns (dataset, encoder): the encoder is built (once, shared via `encoder`) only when frames must be encoded."""
-    tc = ckpt["train_config"]
-    weights = dino_weights or tc["dino_weights"] or None
-    feats = dino.load_features(root, split, tc["dino_name"], tc["dino_size"], weights, img_size=tc["img_size"])
-    ds = data.WindowDataset(root, split, num_frames=num_frames, frameskip=ckpt["model_config"]["frameskip"],
-                            img_size=tc["img_size"], features=feats)
-    if feats is None and encoder is None:
-        encoder = dino.load_dinov2(tc["dino_name"], weights, device=device)
-    return ds, encoder
-
-
 def macro_px(a_norm, stats):
     """Normalised macro actions (N, A) -> px offsets (N, F, 2) with the run's stored action statistics."""
-    mean, std = torch.tensor(stats["action_mean"]), torch.tensor(stats["action_std"])
-    return data.macro_to_env(a_norm[:, None].cpu().float(), mean, std)  # (N, F, 2)
+    return data.macro_to_env(a_norm[:, None].cpu().float(), stats["action_mean"], stats["action_std"])  # (N, F, 2)
 
 
 def draw_codes(steps_px, usage, title, cols=8, cell=150):
@@ -184,41 +137,37 @@ class ActionDecoder(nn.Module):
 def load_decoder(run, ckpt, device):
     """RUN/decoder.pt -> ActionDecoder (eval mode); refuses one trained against another world-model checkpoint."""
     path = Path(run) / "decoder.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no action decoder; run `python decode.py --run {run}` first")
-    saved = torch.load(path, map_location=device, weights_only=True)
-    if saved["wm_ckpt_id"] != ckpt["ckpt_id"]:
-        raise ValueError(f"{path} was trained for world-model checkpoint {saved['wm_ckpt_id']}, but {run}/ckpt.pt "
-                         f"is now {ckpt['ckpt_id']} (retrained?); rerun `python decode.py --run {run}`")
+    saved = data.load_pt(path, f"train it with `python decode.py --run {run}`")
+    require(saved.get("wm_ckpt_id") == ckpt["ckpt_id"], f"{path} was trained for world-model checkpoint "
+            f"{saved.get('wm_ckpt_id')}, but {run}/ckpt.pt is now {ckpt['ckpt_id']} (retrained?); rerun "
+            f"`python decode.py --run {run}`")
     decoder = ActionDecoder(**saved["config"]["arch"]).to(device)
     decoder.load_state_dict(saved["model"])
     return decoder.eval()
 
 
 @torch.no_grad()
-def build_pairs(model, ds, n, encoder, dino_size, cfg, device, generator, store):
+def build_pairs(model, ds, n, input_of, cfg, ctx, device, generator, store):
     """Label n random windows of ds with the frozen world model -> dict of tensors.
 
     p (N, P, D) fp16 real tokens of frame t, on `store`; z (N, C) the conditioning the predictor saw (pre-VQ latent
-    for la, codebook vector for vq); y (N, A) the true normalised macro action; codes (N,) for vq; p_next (N, P, D)
-    the predicted next tokens, only with use_delta. All but the token stores live on the CPU."""
+    for la, codebook vector for vq); y (N, A) the true normalised macro action between frame t and t+5; codes (N,)
+    for vq; p_next (N, P, D) the predicted next tokens, only with use_delta. z, y, codes live on the CPU."""
     idx = torch.randperm(len(ds), generator=generator)[:n].tolist()
-    loader = window_loader(ds, idx, cfg.encode_batch, cfg.workers, device)
-    ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    shape = (len(idx), model.cfg.num_patches, model.cfg.visual_dim)
+    loader = data.loader(ds, cfg.encode_batch, idx, cfg.workers, device)
     keys = ("p", "p_next") if cfg.use_delta else ("p",)
-    out = {k: torch.empty(shape, dtype=torch.float16, device=store) for k in keys}  # (N, P, D) each
+    out = {k: torch.empty(len(idx), model.cfg.num_patches, model.cfg.visual_dim, dtype=torch.float16, device=store)
+           for k in keys}  # (N, P, D) each
     rows, i, t0 = {"z": [], "y": [], "codes": []}, 0, time.time()
-    for batch in tqdm(loader, desc="labelling pairs", leave=False):
-        batch = {k: x.to(device, non_blocking=True) for k, x in batch.items()}
-        v = get_tokens(batch, encoder, dino_size)  # (B, 2, P, D)
+    for batch in tqdm(loader, desc="labelling pairs", leave=False, disable=None):
         with ctx:
+            v = model.encode(input_of(batch))  # (B, 2, P, D)
             c = model.conditioning(v)  # la/vq: the IDM on (o_t, o_t+5), T = 2 as in training
             if cfg.use_delta:
                 out["p_next"][i:i + len(v)] = model.rollout(v[:, 0], c["cond"][:, :1])[0][:, 0].to(store)  # (B, P, D)
         out["p"][i:i + len(v)] = v[:, 0].to(store)  # (B, P, D) fp16
-        rows["z"].append(c["cond"][:, 0].float().cpu())  # (B, C) a_0, the real transition (method.md s4.3 item 7)
-        rows["y"].append(batch["action"][:, 0].float().cpu())  # (B, A) row 0: the actions between frame 0 and 1
+        rows["z"].append(c["cond"][:, 0].float().cpu())  # (B, C) a_0, the real transition (the seed's shift convention)
+        rows["y"].append(batch["action"][:, 0].float())  # (B, A) row 0: the actions between frame 0 and frame 1
         rows["codes"] += [c["codes"][:, 0].cpu()] if "codes" in c else []  # (B,)
         i += len(v)
     print(f"labelled {i} pairs in {time.time() - t0:.1f} s ({i / (time.time() - t0 + 1e-9):.0f} pairs/s)")
@@ -226,10 +175,10 @@ def build_pairs(model, ds, n, encoder, dino_size, cfg, device, generator, store)
 
 
 def take(pairs, idx, device):
-    """Decoder inputs and targets of the pairs at idx (a CPU index tensor), moved to device."""
-    p = pairs["p"][idx.to(pairs["p"].device)].to(device).float()  # (B, P, D)
-    p_next = pairs["p_next"][idx.to(p.device)].to(device).float() if "p_next" in pairs else None  # (B, P, D)
-    return (p, pairs["z"][idx].to(device), p_next), pairs["y"][idx].to(device)  # y (B, A)
+    """The pairs at idx, each gathered where it is stored (token stores may sit on the GPU or in host memory), then
+    moved to device -> decoder inputs (p, z, p_next or None) and target y (B, A)."""
+    b = {k: v[idx.to(v.device)].to(device) for k, v in pairs.items()}
+    return (b["p"].float(), b["z"], b["p_next"].float() if "p_next" in b else None), b["y"]
 
 
 @torch.no_grad()
@@ -294,61 +243,60 @@ def code_meanings(decoder, model, K, p, device, stats):
     return macro_px(torch.stack(mean_a), stats)  # (K, F, 2)
 
 
-def main(cfg):
-    print(asdict(cfg))
-    device = dino.resolve_device(cfg.device)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    model, ckpt, root = open_run(cfg.run, device)
-    mc, tc, variant = ckpt["model_config"], ckpt["train_config"], ckpt["model_config"]["variant"]
-    if variant == "baseline":
-        print(f"{cfg.run}: variant baseline plans real actions; there is no latent action to decode. Nothing written.")
+def main(cfg: DecodeConfig):
+    # --- setup: the frozen world model of the run; the baseline has nothing to decode
+    device, ctx = data.setup(cfg.device, cfg.seed)
+    model, ckpt, root = wm.load_run(cfg.run, device, cfg.data)
+    mc, run = model.cfg, Path(cfg.run)
+    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights)
+    if mc.variant == "baseline":
+        print(f"{run}: variant baseline plans real actions; there is no latent action to decode. Nothing written.")
         return None
-    run, gen = Path(cfg.run), torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with data.locked(run):
+        # --- data: labelled pairs from the frozen world model, split by episode through the dataset's splits
+        weights = cfg.dino_weights or ckpt["train_config"]["dino_weights"] or None
+        input_of = wm.make_input(mc, device, weights)
+        ds = {s: wm.windows(mc, root, s, 2, weights) for s in ("train", "val")}
+        n_train, n_val = min(cfg.pairs, len(ds["train"])), min(cfg.val_pairs, len(ds["val"]))
+        # The token store (150 KB per pair at P 196, D 384 in fp16: 16.5 GB for the seed's 110k pairs) stays on the
+        # GPU when it takes under half of the free memory, which saves a host gather and copy per batch.
+        need = (n_train + n_val) * mc.num_patches * mc.visual_dim * 2 * (1 + cfg.use_delta)
+        store = device if device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
+        print(f"pair token store: {need / 1e9:.3f} GB on {store}")
+        train = build_pairs(model, ds["train"], n_train, input_of, cfg, ctx, device, gen, store)
+        val = build_pairs(model, ds["val"], n_val, input_of, cfg, ctx, device, gen, store)
+        budget = {"train_pairs": len(train["y"]), "val_pairs": len(val["y"]), "requested_train_pairs": cfg.pairs}
+        print(f"label budget: {budget['train_pairs']} labelled train transitions (+{budget['val_pairs']} val)")
 
-    # Labelled pairs from the frozen world model, split by episode through the dataset's train/val splits.
-    train_ds, encoder = window_source(ckpt, root, "train", 2, cfg.dino_weights, device)
-    val_ds, encoder = window_source(ckpt, root, "val", 2, cfg.dino_weights, device, encoder)
-    n_train, n_val = min(cfg.pairs, len(train_ds)), min(cfg.val_pairs, len(val_ds))
-    # Token store: 150 KB per pair at P 196, D 384 in fp16 (16.5 GB for the seed's 110k pairs); kept on the GPU
-    # when it takes under half of the free memory, which saves a host gather + copy per batch, else in host memory.
-    need = (n_train + n_val) * mc["num_patches"] * mc["visual_dim"] * 2 * (1 + cfg.use_delta)
-    on_gpu = device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0]
-    store = device if on_gpu else torch.device("cpu")
-    print(f"pair token store: {need / 1e9:.2f} GB on {store}")
-    train = build_pairs(model, train_ds, n_train, encoder, tc["dino_size"], cfg, device, gen, store)
-    val = build_pairs(model, val_ds, n_val, encoder, tc["dino_size"], cfg, device, gen, store)
-    budget = {"train_pairs": len(train["y"]), "val_pairs": len(val["y"]), "requested_train_pairs": cfg.pairs}
-    print(f"label budget: {budget['train_pairs']} labelled train transitions (+{budget['val_pairs']} val)")
+        # --- model and fit: early stopping on val RMSE
+        arch = dict(visual_dim=mc.visual_dim, latent_dim=mc.cond_dim, action_dim=mc.action_dim, use_delta=cfg.use_delta)
+        decoder = ActionDecoder(**arch).to(device)
+        t0 = time.time()
+        history = fit_decoder(decoder, train, val, cfg, device, gen)
+        report = {"run": str(run), "variant": mc.variant, "tokens": mc.tokens, "label_budget": budget,
+                  "epochs": len(history), "best_epoch": min(history, key=lambda h: h["val_rmse"])["epoch"],
+                  "train_seconds": time.time() - t0, "history": history,
+                  **accuracy_report(predict(decoder, val, device), val["y"], ckpt["stats"])}
+        print(f"val RMSE {report['val_rmse_px']:.2f} px per env step (x, y: {report['val_rmse_px_xy'][0]:.2f}, "
+              f"{report['val_rmse_px_xy'][1]:.2f}); R^2 mean {report['r2_mean']:.3f}; per dim "
+              + " ".join(f"{r:.2f}" for r in report["r2_per_dim"]))
 
-    # Train with early stopping on val RMSE.
-    arch = dict(visual_dim=mc["visual_dim"], latent_dim=train["z"].shape[1], action_dim=mc["action_dim"],
-                use_delta=cfg.use_delta)
-    decoder = ActionDecoder(**arch).to(device)
-    t0 = time.time()
-    history = fit_decoder(decoder, train, val, cfg, device, gen)
-    report = {"run": str(run), "variant": variant, "label_budget": budget, "epochs": len(history),
-              "best_epoch": min(history, key=lambda h: h["val_rmse"])["epoch"], "train_seconds": time.time() - t0,
-              **accuracy_report(predict(decoder, val, device), val["y"], ckpt["stats"]), "history": history}
-    print(f"val RMSE {report['val_rmse_px']:.2f} px per env step (x, y: {report['val_rmse_px_xy'][0]:.2f}, "
-          f"{report['val_rmse_px_xy'][1]:.2f}); R^2 mean {report['r2_mean']:.3f}; per dim "
-          + " ".join(f"{r:.2f}" for r in report["r2_per_dim"]))
-
-    # vq: what each code means, averaged over real val states, and how often the IDM picks it.
-    if variant == "vq":
-        states = val["p"][:cfg.code_states]  # (N, P, D) real val states every code is decoded on
-        steps = code_meanings(decoder.eval(), model, mc["num_codes"], states, device, ckpt["stats"])  # (K, F, 2)
-        usage = torch.bincount(val["codes"], minlength=len(steps))  # (K,)
-        report["codes"] = [{"code": k, "usage": int(usage[k]), "mean_action_px": steps[k].tolist(),
-                            "sum_px": steps[k].sum(0).tolist()} for k in range(len(steps))]
-        title = f"{run.name}: mean decoded push per code ({len(steps)} codes, usage over {len(val['y'])} val pairs)"
-        write_png(run / "codes.png", draw_codes(steps.numpy(), usage.numpy(), title))
-        print(f"wrote {run / 'codes.png'}")
-    save_checkpoint(run / "decoder.pt", {"model": decoder.state_dict(), "config": {"arch": arch, "decode": asdict(cfg)},
-                                         "wm_ckpt_id": ckpt["ckpt_id"], "report": report})
-    write_json(run / "decode.json", report)
-    print(f"wrote {run / 'decoder.pt'} and {run / 'decode.json'}")
+        # --- write; for vq also what each code means, averaged over real val states, and how often the IDM picks it
+        if mc.variant == "vq":
+            steps = code_meanings(decoder.eval(), model, mc.num_codes, val["p"][:cfg.code_states], device,
+                                  ckpt["stats"])  # (K, F, 2)
+            usage = torch.bincount(val["codes"], minlength=len(steps))  # (K,)
+            report["codes"] = [{"code": k, "usage": int(usage[k]), "mean_action_px": steps[k].tolist(),
+                                "sum_px": steps[k].sum(0).tolist()} for k in range(len(steps))]
+            title = f"{run.name}: mean decoded push per code ({len(steps)} codes, usage over {len(val['y'])} val pairs)"
+            data.write_png(run / "codes.png", draw_codes(steps.numpy(), usage.numpy(), title))
+        data.atomic_write(run / "decoder.pt", {"model": decoder.state_dict(), "wm_ckpt_id": ckpt["ckpt_id"],
+                                               "config": {"arch": arch, "decode": asdict(cfg)}, "report": report})
+        data.atomic_write(run / "decode.json", report)
+    print(f"wrote {run / 'decoder.pt'}, {run / 'decode.json'}" + (f" and {run / 'codes.png'}" if mc.variant == "vq" else ""))
     return report
 
 
 if __name__ == "__main__":
-    main(parse_config(DecodeConfig))
+    data.cli(main, DecodeConfig, doc=__doc__)

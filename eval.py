@@ -1,71 +1,65 @@
-"""Offline world-model metrics for one or more runs, side by side (method.md s7, s10).
+"""Offline world-model metrics for one or more runs side by side, and the success table of every planner and
+policy on the same tasks.
 
-Success rate says whether planning worked; these metrics say why. Per run, on seeded draws of val windows:
-one-step teacher-forced latent MSE; open-loop rollout MSE at horizons 1..H (baseline: true actions; la/vq:
-the IDM on each real frame pair, T = 2 as trained); for la/vq swap score, shuffle delta and the R^2 of a linear
-probe latent action -> true action (fit on train windows); for vq perplexity, dead codes and code usage.
-Reads RUN/ckpt.pt (+ RUN/decode.json), the run's dataset, optional plan.py RESULTS.json files. Writes
-METRICS.json {run name: {metric: value, metric_stats: {mean, std, ci95, n}, ...}} atomically, a rollout-error
-PNG next to it, and prints a markdown table (one column per run; success rates per protocol with --results).
-GPU:  python eval.py --run runs/baseline --run runs/la --run runs/vq --out runs/metrics.json --results runs/results/*.json
-      (--run runs/{baseline,la,vq} works too; wall-clock on H200: not yet measured)
-CPU:  python eval.py --run /tmp/tiny/baseline --run /tmp/tiny/vq --out /tmp/tiny/metrics.json --windows 32 --device cpu
+Success says whether planning worked; these metrics say why. Per run, on seeded draws of val windows: one-step
+teacher-forced latent MSE; open-loop rollout MSE at horizons 1..H (baseline: true actions; la/vq: the IDM on each
+real frame pair, T = 2 as trained); for la/vq the seed's swap score and shuffle delta, the R^2 of a linear probe
+latent action -> true action (fit on train windows) and the decoder's error; for vq perplexity, dead codes, usage.
+Reads RUN/ckpt.pt (+ RUN/decode.json), the run's dataset (--data for moved runs), plan.py / policy.py RESULTS.json
+files. Writes METRICS.json {run name: {metric: value, metric_stats: {mean, std, ci95, n}, ...}}, <out>_success.json
+(the success table), a rollout-error PNG, and prints both tables in markdown.
+GPU:  python eval.py --run runs/full/baseline runs/full/la runs/full/vq --results runs/full/results/*.json
+      --out runs/full/metrics.json                                              (H200 wall-clock: not yet measured)
+CPU:  python eval.py --run runs/quick/baseline runs/quick/la runs/quick/vq --results runs/quick/results/*.json
+      --out runs/quick/metrics.json                                             (state tokens: ~20 s on 2 cores)
 """
-import argparse
-import dataclasses
-import inspect
 import json
-import random
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import data
 import decode
-import dino
+import plan
 import wm
-from train import get_tokens, write_json
+from data import require
 
 
 @dataclass
 class EvalConfig:
     run: list = field(default_factory=list)  # run folders; repeat (--run A --run B) or list (--run A B) to compare
-    out: str = "metrics.json"  # METRICS.json path (written atomically)
-    results: list = field(default_factory=list)  # plan.py RESULTS.json files whose success rates join the table
-    windows: int = 600  # seeded val windows per metric (method.md s10: R = 600), capped at what exists
-    horizon: int = 5  # open-loop rollout horizon in macro steps (the planning horizon; method.md s10)
+    out: str = "metrics.json"  # METRICS.json path (written atomically); the success table goes next to it
+    data: str = ""  # dataset folder for every run, "" = each run's own (for runs moved away from their data)
+    results: list = field(default_factory=list)  # plan.py / policy.py RESULTS.json files for the success table
+    windows: int = 600  # seeded val windows per metric (R = 600 draws as the seed's evaluator), capped at what exists
+    horizon: int = 5  # open-loop rollout horizon in macro steps (the planning horizon)
     probe_windows: int = 5000  # train windows fitting the linear probe latent action -> true action
     batch_size: int = 64  # windows per batch; swap score and shuffle delta use the seed's batch of 64
     plot: str = ""  # rollout-error PNG; "" = next to --out as <out stem>_rollout.png
-    workers: int = 2  # DataLoader processes rendering frames (only used without a feature cache)
-    device: str = "auto"  # auto, cpu or cuda (auto picks cuda when present)
+    workers: int = -1  # loader processes rendering frames (pixel tokens without a cache); -1 = one per CPU core
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     seed: int = 0  # seeds window draws and the swap/shuffle permutations
-    dino_weights: str = ""  # DINOv2 weights PATH or "random"; "" = each run's own
+    dino_weights: str = ""  # DINOv2 weights PATH or "random"; "" = each run's own (pixel tokens only)
+
+    def __post_init__(self):
+        data.check_choices(self)
+        require(self.run or self.results, "nothing to evaluate: pass --run RUN (repeat for side-by-side) and/or "
+                                          "--results FILE ...")
+        require(self.windows >= 2 and self.horizon >= 1 and self.probe_windows >= 2 and self.batch_size >= 2,
+                "--windows, --probe-windows and --batch-size must be >= 2, --horizon >= 1")
 
 
-# Shape legend: B batch, T frames, P patches, D DINO width, A macro action, C conditioning, K codes, H horizon,
-# N windows. Colours (BGR) of the plot lines, one per run.
+# Shape legend: B batch, T frames, P tokens per frame, D token width, A macro action, C conditioning, K codes,
+# H horizon, N windows. Colours (BGR) of the plot lines, one per run.
 COLOURS = [(200, 80, 30), (40, 140, 40), (30, 30, 200), (150, 60, 150), (0, 140, 200), (90, 90, 90)]
-
-
-def parse_config(cls, argv=None):
-    """Flags from the dataclass: --field-name, help = the field's trailing comment, default shown.
-
-    Extension for this script: list fields take one or more values and may repeat (--run A --run B)."""
-    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kw = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else dict(type=type(default))
-        if isinstance(default, list):
-            kw = dict(action="extend", nargs="+", type=str)
-        p.add_argument("--" + f.name.replace("_", "-"), default=default, help=helps.get(f.name, " "), **kw)
-    return cls(**vars(p.parse_args(argv)))
+# Columns of the success table, in reading order: the floor, the policies, the world models, the ceilings.
+COLUMNS = ["random", "gcbc", "iql", "baseline", "la", "vq", "ceiling", "replay"]
 
 
 def summarize(x):
@@ -98,16 +92,15 @@ def linear_probe(x_fit, y_fit, x, y, generator, boots=200):
 
 
 def batches(ds, n, cfg, device, desc):
-    """Seeded draw of min(n, len(ds)) windows (without replacement), batched and moved to the device."""
+    """Seeded draw of min(n, len(ds)) windows (without replacement), in batches."""
     idx = np.random.default_rng(cfg.seed).choice(len(ds), min(n, len(ds)), replace=False)
-    loader = decode.window_loader(ds, idx.tolist(), cfg.batch_size, cfg.workers, device)
-    for b in tqdm(loader, desc=desc, leave=False):
-        yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    yield from tqdm(data.loader(ds, cfg.batch_size, idx.tolist(), cfg.workers, device), desc=desc, leave=False,
+                    disable=None)
 
 
 @torch.no_grad()
 def one_step_mse(model, z, action=None, proprio=None):
-    """Teacher-forced next-frame error per window, visual dims (method.md s10) -> (B,), and the conditioning dict.
+    """Teacher-forced next-frame error per window, visual dims (the seed's val_visual_latent_pred_loss) -> (B,), and the conditioning dict.
 
     z (B, num_hist+1, P, D); conditioning as in training (baseline: true actions; la: IDM latent; vq: its code)."""
     n, D = model.cfg.num_hist, model.cfg.visual_dim
@@ -121,7 +114,7 @@ def rollout_mse(model, z, action=None, proprio=None):
     """Open-loop error per window and horizon from the single real frame z[:, 0] -> (B, H), z (B, H+1, P, D).
 
     baseline: the true actions; la/vq: the IDM on every consecutive real pair separately, T = 2 as in training
-    (not on the whole clip: defect 5)."""
+    (the seed inferred them from the whole clip at once, far beyond the T = 2 its IDM was trained on)."""
     B, H = z.shape[0], z.shape[1] - 1
     if model.cfg.variant == "baseline":
         cond = model.conditioning(z, action)["cond"][:, :H]  # (B, H, C)
@@ -135,55 +128,55 @@ def rollout_mse(model, z, action=None, proprio=None):
 @torch.no_grad()
 def evaluate_run(run, cfg, device):
     """All metrics of one run -> dict for METRICS.json."""
-    model, ckpt, root = decode.open_run(run, device)
-    mc, tc, variant = ckpt["model_config"], ckpt["train_config"], ckpt["model_config"]["variant"]
-    n, H, size, name = mc["num_hist"], cfg.horizon, tc["dino_size"], Path(run).name
-    gen = torch.Generator().manual_seed(cfg.seed)
-    out = {"run": str(run), "variant": variant, "dataset": ckpt["data"]["fingerprint"], "step": ckpt["step"],
-           "seed": cfg.seed}
+    model, ckpt, root = wm.load_run(run, device, cfg.data)
+    mc, H, name = model.cfg, cfg.horizon, Path(run).name
+    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights)
+    weights = cfg.dino_weights or ckpt["train_config"]["dino_weights"] or None
+    input_of, gen = wm.make_input(mc, device, weights), torch.Generator().manual_seed(cfg.seed)
+    unpack = lambda b: (model.encode(input_of(b)), b["action"].to(device),  # noqa: E731
+                        b["proprio"].to(device) if mc.proprio else None)
+    out = {"run": str(run), "variant": mc.variant, "tokens": mc.tokens, "dataset": ckpt["data"]["fingerprint"],
+           "step": ckpt["step"], "seed": cfg.seed}
     t0 = time.time()
-    unpack = lambda b: (get_tokens(b, enc, size), b["action"], b["proprio"] if mc["proprio"] else None)  # noqa: E731
 
     # One-step latent MSE, plus swap/shuffle and the val side of the probe (la/vq) on the same windows.
-    ds, enc = decode.window_source(ckpt, root, "val", n + 1, cfg.dino_weights, device)
     mse, swaps, shuffles, lat, act, codes = [], [], [], [], [], []
-    for b in batches(ds, cfg.windows, cfg, device, f"{name}: one-step"):
+    for b in batches(wm.windows(mc, root, "val", mc.num_hist + 1, weights), cfg.windows, cfg, device, f"{name}: one-step"):
         z, a, p = unpack(b)  # (B, n+1, P, D), (B, n+1, A), (B, n+1, 4) | None
         err, c = one_step_mse(model, z, a, p)
         mse.append(err.cpu())  # (B,)
-        if variant != "baseline":
+        if mc.variant != "baseline":
             swaps.append(wm.swap_score(model, z, a, p, generator=gen))
             shuffles.append(wm.shuffle_delta(model, z, a, p, generator=gen))
             lat.append(c["cond"][:, 0].float().cpu()), act.append(a[:, 0].cpu())  # (B, C), (B, A)
-        if variant == "vq":
+        if mc.variant == "vq":
             codes.append(c["codes"][:, 0].cpu())  # (B,) the window's first real transition
     out["latent_mse_stats"] = summarize(torch.cat(mse))
     out["latent_mse"] = out["latent_mse_stats"]["mean"]
 
     # Open-loop rollout over H macro steps on windows of H+1 frames.
-    ds, enc = decode.window_source(ckpt, root, "val", H + 1, cfg.dino_weights, device, enc)
-    err = [rollout_mse(model, *unpack(b)).cpu() for b in batches(ds, cfg.windows, cfg, device, f"{name}: rollout")]
-    err = torch.cat(err)  # (N, H)
+    ds = wm.windows(mc, root, "val", H + 1, weights)
+    err = torch.cat([rollout_mse(model, *unpack(b)).cpu() for b in batches(ds, cfg.windows, cfg, device,
+                                                                           f"{name}: rollout")])  # (N, H)
     out["rollout_curve"] = [summarize(err[:, h]) for h in range(H)]
     out["rollout_mse"], out["rollout_mse_stats"] = out["rollout_curve"][-1]["mean"], out["rollout_curve"][-1]
 
-    if variant != "baseline":
+    if mc.variant != "baseline":
         out["swap_score_stats"], out["shuffle_delta_stats"] = summarize(swaps), summarize(shuffles)  # n = batches
         out["swap_score"], out["shuffle_delta"] = out["swap_score_stats"]["mean"], out["shuffle_delta_stats"]["mean"]
         # Linear probe latent -> true macro action, fitted on train windows (2 frames: one transition each).
-        ds, enc = decode.window_source(ckpt, root, "train", 2, cfg.dino_weights, device, enc)
-        fit = [(model.conditioning(get_tokens(b, enc, size))["cond"][:, 0].float().cpu(), b["action"][:, 0].cpu())
-               for b in batches(ds, cfg.probe_windows, cfg, device, f"{name}: probe fit")]  # (B, C), (B, A)
+        fit = [(model.conditioning(model.encode(input_of(b)))["cond"][:, 0].float().cpu(), b["action"][:, 0])
+               for b in batches(wm.windows(mc, root, "train", 2, weights), cfg.probe_windows, cfg, device,
+                                f"{name}: probe fit")]  # (B, C), (B, A)
         out["probe_r2"] = linear_probe(torch.cat([f[0] for f in fit]), torch.cat([f[1] for f in fit]),
                                        torch.cat(lat), torch.cat(act), gen)
         out["decoder"] = decoder_summary(run, ckpt)
-    if variant == "vq":
-        codes, K = torch.cat(codes), mc["num_codes"]
+    if mc.variant == "vq":
+        codes, K = torch.cat(codes), mc.num_codes
         out["perplexity"], out["dead_codes"] = wm.perplexity(codes, K)
         out.update(num_codes=K, code_usage=torch.bincount(codes, minlength=K).tolist())
     out["seconds"] = time.time() - t0
-    print(f"{run}: evaluated in {out['seconds']:.1f} s "
-          f"({out['latent_mse_stats']['n'] / out['seconds']:.1f} val windows/s, all metrics)")
+    print(f"{run}: evaluated in {out['seconds']:.1f} s")
     return out
 
 
@@ -191,34 +184,58 @@ def decoder_summary(run, ckpt):
     """The action decoder's val accuracy and label budget from RUN/decode.json, or why there is none."""
     try:
         decode.load_decoder(run, ckpt, "cpu")
-    except (FileNotFoundError, ValueError) as e:
+    except data.UserError as e:
         print(f"note: {e}")
-        return {"error": str(e), "status": "missing" if isinstance(e, FileNotFoundError) else "stale"}
+        return {"error": str(e)}
     rep = json.loads((Path(run) / "decode.json").read_text())
     return {"val_rmse_px": rep["val_rmse_px"], "r2_mean": rep["r2_mean"],
             "train_pairs": rep["label_budget"]["train_pairs"]}
 
 
-def load_results(paths, metrics):
-    """plan.py RESULTS.json files -> {run name: [result, ...]}, matched by their "run" field, else by variant."""
-    by_run = {name: [] for name in metrics}
+def success_table(paths):
+    """plan.py / policy.py RESULTS.json files -> {protocol: {column: cell}}, cells with k, n, rate, Wilson 95% CI;
+    random, replay and ceiling come from the reference block (the same tasks for every file of a protocol)."""
+    table = {}
     for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: results file not found (written by plan.py --out)")
-        r = json.loads(path.read_text())
-        missing = [k for k in ("variant", "protocol", "success_rate", "episodes") if k not in r]
-        if missing:
-            raise ValueError(f"{path}: not a plan.py RESULTS.json (missing {', '.join(missing)})")
-        if "run" in r:
-            hits = [k for k, m in metrics.items() if Path(m["run"]).resolve() == Path(r["run"]).resolve()]
-        else:
-            hits = [k for k, m in metrics.items() if m["variant"] == r["variant"]]
-        if len(hits) != 1:
-            print(f"warning: {path} ({r['variant']}, run {r.get('run', '?')}) matches {len(hits)} of the runs; "
-                  "left out of the table")
-            continue
-        by_run[hits[0]].append({"file": str(path), **r})
-    return by_run
+        require(path.is_file(), f"--results {path}: file not found (plan.py and policy.py write it with --out)")
+        try:
+            r = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise data.UserError(f"--results {path}: not JSON ({e}); rerun the plan.py command that wrote it") from e
+        require(all(k in r for k in ("protocol", "successes", "reference", "planner", "variant")),
+                f"--results {path}: not a RESULTS.json of plan.py or policy.py")
+        column = r["planner"] if r["planner"] in ("gcbc", "iql") else r["variant"]
+        cols = table.setdefault(r["protocol"], {})
+        k, n = sum(r["successes"]), len(r["successes"])
+        cols.setdefault(column, []).append(dict(k=k, n=n, rate=k / n, ci95=plan.wilson(k, n), file=str(path),
+                                                tokens=r.get("tokens"), seconds_per_solve=r.get("seconds_per_solve")))
+        ref = r["reference"]
+        for name in ("random", "replay"):
+            cols.setdefault(name, []).append(dict(rate=ref[name], n=n, k=round(ref[name] * n),
+                                                  ci95=plan.wilson(round(ref[name] * n), n), file=str(path)))
+        if ref.get("ceiling") is not None:
+            m = ref["ceiling_episodes"]
+            cols.setdefault("ceiling", []).append(dict(rate=ref["ceiling"], n=m, k=round(ref["ceiling"] * m),
+                                                       ci95=plan.wilson(round(ref["ceiling"] * m), m), file=str(path)))
+    for cols in table.values():  # the references repeat in every file of a protocol: keep one, warn if they differ
+        for name in ("random", "replay", "ceiling"):
+            cells = cols.get(name, [])
+            if len({(c["k"], c["n"]) for c in cells}) > 1:
+                print(f"warning: the {name} reference differs between files ({[c['file'] for c in cells]}): "
+                      "they were not planned on the same tasks")
+            cols[name] = cells[:1]
+    return table
+
+
+def success_markdown(table):
+    """One row per protocol, columns from floor to ceiling; a cell is 'rate [95% CI] (k/n)'."""
+    cols = [c for c in COLUMNS if any(c in t for t in table.values())]
+    cols += sorted({c for t in table.values() for c in t} - set(cols))
+    cell = lambda cs: "–" if not cs else " / ".join(  # noqa: E731  several files (e.g. seeds): each shown
+        f"{c['rate']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}] ({c['k']}/{c['n']})" for c in cs)
+    lines = ["| protocol | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    return "\n".join(lines + [f"| {p} | " + " | ".join(cell(t.get(c, [])) for c in cols) + " |"
+                              for p, t in sorted(table.items())])
 
 
 def fmt(s):
@@ -226,38 +243,25 @@ def fmt(s):
     return f"{s['mean']:.4g} ± {s['std']:.2g} [{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}] (n={s['n']})"
 
 
-def success_cell(results):
-    """One table cell from the RESULTS.json files of one run and protocol (mean ± std over files, e.g. seeds)."""
-    sr = np.array([r["success_rate"] for r in results])
-    ref = results[0].get("reference", {})
-    head = f"{sr[0]:.2f}" if len(sr) == 1 else f"{sr.mean():.2f} ± {sr.std(ddof=1):.2f} ({len(sr)} files)"
-    return (f"{head} (n={results[0]['episodes']}; random {ref.get('random', float('nan')):.2f}, replay "
-            f"{ref.get('replay', float('nan')):.2f}; {results[0].get('seconds_per_solve', float('nan')):.2f} s/solve)")
-
-
 def decoder_cell(m):
     """Table entry for the action decoder: val accuracy and label budget, or why there is none."""
     d = m.get("decoder")
     if d is None:
         return "–"
-    return f"{d['status']}: run decode.py" if "error" in d else f"{d['val_rmse_px']:.2f} px ({d['train_pairs']} pairs)"
+    return "missing or stale: run decode.py" if "error" in d else f"{d['val_rmse_px']:.2f} px ({d['train_pairs']} pairs)"
 
 
-def markdown_table(metrics, horizon):
-    """One column per run, one row per metric, then one row per planning protocol found in --results."""
+def metrics_markdown(metrics, horizon):
+    """One column per run, one row per metric."""
     stat = lambda k: lambda m: fmt(m[k]) if k in m else "–"  # noqa: E731
     of_k = lambda k: lambda m: f"{m[k]:.4g} / {m['num_codes']}" if k in m else "–"  # noqa: E731
-    rows = [("variant", lambda m: m["variant"]), ("dataset (fingerprint)", lambda m: m["dataset"]),
-            ("train step", lambda m: str(m["step"])), ("latent_mse (1 step, val)", stat("latent_mse_stats")),
-            (f"rollout_mse (h={horizon})", stat("rollout_mse_stats")),
+    rows = [("variant (tokens)", lambda m: f"{m['variant']} ({m['tokens']})"),
+            ("dataset (fingerprint)", lambda m: m["dataset"]), ("train step", lambda m: str(m["step"])),
+            ("latent_mse (1 step, val)", stat("latent_mse_stats")), (f"rollout_mse (h={horizon})", stat("rollout_mse_stats")),
             (f"rollout curve h=1..{horizon}", lambda m: ", ".join(f"{c['mean']:.3g}" for c in m["rollout_curve"])),
-            ("swap_score (flag > 0.65)", stat("swap_score_stats")),
-            ("shuffle_delta (flag < 0.05)", stat("shuffle_delta_stats")),
+            ("swap_score (flag > 0.65)", stat("swap_score_stats")), ("shuffle_delta (flag < 0.05)", stat("shuffle_delta_stats")),
             ("probe R² latent → action", stat("probe_r2")), ("perplexity / K", of_k("perplexity")),
             ("dead codes / K", of_k("dead_codes")), ("decoder val RMSE (px/step)", decoder_cell)]
-    for p in sorted({p for m in metrics.values() for p in m.get("success", {})}):
-        rows.append((f"success rate ({p})", lambda m, p=p: success_cell(m["success"][p]) if p in m.get("success", {})
-                     else "–"))
     lines = ["| metric | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     return "\n".join(lines + [f"| {label} | " + " | ".join(f(m) for m in metrics.values()) + " |" for label, f in rows])
 
@@ -300,40 +304,37 @@ def draw_curves(metrics, horizon, title, w=720, h=480):
     return img
 
 
-def main(cfg):
-    print(asdict(cfg))
-    if not cfg.run:
-        raise ValueError("no run given: pass --run RUN (repeat --run for side-by-side)")
-    if cfg.windows < 2 or cfg.horizon < 1:
-        raise ValueError(f"--windows {cfg.windows} / --horizon {cfg.horizon}: need at least 2 windows and horizon 1")
-    device = dino.resolve_device(cfg.device)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+def main(cfg: EvalConfig):
+    # --- setup
+    device, _ = data.setup(cfg.device, cfg.seed)
+    data.writable(cfg.out, "--out")
     names = [Path(r).name for r in cfg.run]
     names = names if len(set(names)) == len(names) else [str(r) for r in cfg.run]  # keep columns distinct
+    # --- the success table first (cheap, and a bad --results file fails before any model work)
+    success = success_table(cfg.results)
+    # --- per-run metrics
     metrics = {name: evaluate_run(run, cfg, device) for name, run in zip(names, cfg.run)}
-    for name, res in load_results(cfg.results, metrics).items():
-        for r in res:  # grouped by protocol; several files per protocol (e.g. seeds) are averaged in the table
-            metrics[name].setdefault("success", {}).setdefault(r["protocol"], []).append(r)
-    table = markdown_table(metrics, cfg.horizon)
     if len({m["dataset"] for m in metrics.values()}) > 1:
-        warn = ("WARNING: these runs were trained on different datasets (see the dataset row); their numbers are "
-                "not comparable.")
-        print(warn)
-        table += "\n\n" + warn
-    n_win = {m["latent_mse_stats"]["n"] for m in metrics.values()}
-    table += (f"\n\nmean ± std [95% interval of the mean] (n = val windows; swap/shuffle: n = batches of "
-              f"{cfg.batch_size}; probe: bootstrap interval), seed {cfg.seed}, windows {sorted(n_win)}.")
-    print(table)
-
+        print("WARNING: these runs were trained on different datasets (see the dataset row); their numbers are not "
+              "comparable.")
+    # --- write and print
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot = Path(cfg.plot) if cfg.plot else out.with_name(out.stem + "_rollout.png")
-    title = f"open-loop rollout error vs horizon (val, {max(n_win)} windows, seed {cfg.seed}; bars: 95% interval)"
-    decode.write_png(plot, draw_curves(metrics, cfg.horizon, title))
-    write_json(out, metrics)
-    print(f"wrote {out} and {plot}")
-    return metrics
+    if metrics:
+        n_win = max(m["latent_mse_stats"]["n"] for m in metrics.values())
+        print(metrics_markdown(metrics, cfg.horizon))
+        print(f"\nmean ± std [95% interval of the mean] (n = val windows; swap/shuffle: n = batches of "
+              f"{cfg.batch_size}; probe: bootstrap interval), seed {cfg.seed}.")
+        plot = Path(cfg.plot) if cfg.plot else out.with_name(out.stem + "_rollout.png")
+        title = f"open-loop rollout error vs horizon (val, {n_win} windows, seed {cfg.seed}; bars: 95% interval)"
+        data.write_png(plot, draw_curves(metrics, cfg.horizon, title))
+        data.atomic_write(out, metrics)
+        print(f"wrote {out} and {plot}")
+    if success:
+        print("\nsuccess rate [Wilson 95% interval] (successes/tasks); random, ceiling and replay on the same tasks "
+              "(the ceiling on the first tasks only):\n" + success_markdown(success))
+        data.atomic_write(out.with_name(out.stem + "_success.json"), success)
+    return metrics, success
 
 
 if __name__ == "__main__":
-    main(parse_config(EvalConfig))
+    data.cli(main, EvalConfig, doc=__doc__)

@@ -1,27 +1,26 @@
-"""Goal-reaching evaluation on Push-T: plan towards a goal frame in the world model's imagination (Gaussian CEM,
-categorical CEM or MPPI), act in the simulator, count successes (method.md s9, pusht.md s15).
+"""Goal-reaching evaluation on Push-T: plan towards a goal in the world model's imagination (Gaussian CEM,
+categorical CEM or MPPI), act in the simulator, count successes; with the floor (random actions), the replay of the
+recorded actions, and the planner's ceiling (the same planner and budget with the true simulator as its model).
 
-Reads RUN/ckpt.pt (+ RUN/decoder.pt for la/vq) and the run's dataset split; writes RESULTS.json (contracts.md
-fields, Wilson 95% CI, distances, tasks, resolved config) and mp4 videos of the first --videos episodes beside it.
-Batched: every planner iteration is ONE world-model call over E episodes x N samples (E*N rollouts of H steps).
---opt-steps defaults to 30 (DINO-WM, stable-worldmodel); the seed's README numbers (0.52 / 0.02 / 0.19) used 10.
-GPU:  python plan.py --run runs/full/vq --episodes 100 --protocol open-loop --opt-steps 10 --batch-episodes 10
-        --out runs/full/results/vq_open-loop.json          (seconds per solve on a GPU: not yet measured)
-CPU:  python plan.py --run /tmp/q/baseline --episodes 4 --protocol mpc --num-samples 16 --topk 4 --opt-steps 2
-        --out /tmp/q/results/baseline_mpc.json   (tiny run: ~5 s on 2 cores, mostly start-up; 300/30/10 with
-        10 episodes at once: ~1 s per episode-solve)
+Reads RUN/ckpt.pt (+ RUN/decoder.pt for la/vq) and the run's dataset split (--data for a moved run); writes
+RESULTS.json (success_rate, successes, reference {random, replay, ceiling}, Wilson 95% CI, distances, tasks, config),
+mp4 videos of the first --videos episodes beside it, and the ceiling's cache in ceiling/ beside it (shared by every
+run planned on the same tasks with the same budget). Batched: every planner iteration is ONE world-model call over
+E episodes x N samples. --opt-steps defaults to 30 (DINO-WM, stable-worldmodel); the seed's numbers used 10.
+GPU:  python plan.py --run runs/full/vq --protocol open-loop --opt-steps 10 --out runs/full/results/vq-open-loop.json
+      (DINOv2 tokens, 100 episodes; seconds per solve on an H200: not yet measured)
+CPU:  python plan.py --run runs/quick/baseline --protocol open-loop --episodes 50 --opt-steps 10
+      --out runs/quick/results/baseline-open-loop.json    (state tokens: ~0.1 s per episode-solve on 2 cores)
 """
-import argparse
-import dataclasses
-import inspect
+import hashlib
 import json
 import math
+import multiprocessing
 import os
-import re
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -29,54 +28,57 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import PushT, is_success, load_meta, load_split, macro_to_env, render_state
+import data
+import wm
+from data import PushT, UserError, is_success, load_split, macro_to_env, render_state, require
 from decode import load_decoder
-from dino import encode, load_dinov2
-from wm import load_run
 
 
 @dataclass
-class Config:
+class PlanConfig:
     run: str = ""  # run folder written by train.py (and decode.py for la/vq)
-    out: str = "results.json"  # RESULTS.json path; videos are written next to it
+    out: str = "results.json"  # RESULTS.json path; videos and the ceiling's cache go next to it
+    data: str = ""  # dataset folder, "" = the one the run was trained on (for a run moved away from its data)
     episodes: int = 0  # evaluation episodes; 0 = the protocol's own (open-loop 100 as the seed, mpc 50 as swm)
-    protocol: str = "open-loop"  # open-loop (pusht.md 15.1, the seed's) or mpc (15.2, stable-worldmodel, 50 steps)
-    split: str = "val"  # dataset split the tasks come from; stable-worldmodel used train (in-distribution)
-    data: str = ""  # dataset folder; "" = the one the run was trained on (ckpt data.root)
-    planner: str = "auto"  # auto (categorical CEM for vq, Gaussian CEM otherwise), cem or mppi
+    protocol: Literal["open-loop", "mpc"] = "open-loop"  # one 25-step plan (the seed), or replan under 50 steps (swm)
+    split: Literal["val", "train"] = "val"  # dataset split the tasks come from; stable-worldmodel used train
+    planner: Literal["auto", "cem", "mppi"] = "auto"  # auto: categorical CEM for vq, Gaussian CEM otherwise
     num_samples: int = 300  # N candidate plans per iteration; DINO-WM conf/planner/cem.yaml
     topk: int = 30  # M elites per iteration; DINO-WM cem.yaml (MPPI weights these too, as stable-worldmodel)
     opt_steps: int = 30  # planner iterations; DINO-WM and stable-worldmodel 30, the seed's README runs 10
     horizon: int = 5  # H macro actions per plan (goal_H 5 = 25 env steps)
     var_scale: float = 1.0  # multiplies the initial std sigma0; DINO-WM cem.yaml var_scale 1
     temperature: float = 0.5  # MPPI softmax temperature in cost units; stable-worldmodel MPPISolver default
-    la_prior: str = "data"  # la start: data = run's latent_mean/std (method.md s11 defect 1), standard = N(0,1) (seed)
-    objective: str = "last"  # last = last imagined frame (seed, DINO-WM); all = DINO-WM's 2^i-weighted frames
+    la_prior: Literal["data", "standard"] = "data"  # la start: the run's latent mean/std, or N(0, 1) as the seed
+    objective: Literal["last", "all"] = "last"  # last imagined frame (seed, DINO-WM) or DINO-WM's 2^i-weighted frames
     alpha: float = 1.0  # weight of the proprio-embedding MSE in the cost (DINO-WM objective alpha; proprio runs)
-    batch_episodes: int = 0  # episodes planned at once (E); 0 = all; lower it when E*N rollouts exceed memory
+    batch_episodes: int = 0  # episodes planned at once (E); 0 = as many as fit in free memory (computed)
+    ceiling_episodes: int = 20  # tasks the simulator-as-model ceiling runs on (the first ones; ~7 s each per core)
+    workers: int = -1  # processes for the ceiling's simulator rollouts; -1 = one per CPU core
     videos: int = 2  # mp4 videos (simulator | goal) of the first N episodes
     seed: int = 0  # seeds task draws, per-episode planner noise and the random policy
-    device: str = "auto"  # auto (cuda when available), cpu or cuda
-    dino_weights: str = ""  # DINOv2 weights override (path or random); "" = the run's own
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
+    dino_weights: str = ""  # DINOv2 weights override (path or random); "" = the run's own (pixel tokens only)
     compile: bool = True  # torch.compile the batched rollout-and-cost function on CUDA (never on CPU)
-    bf16: bool = True  # bf16 autocast for world-model rollouts on CUDA (DINO-WM planned in fp32); ignored on CPU
+    bf16: bool = True  # bf16 autocast on CUDA, the encoder included; --no-bf16 = fp32 everywhere, TF32 off
+
+    def __post_init__(self):
+        data.check_choices(self)
+        require(self.run, "--run RUN is required: a run folder written by train.py")
+        require(min(self.num_samples, self.topk, self.opt_steps, self.horizon) >= 1 and self.topk <= self.num_samples,
+                f"--num-samples, --topk, --opt-steps and --horizon must be >= 1, with --topk <= --num-samples")
+        require(self.episodes >= 0 and self.batch_episodes >= 0 and self.ceiling_episodes >= 0 and self.videos >= 0
+                and self.workers >= -1, "--episodes, --batch-episodes, --ceiling-episodes and --videos must be >= 0")
+        require(self.var_scale > 0 and self.temperature > 0 and self.alpha >= 0,
+                "--var-scale and --temperature must be > 0, --alpha >= 0")
 
 
 # Shape legend: E episodes, N samples, M elites, H horizon (macro steps), A macro-action width (2*frameskip),
-# L latent width, C conditioning width, K codes, P patches, D DINO width, S image side, T env steps.
-GOAL_STEPS = 25  # env steps between start and goal (pusht.md s15: 5 macro actions x frameskip 5)
+# L latent width, C conditioning width, K codes, P tokens per frame, D token width, S image side, T env steps.
+GOAL_STEPS = 25  # env steps between start and goal (5 macro actions x frameskip 5, the seed's goal_H)
 MPC_BUDGET = 50  # env steps per episode under --protocol mpc (stable-worldmodel eval budget)
 PROTOCOL_EPISODES = {"open-loop": 100, "mpc": 50}  # seed n_evals 100; stable-worldmodel 50
-
-
-def parse_config(cls, argv=None):
-    """Flags from the dataclass: --field-name, help = the field's trailing comment, default shown."""
-    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kw = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else dict(type=type(f.default))
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=helps.get(f.name, " "), **kw)
-    return cls(**vars(p.parse_args(argv)))
+ANGLE_TOL = math.pi / 9  # success tolerances of DINO-WM's eval_state: 20 px (joint agent+block) and 20 deg
 
 
 def wilson(k, n, z=1.96):
@@ -88,16 +90,16 @@ def wilson(k, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def distances(goal, state):
+    """The success test's two terms: ||d[agent_xy, block_xy]|| in px, |d angle| wrapped to [0, pi]."""
+    d = abs(goal[4] - state[4]) % (2 * math.pi)
+    return float(np.linalg.norm(goal[:4] - state[:4])), float(min(d, 2 * math.pi - d))
+
+
 def proprio_of(states, stats, device):
     """(E, 7) states -> (E, 4) proprio [agent_x, agent_y, agent_vx, agent_vy], z-scored with the run's statistics."""
     p = torch.as_tensor(states[:, [0, 1, 5, 6]], dtype=torch.float32, device=device)  # (E, 4)
     return (p - torch.tensor(stats["proprio_mean"], device=device)) / torch.tensor(stats["proprio_std"], device=device)
-
-
-def distances(goal, state):
-    """The success test's two terms (pusht.md s8): ||d[agent_xy, block_xy]|| in px, |d angle| wrapped to [0, pi]."""
-    d = abs(goal[4] - state[4]) % (2 * math.pi)
-    return float(np.linalg.norm(goal[:4] - state[:4])), float(min(d, 2 * math.pi - d))
 
 
 def draw(fn, E, shape, generator, device):
@@ -110,7 +112,7 @@ def draw(fn, E, shape, generator, device):
 
 
 def cem_gaussian(cost_fn, mu, sigma, num_samples=300, topk=30, opt_steps=30, generator=None):
-    """Gaussian cross-entropy method, batched over episodes (method.md s9.2; DINO-WM planning/cem.py).
+    """Gaussian cross-entropy method, batched over episodes (DINO-WM planning/cem.py).
 
     cost_fn:     samples (E, N, H, A) -> costs (E, N), lower is better; one batched world-model call per iteration
     mu, sigma:   (E, H, A) initial mean and std (baseline: 0 and var_scale in normalised action units;
@@ -136,7 +138,7 @@ def cem_gaussian(cost_fn, mu, sigma, num_samples=300, topk=30, opt_steps=30, gen
 def cem_categorical(cost_fn, E, H, K, num_samples=300, topk=30, opt_steps=30, temperature=1.5, min_prob=1e-3,
                     random_frac=0.1, pseudocount=1.0, momentum=0.7, device="cpu", generator=None):
     """Categorical CEM over code indices, batched over episodes: the seed's planning/discrete_cem.py with its
-    published hyper-parameters (method.md s9.3), one independent categorical per macro step.
+    published hyper-parameters, one independent categorical per macro step.
 
     cost_fn:     samples (E, N, H) long code indices -> costs (E, N)
     E, H, K:     episodes, horizon (one code per macro step), codebook size
@@ -147,7 +149,7 @@ def cem_categorical(cost_fn, E, H, K, num_samples=300, topk=30, opt_steps=30, te
     momentum:    pi <- momentum * pi_old + (1 - momentum) * pi_MLE (0.7 keeps 70 % of the OLD distribution)
     generator:   None, a torch.Generator, or a list of E generators (see draw)
     returns:     (E, H) long, the cheapest sample ever evaluated (best-ever tracker), not argmax pi: with
-                 pseudocount 1 and momentum 0.7, pi stays broad for 10 iterations (method.md s9.3 note)
+                 pseudocount 1 and momentum 0.7, pi stays broad for 10 iterations (a unanimous elite reaches 31/62)
     """
     pi = torch.full((E, H, K), 1.0 / K, device=device)  # (E, H, K)
     best_cost = torch.full((E,), math.inf, device=device)  # (E,)
@@ -200,7 +202,7 @@ def mppi(cost_fn, mu, sigma, num_samples=300, topk=30, opt_steps=30, temperature
 
 
 def rollout_cost(model, z0, zg, plan, p0=None, pg=None, alpha=1.0, objective="last"):
-    """Imagination cost of candidate plans (method.md s9.1): roll the world model out from the start tokens under
+    """Imagination cost of candidate plans (DINO-WM planning/objectives.py): roll the world model out from the start tokens under
     every plan at once and compare the imagined tokens with the goal's.
 
     z0, zg (E, P, D) start and goal tokens; plan (E, N, H, ...) actions, latents or code indices;
@@ -221,12 +223,12 @@ def rollout_cost(model, z0, zg, plan, p0=None, pg=None, alpha=1.0, objective="la
 
 
 def make_tasks(root, split, protocol, episodes, seed, img_size):
-    """Start/goal pairs 25 env steps apart, the same for every run and planner given the seed (pusht.md s15).
+    """Start/goal pairs 25 env steps apart, the same for every run and planner given the seed.
 
-    open-loop (15.1): episodes with length >= 26 drawn uniformly WITH replacement, offset uniform in [0, T-26];
+    open-loop (the seed's protocol): episodes with length >= 26 drawn uniformly WITH replacement, offset uniform in [0, T-26];
       goal = the simulator state and frame after replaying the 25 recorded actions (exactly reachable). The start
       keeps the agent's recorded velocity, as DINO-WM does (the seed's env zeroed it).
-    mpc (15.2): `episodes` (episode, step) rows with step <= T-26 drawn WITHOUT replacement by
+    mpc (stable-worldmodel scripts/plan/eval_wm.py): `episodes` (episode, step) rows with step <= T-26 drawn WITHOUT replacement by
       np.random.default_rng(seed) (stable-worldmodel used seed 42); goal = recorded state at step + 25, rendered.
     returns dict: episode, step (n,), start_state, goal_state (n, 7), actions (n, 25, 2) px, goal_frame (n, S, S, 3)."""
     d, rng = load_split(root, split), np.random.default_rng(seed)
@@ -234,19 +236,17 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
     if protocol == "open-loop":
         ok = np.flatnonzero(lengths >= GOAL_STEPS + 1)
         if len(ok) == 0:
-            raise ValueError(f"{root}/{split}: no episode has the {GOAL_STEPS + 1} frames a task needs; collect longer")
+            raise UserError(f"{root}/{split}: no episode has the {GOAL_STEPS + 1} frames a task needs; collect longer")
         ep = [int(rng.choice(ok)) for _ in range(episodes)]
         step = [int(rng.integers(0, lengths[e] - GOAL_STEPS)) for e in ep]  # high exclusive: [0, T-26]
-    elif protocol == "mpc":
+    else:  # mpc
         per_ep = np.maximum(lengths - GOAL_STEPS, 0)  # (E,) rows per episode, episode-major, steps ascending
         rows_ep = np.repeat(np.arange(len(lengths)), per_ep)  # (R,)
         rows_step = np.arange(per_ep.sum()) - np.repeat(np.cumsum(per_ep) - per_ep, per_ep)  # (R,)
         if episodes > len(rows_ep):
-            raise ValueError(f"{root}/{split}: --episodes {episodes} > {len(rows_ep)} start rows; lower --episodes")
+            raise UserError(f"{root}/{split}: --episodes {episodes} > {len(rows_ep)} start rows; lower --episodes")
         pick = rng.choice(len(rows_ep), size=episodes, replace=False)  # (n,)
         ep, step = rows_ep[pick].tolist(), rows_step[pick].tolist()
-    else:
-        raise ValueError(f"--protocol {protocol!r}: expected open-loop or mpc")
     g = np.array([starts[e] + t for e, t in zip(ep, step)], dtype=np.int64)  # (n,) global start frame
     start = d["states"][g]  # (n, 7)
     actions = d["actions"][g[:, None] + np.arange(GOAL_STEPS)].astype(np.float64)  # (n, 25, 2)
@@ -255,9 +255,9 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
     else:  # replay in the simulator, as DINO-WM's goal construction does
         goal, env = [], PushT(img_size)
         for s, acts in zip(start, actions):
-            env.set_state(s)
+            env.place(s)
             for a in acts:
-                env.advance(a)  # step() without the render
+                env.advance(a)
             goal.append(env.get_state())
         goal = np.stack(goal)  # (n, 7)
     goal_frame = np.stack([render_state(s, img_size) for s in goal])  # (n, S, S, 3)
@@ -268,25 +268,27 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
 def run_policy(tasks, idx, policy, budget, every_step, img_size, record=(), desc="env"):
     """Run `policy` for `budget` env steps from the start states of tasks[idx], one simulator per episode.
 
-    policy(states (E, 7)) -> (E, T, 2) px actions; it is called again after T steps (frames are a pure function of
-    the state: data.render_state). Success: open loop tests the final state only (pusht.md 15.1); mpc (every_step)
-    tests after every env step and freezes an episode at its first success (15.2).
-    record: local indices whose frames are kept for videos.
-    returns success (E,) bool, final states (E, 7), best position distance (E,), clips {j: (frames, hits)}."""
+    policy(states (E, 7)) -> (E, T, 2) px actions; it is called again after T steps. Success: open loop tests the final
+    state only (the seed); mpc (every_step) tests after every env step and freezes an episode at its first success
+    (stable-worldmodel). record: local indices whose frames are kept for videos.
+    returns success (E,) bool, final states (E, 7), best position distance (E,), clips {j: (frames, hits)}, seconds
+    spent inside policy."""
     envs = [PushT(img_size) for _ in idx]
     for env, s in zip(envs, tasks["start_state"][idx]):
-        env.set_state(s)
+        env.place(s)
     state = np.stack([env.get_state() for env in envs])  # (E, 7)
     goal = tasks["goal_state"][idx]  # (E, 7)
-    done, best = np.zeros(len(idx), bool), np.full(len(idx), np.inf)
+    done, best, seconds = np.zeros(len(idx), bool), np.full(len(idx), np.inf), 0.0
     clips = {j: ([render_state(state[j], img_size)], [False]) for j in record}
-    t, bar = 0, tqdm(total=budget, desc=desc, unit="step", leave=False)
+    t, bar = 0, tqdm(total=budget, desc=desc, unit="step", leave=False, disable=None)
     while t < budget:
-        acts = policy(state)  # (E, T, 2)
+        t0 = time.perf_counter()
+        acts = policy(state)  # (E, T, 2); returning NumPy synchronises any GPU work
+        seconds += time.perf_counter() - t0
         for a in acts.transpose(1, 0, 2)[: budget - t]:  # (E, 2) per env step
             for j, env in enumerate(envs):
                 if not done[j]:  # a succeeded mpc episode stays frozen
-                    env.advance(a[j])  # step() without its render
+                    env.advance(a[j])
                     state[j] = env.get_state()
                     best[j] = min(best[j], distances(goal[j], state[j])[0])
                     done[j] = every_step and is_success(goal[j], state[j])
@@ -299,28 +301,36 @@ def run_policy(tasks, idx, policy, budget, every_step, img_size, record=(), desc
     success = done if every_step else np.array([is_success(g, s) for g, s in zip(goal, state)])
     for j in record:  # open loop: the final frame shows the verdict
         clips[j][1][-1] = bool(success[j])
-    return success, state, best, clips
+    return success, state, best, clips, seconds
 
 
-def write_video(path, frames, hits, goal, side=256):
-    """mp4 of one episode: simulator frame | goal frame, upscaled to `side` px, step counter and success mark."""
-    path, big = Path(path), lambda f: cv2.resize(f, (side, side), interpolation=cv2.INTER_NEAREST)
-    tmp = path.with_name(path.stem + ".tmp.mp4")  # VideoWriter picks the container from the suffix
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), 10, (2 * side, side))  # 10 Hz = env rate
-    for t, (frame, hit) in enumerate(zip(frames, hits)):
-        img = cv2.cvtColor(np.concatenate([big(frame), big(goal)], 1), cv2.COLOR_RGB2BGR)  # (side, 2*side, 3)
-        cv2.putText(img, f"step {t}/{len(frames) - 1}", (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 2)
-        cv2.putText(img, "goal", (side + 6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 2)
-        if hit:
-            cv2.putText(img, "success", (6, side - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 160, 0), 2)
-        writer.write(img)
-    writer.release()
-    os.replace(tmp, path)
+def evaluate(tasks, policy_for, batch, budget, every_step, img_size, out, videos=0):
+    """Every task, in batches of `batch` episodes: policy_for(idx) gives the policy of those episodes (run_policy).
+    Writes videos of the first `videos` episodes next to `out`. -> dict of per-episode results, solve seconds."""
+    n, res = len(tasks["episode"]), {"successes": [], "final": [], "best": [], "seconds": 0.0, "solves": 0}
+    for b0 in range(0, n, batch):
+        idx = np.arange(b0, min(n, b0 + batch))
+        record = [j for j, i in enumerate(idx) if i < videos]
+        calls = []  # one entry per policy call, to count episode-solves
+
+        def counted(state, policy=policy_for(idx)):
+            calls.append(len(state))
+            return policy(state)
+        ok, final, best, clips, seconds = run_policy(tasks, idx, counted, budget, every_step, img_size, record,
+                                                     desc=f"episodes {b0}-{idx[-1]} of {n}")
+        res["successes"] += ok.astype(int).tolist()
+        res["final"].append(final), res["best"].extend(best.tolist())
+        res["seconds"], res["solves"] = res["seconds"] + seconds, res["solves"] + sum(calls)
+        for j, (frames, hits) in clips.items():
+            write_video(Path(out).with_name(f"{Path(out).stem}_ep{idx[j]:03d}.mp4"), frames, hits,
+                        tasks["goal_frame"][idx[j]])
+    res["final"] = np.concatenate(res["final"])
+    return res
 
 
 def references(tasks, stats, budget, every_step, img_size, seed):
-    """Floor and ceiling on the same tasks (pusht.md 15.4): i.i.d. Gaussian px actions with the dataset's per-step
-    mean and std, and the recorded actions replayed (then zero offsets). Replay is 1.0 open loop by construction."""
+    """The floor and the replay on the same tasks: i.i.d. Gaussian px actions with the dataset's per-step mean and
+    std, and the recorded actions replayed (then zero offsets). Replay is 1.0 open loop by construction."""
     n = len(tasks["episode"])
     rand = np.random.default_rng([seed, 1]).normal(stats["action_mean"], stats["action_std"], (n, budget, 2))
     replay, m = np.zeros((n, budget, 2)), min(budget, GOAL_STEPS)  # (n, T, 2)
@@ -329,136 +339,221 @@ def references(tasks, stats, budget, every_step, img_size, seed):
                                    desc=name)[0].mean()) for name, a in (("random", rand), ("replay", replay))}
 
 
-def plan_prior(variant, la_prior, var_scale, H, mc, stats, device):
-    """(H, A|L) initial mean and std of the Gaussian planners (method.md s9.2); None for vq (categorical)."""
-    if variant == "vq":
+def sim_cost(goal, state):
+    """The ceiling's cost: squared state distance in units of the success tolerances (20 px, 20 deg)."""
+    pos, ang = distances(goal, state)
+    return (pos / 20.0) ** 2 + (ang / ANGLE_TOL) ** 2
+
+
+def sim_solve(job):
+    """One Gaussian CEM solve whose model is the true simulator (the ceiling): job = (state, goal, noise seed, plan
+    config dict, action stats) -> (H * frameskip, 2) px actions. Runs in a worker process."""
+    state, goal, seed, c, stats = job
+    torch.set_num_threads(1)
+    env, frameskip = PushT(), 5
+
+    def cost_fn(samples):  # (1, N, H, A) normalised macro actions -> (1, N)
+        costs = []
+        for acts in macro_to_env(samples[0].numpy(), stats["action_mean"], stats["action_std"]):  # (H*frameskip, 2)
+            env.place(state)
+            for a in acts:
+                env.advance(a)
+            costs.append(sim_cost(goal, env.get_state()))
+        return torch.tensor(costs)[None]
+    shape = (1, c["horizon"], 2 * frameskip)
+    mu = cem_gaussian(cost_fn, torch.zeros(shape), c["var_scale"] * torch.ones(shape), c["num_samples"], c["topk"],
+                      c["opt_steps"], torch.Generator().manual_seed(seed))
+    return macro_to_env(mu[0].numpy(), stats["action_mean"], stats["action_std"])
+
+
+def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
+    """The planner's ceiling: Gaussian CEM over actions with the planner's budget (samples, elites, iterations,
+    horizon, initial std) and the true simulator as its model, executed under the same protocol, on the first
+    cfg.ceiling_episodes tasks. Cached in cache_dir by a digest of the tasks and the budget."""
+    n = min(cfg.ceiling_episodes, len(tasks["episode"]))
+    if n == 0:
+        return {"ceiling": None, "ceiling_episodes": 0}
+    keys = ("num_samples", "topk", "opt_steps", "horizon", "var_scale", "seed")
+    budget_cfg = {k: getattr(cfg, k) for k in keys}
+    digest = hashlib.sha256(json.dumps([tasks["start_state"][:n].tolist(), tasks["goal_state"][:n].tolist(),
+                                        budget, every_step, budget_cfg, stats["action_std"]]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"ceiling-{digest}.json"
+    if path.is_file():
+        hit = json.loads(path.read_text())
+        print(f"ceiling: {hit['ceiling']:.2f} on {n} tasks (cached in {path})")
+        return {k: hit[k] for k in ("ceiling", "ceiling_episodes", "ceiling_successes")}
+    workers = cfg.workers if cfg.workers > 0 else os.cpu_count()
+    solves = iter(range(10 ** 6))  # one noise seed per solve, whatever the pool's order
+    with multiprocessing.Pool(workers) as pool:
+        def policy(state):
+            jobs = [(s, g, int(np.random.SeedSequence([cfg.seed, i, next(solves)]).generate_state(1)[0]), budget_cfg,
+                     stats) for i, (s, g) in enumerate(zip(state, tasks["goal_state"][:n]))]
+            return np.stack(pool.map(sim_solve, jobs))  # (n, H*frameskip, 2)
+        ok = run_policy(tasks, np.arange(n), policy, budget, every_step, img_size, desc="ceiling (simulator as model)")[0]
+    result = {"ceiling": float(ok.mean()), "ceiling_episodes": n, "ceiling_successes": ok.astype(int).tolist()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.atomic_write(path, {**result, "budget": budget_cfg, "protocol_budget": budget, "every_step": every_step})
+    print(f"ceiling: {result['ceiling']:.2f} on {n} tasks (simulator as the planner's model) -> {path}")
+    return result
+
+
+def plan_prior(mc, la_prior, var_scale, H, stats, device):
+    """(H, A|L) initial mean and std of the Gaussian planners; None for vq (categorical). la starts from the IDM's
+    own latent statistics, stored by train.py (the seed sampled N(0, 1), which `--la-prior standard` reproduces)."""
+    if mc.variant == "vq":
         return None, None
-    if variant == "baseline":  # normalised macro actions: 0 is the dataset-mean action
-        mu, sigma = torch.zeros(mc["action_dim"]), torch.ones(mc["action_dim"])  # (A,)
-    elif la_prior == "data":  # the IDM's own latent statistics, stored by train.py (fixes defect 1)
+    if mc.variant == "baseline":  # normalised macro actions: 0 is the dataset-mean action
+        mu, sigma = torch.zeros(mc.action_dim), torch.ones(mc.action_dim)  # (A,)
+    elif la_prior == "data":
         mu, sigma = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])  # (L,)
-    else:  # the seed's N(0, 1), kept to reproduce its LA number
-        mu, sigma = torch.zeros(mc["latent_dim"]), torch.ones(mc["latent_dim"])  # (L,)
+    else:
+        mu, sigma = torch.zeros(mc.latent_dim), torch.ones(mc.latent_dim)  # (L,)
     return mu.float().to(device).expand(H, -1), var_scale * sigma.float().to(device).expand(H, -1)  # (H, A|L)
 
 
-def main(cfg):
+def auto_batch(cfg, model, n, device):
+    """Episodes per solve (E): cfg.batch_episodes, else as many as fit: on CUDA, half the free memory divided by
+    the peak memory of one episode's batched rollout (measured); on the CPU all episodes."""
+    if cfg.batch_episodes or device.type != "cuda":
+        return min(n, cfg.batch_episodes or n)
+    mc = model.cfg
+    z = torch.zeros(2, mc.num_patches, mc.visual_dim, device=device)  # (E=2, P, D)
+    plan = torch.zeros(2, cfg.num_samples, cfg.horizon, *(() if mc.variant == "vq" else (mc.cond_dim if
+                       mc.variant == "la" else mc.action_dim,)), device=device, dtype=torch.long if mc.variant == "vq" else torch.float)
+    torch.cuda.synchronize(device), torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16):
+        rollout_cost(model, z, z, plan)
+    per_episode = (torch.cuda.max_memory_allocated(device) - base) / 2
+    E = max(1, min(n, int(0.5 * torch.cuda.mem_get_info(device)[0] / per_episode)))
+    print(f"batch episodes: {E} (one episode's rollout peaks at {per_episode / 1e9:.2f} GB)")
+    return E
+
+
+def results_json(cfg, tasks, res, planner, variant, tokens, ref, extra):
+    """The RESULTS.json of plan.py and policy.py: contract fields first, then the details."""
+    n, k = len(res["successes"]), sum(res["successes"])
+    dist = np.array([distances(g, s) for g, s in zip(tasks["goal_state"], res["final"])])  # (n, 2)
+    return dict(success_rate=k / n, successes=res["successes"], episodes=n, protocol=cfg.protocol, planner=planner,
+                seconds_per_solve=res["seconds"] / max(res["solves"], 1), variant=variant, run=str(cfg.run),
+                tokens=tokens, reference=ref, ci95=list(wilson(k, n)), split=cfg.split,
+                mean_final_pos_dist=float(dist[:, 0].mean()), mean_final_angle_dist=float(dist[:, 1].mean()),
+                mean_best_pos_dist=float(np.mean(res["best"])), config=asdict(cfg), **extra,
+                tasks={key: tasks[key].tolist() for key in ("episode", "step", "start_state", "goal_state")})
+
+
+def summary(r, out):
+    """The one-line verdict every planning or policy run prints."""
+    lo, hi = r["ci95"]
+    ref, k = r["reference"], sum(r["successes"])
+    ceil = "n/a" if ref["ceiling"] is None else f"{ref['ceiling']:.2f} (n={ref['ceiling_episodes']})"
+    return (f"{r['variant']} {r['protocol']} {r['planner']} [{r['tokens']}]: success {k}/{r['episodes']} = "
+            f"{r['success_rate']:.2f} (95% CI {lo:.2f}-{hi:.2f}) | random {ref['random']:.2f} | replay "
+            f"{ref['replay']:.2f} | ceiling {ceil} | {r['seconds_per_solve']:.3f} s/solve -> {out}")
+
+
+def solve(planner, cost_fn, cfg, mu0, sigma0, E, K, generators, device):
+    """One batched solve for E episodes with the chosen planner -> (E, H, A|L) plans, or (E, H) code indices."""
+    kw = dict(num_samples=cfg.num_samples, topk=cfg.topk, opt_steps=cfg.opt_steps, generator=generators)
+    if planner == "cem_categorical":
+        return cem_categorical(cost_fn, E, cfg.horizon, K, device=device, **kw)
+    mu, sigma = mu0.expand(E, -1, -1), sigma0.expand(E, -1, -1)  # (E, H, A|L)
+    if planner == "mppi":
+        return mppi(cost_fn, mu, sigma, temperature=cfg.temperature, **kw)
+    return cem_gaussian(cost_fn, mu, sigma, **kw)
+
+
+def decode_plan(model, decoder, z0, plan, p0=None):
+    """la/vq plans -> (E, H, A) normalised macro actions: step h is decoded from the tokens of frame h (the real
+    start frame for h = 0, then the imagined ones) and the planned latent of step h (the seed's evaluator)."""
+    E, H = plan.shape[:2]
+    cond = model.plan_to_cond(plan)  # (E, H, C)
+    zs, _ = model.rollout(z0, cond, p0)  # (E, H, P, D) imagined frames 1..H
+    frames = torch.cat([z0[:, None], zs[:, :-1]], 1)  # (E, H, P, D) frames 0..H-1: where each step starts
+    nxt = zs.flatten(0, 1) if decoder.use_delta else None
+    return decoder(frames.flatten(0, 1), cond.flatten(0, 1), nxt).view(E, H, -1)  # (E, H, A)
+
+
+def write_video(path, frames, hits, goal, side=256):
+    """mp4 of one episode: simulator frame | goal frame, upscaled to `side` px, step counter and success mark."""
+    big = lambda f: cv2.resize(f, (side, side), interpolation=cv2.INTER_NEAREST)  # noqa: E731
+
+    def write(tmp):
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), 10, (2 * side, side))  # 10 Hz = env rate
+        for t, (frame, hit) in enumerate(zip(frames, hits)):
+            img = cv2.cvtColor(np.concatenate([big(frame), big(goal)], 1), cv2.COLOR_RGB2BGR)  # (side, 2*side, 3)
+            cv2.putText(img, f"step {t}/{len(frames) - 1}", (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 2)
+            cv2.putText(img, "goal", (side + 6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 2)
+            if hit:
+                cv2.putText(img, "success", (6, side - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 160, 0), 2)
+            writer.write(img)
+        writer.release()
+    data.atomic_write(path, write)
+
+
+def main(cfg: PlanConfig):
+    # --- setup: the run (world model, decoder for la/vq), device and precision
     t_start = time.perf_counter()
-    print(asdict(cfg))
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    print(f"device: {device}")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    model, ckpt = load_run(cfg.run, device)
-    mc, tc, stats = ckpt["model_config"], ckpt["train_config"], ckpt["stats"]
-    variant, img_size, dino_size, H = mc["variant"], tc["img_size"], tc["dino_size"], cfg.horizon
-    for flag, allowed in dict(protocol=("open-loop", "mpc"), planner=("auto", "cem", "mppi"), split=("train", "val"),
-                              la_prior=("data", "standard"), objective=("last", "all")).items():
-        if getattr(cfg, flag) not in allowed:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}: expected one of {allowed}")
-    if cfg.planner == "mppi" and variant == "vq":
-        raise ValueError(f"--planner mppi needs continuous plans; {cfg.run} is a vq run (use auto or cem)")
-    planner = "mppi" if cfg.planner == "mppi" else "cem_categorical" if variant == "vq" else "cem_gaussian"
-    root = cfg.data or ckpt["data"]["root"]
-    if load_meta(root)["fingerprint"] != ckpt["data"]["fingerprint"]:
-        raise ValueError(f"{root} is not the dataset {cfg.run} was trained on (fingerprint differs); pass its --data")
-    encoder = load_dinov2(tc["dino_name"], cfg.dino_weights or tc["dino_weights"] or None, device)
-    decoder = load_decoder(cfg.run, ckpt, device) if variant != "baseline" else None
-    n = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol]
-    E, every_step = cfg.batch_episodes or n, cfg.protocol == "mpc"
-    budget = MPC_BUDGET if every_step else H * mc["frameskip"]  # open loop: one plan, executed whole
-    print(f"variant {variant} | planner {planner} | {n} episodes in batches of {E} | budget {budget} env steps | "
-          f"split {cfg.split} of {root}")
+    device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
+    data.writable(cfg.out, "--out")
+    model, ckpt, root = wm.load_run(cfg.run, device, cfg.data)
+    mc, stats, H = model.cfg, ckpt["stats"], cfg.horizon
+    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights)
+    require(cfg.planner != "mppi" or mc.variant != "vq", f"--planner mppi needs continuous plans; {cfg.run} is a vq "
+                                                         "run (use auto or cem)")
+    planner = "mppi" if cfg.planner == "mppi" else "cem_categorical" if mc.variant == "vq" else "cem_gaussian"
+    decoder = load_decoder(cfg.run, ckpt, device) if mc.variant != "baseline" else None
+    input_of = wm.make_input(mc, device, cfg.dino_weights or ckpt["train_config"]["dino_weights"] or None)
+    n, every_step = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol], cfg.protocol == "mpc"
+    budget = MPC_BUDGET if every_step else H * mc.frameskip  # open loop: one plan, executed whole
+    E = auto_batch(cfg, model, n, device)
+    print(f"{mc.variant} ({mc.tokens} tokens) | planner {planner} | {n} episodes, {E} at once | budget {budget} env "
+          f"steps | split {cfg.split} of {root}")
 
-    # ---- the tasks, and the reference rows on the same tasks
-    tasks = make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, img_size)
-    ref = references(tasks, stats, budget, every_step, img_size, cfg.seed)
+    # --- the tasks, and the reference rows on the same tasks
+    tasks = make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, mc.img_size or 224)
+    ref = {**references(tasks, stats, budget, every_step, mc.img_size or 224, cfg.seed),
+           **ceiling(tasks, cfg, stats, budget, every_step, mc.img_size or 224, Path(cfg.out).parent / "ceiling")}
 
-    # ---- one solve: encode the current frames once, plan (E*N rollouts per iteration), decode to px actions
-    mu0, sigma0 = plan_prior(variant, cfg.la_prior, cfg.var_scale, H, mc, stats, device)
-    use_compile = cfg.compile and device.type == "cuda"
-    cost = torch.compile(rollout_cost, dynamic=False) if use_compile else rollout_cost  # fixed (E, N, H) shapes
-    amp = torch.autocast("cuda", torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
+    # --- solve: encode the current frames once, plan (E*N rollouts per iteration), decode to px actions
+    mu0, sigma0 = plan_prior(mc, cfg.la_prior, cfg.var_scale, H, stats, device)
+    compiled = cfg.compile and device.type == "cuda"
+    cost = torch.compile(rollout_cost, dynamic=False) if compiled else rollout_cost  # fixed (E, N, H) shapes
+    encode = lambda states: model.encode(input_of(wm.batch_of_states(states, mc)))[:, 0]  # noqa: E731 (E, P, D)
 
-    @torch.inference_mode()
-    def solve(state, zg, pg, gens, opt_steps):
-        E = len(state)
-        z0 = encode(encoder, np.stack([render_state(s, img_size) for s in state]), dino_size)  # (E, P, D)
-        p0 = proprio_of(state, stats, device) if mc["proprio"] else None  # (E, 4)
-
-        def cost_fn(samples):  # (E, N, H, ...) -> (E, N)
-            with amp:
-                return cost(model, z0, zg, samples, p0, pg, cfg.alpha, cfg.objective)
-        kw = dict(num_samples=cfg.num_samples, topk=cfg.topk, opt_steps=opt_steps, generator=gens)
-        if planner == "cem_categorical":
-            plan = cem_categorical(cost_fn, E, H, mc["num_codes"], device=device, **kw)  # (E, H)
-        elif planner == "mppi":
-            plan = mppi(cost_fn, mu0.expand(E, -1, -1), sigma0.expand(E, -1, -1), temperature=cfg.temperature, **kw)
-        else:
-            plan = cem_gaussian(cost_fn, mu0.expand(E, -1, -1), sigma0.expand(E, -1, -1), **kw)  # (E, H, A|L)
-        a = plan  # baseline: (E, H, A) normalised macro actions
-        if decoder is not None:  # decode step h from frame h's tokens (real z0, then imagined) and plan h (s9.4)
-            cond = model.plan_to_cond(plan)  # (E, H, C)
-            zs, _ = model.rollout(z0, cond, p0)  # (E, H, P, D)
-            tokens = torch.cat([z0[:, None], zs[:, :-1]], 1).flatten(0, 1)  # (E*H, P, D)
-            a = decoder(tokens, cond.flatten(0, 1), zs.flatten(0, 1) if decoder.use_delta else None)  # (E*H, A)
-        return macro_to_env(a.reshape(E, H, -1).float().cpu().numpy(), stats["action_mean"], stats["action_std"])
-
-    # ---- the evaluation: batches of E episodes; each solves every H*frameskip env steps
-    successes, finals, bests, solve_s, solves = [], [], [], 0.0, 0
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for b0 in range(0, n, E):
-        idx = np.arange(b0, min(n, b0 + E))
-        with torch.inference_mode():  # goals are encoded once per batch
-            zg = encode(encoder, tasks["goal_frame"][idx], dino_size)  # (E, P, D)
-            pg = model.embed_proprio(proprio_of(tasks["goal_state"][idx], stats, device)) if mc["proprio"] else None
-        # one generator per episode, seeded by (seed, episode index): its noise does not depend on --batch-episodes
+    def policy_for(idx):
+        with torch.inference_mode(), ctx:  # the goals are encoded once per batch
+            zg = encode(tasks["goal_state"][idx])  # (E, P, D)
+            pg = model.embed_proprio(proprio_of(tasks["goal_state"][idx], stats, device)) if mc.proprio else None
+        # one noise stream per episode, seeded by (seed, episode index): its plans do not depend on E
         gens = [torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0]))
                 for i in idx.tolist()]
-        if use_compile and b0 == 0:  # compile outside the timed solves (skip the warm-up, rule 10)
-            t0 = time.perf_counter()
-            solve(tasks["start_state"][idx], zg, pg, None, 1)
-            torch.cuda.synchronize()
-            print(f"compiled rollout_cost in {time.perf_counter() - t0:.1f} s")
 
+        @torch.inference_mode()
         def policy(state):
-            nonlocal solve_s, solves
-            t0 = time.perf_counter()
-            acts = solve(state, zg, pg, gens, cfg.opt_steps)  # (E, H*frameskip, 2)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            solve_s, solves = solve_s + time.perf_counter() - t0, solves + len(idx)
-            return acts
-        record = [j for j, i in enumerate(idx) if i < cfg.videos]
-        ok, final, best, clips = run_policy(tasks, idx, policy, budget, every_step, img_size, record,
-                                            desc=f"episodes {b0}-{idx[-1]} of {n}")
-        successes, bests = successes + ok.astype(int).tolist(), bests + best.tolist()
-        finals.append(final)
-        for j, (frames, hits) in clips.items():
-            write_video(out.with_name(f"{out.stem}_ep{idx[j]:03d}.mp4"), frames, hits, tasks["goal_frame"][idx[j]])
+            with ctx:
+                z0 = encode(state)  # (E, P, D)
+                p0 = proprio_of(state, stats, device) if mc.proprio else None  # (E, 4)
+                cost_fn = lambda s: cost(model, z0, zg, s, p0, pg, cfg.alpha, cfg.objective)  # noqa: E731 (E, N)
+                plan = solve(planner, cost_fn, cfg, mu0, sigma0, len(state), mc.num_codes, gens, device)
+                a = plan if decoder is None else decode_plan(model, decoder, z0, plan, p0)  # (E, H, A)
+            return macro_to_env(a.float().cpu().numpy(), stats["action_mean"], stats["action_std"])  # (E, H*F, 2)
+        return policy
 
-    # ---- RESULTS.json (contracts.md fields first) and the one-line summary
-    k = sum(successes)
-    dist = np.array([distances(g, s) for g, s in zip(tasks["goal_state"], np.concatenate(finals))])  # (n, 2)
-    results = dict(
-        success_rate=k / n, successes=successes, episodes=n, protocol=cfg.protocol, planner=planner,
-        seconds_per_solve=solve_s / max(solves, 1), variant=variant, reference=ref, ci95=list(wilson(k, n)),
-        batch_episodes=E, split=cfg.split, budget=budget, device=str(device),
-        mean_final_pos_dist=float(dist[:, 0].mean()), mean_final_angle_dist=float(dist[:, 1].mean()),
-        mean_best_pos_dist=float(np.mean(bests)), total_seconds=time.perf_counter() - t_start, run=str(cfg.run),
-        data=str(root), config=asdict(cfg),
-        tasks={key: tasks[key].tolist() for key in ("episode", "step", "start_state", "goal_state")})
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out)
-    lo, hi = results["ci95"]
-    print(f"{variant} {cfg.protocol} {planner}: success {k}/{n} = {k / n:.2f} (95% CI {lo:.2f}-{hi:.2f}) | random "
-          f"{ref['random']:.2f} | replay {ref['replay']:.2f} | {results['seconds_per_solve']:.3f} s/solve (batch {E}, "
-          f"{device}) -> {out}")
+    if compiled:  # compile outside the timed solves (skip the warm-up)
+        t0 = time.perf_counter()
+        policy_for(np.arange(min(E, n)))(tasks["start_state"][:min(E, n)])
+        print(f"compiled rollout_cost in {time.perf_counter() - t0:.1f} s")
+    res = evaluate(tasks, policy_for, E, budget, every_step, mc.img_size or 224, cfg.out, cfg.videos)
+
+    # --- write RESULTS.json and the one-line summary
+    results = results_json(cfg, tasks, res, planner, mc.variant, mc.tokens, ref, dict(
+        batch_episodes=E, budget=budget, device=str(device), data=str(root),
+        total_seconds=time.perf_counter() - t_start))
+    data.atomic_write(cfg.out, results)
+    print(summary(results, cfg.out))
     return results
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    data.cli(main, PlanConfig, doc=__doc__)

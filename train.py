@@ -1,30 +1,28 @@
-"""Train the world model (baseline / la / vq, wm.py) on frozen DINOv2 tokens of Push-T windows (method.md s5-s7).
+"""Train the world model (baseline / la / vq, wm.py) on Push-T windows, from any token source (state, dinov2, jepa).
 
-Reads DIR (data.py layout) and, when present and matching, DIR/{split}/features.npy (`dino.py encode`); else it
-renders frames in DataLoader workers and encodes them on the device every step. Writes RUN/ckpt.pt (raw weights,
-optimiser, step, configs, data stats, latent prior, sampler/RNG state; atomic), RUN/config.json, RUN/log.jsonl.
-Re-running with the same --out resumes exactly (flags that differ from their default must match; --steps may rise).
-GPU:  python train.py --data runs/data --variant vq --out runs/vq          (H200 wall-clock: not yet measured)
+Reads DIR (data.py layout; for --tokens dinov2 also DIR/{split}/features.npy from `dino.py encode` when it matches,
+else frames are rendered by loader workers and encoded every step). Writes RUN/ckpt.pt (raw weights, optimiser,
+step, configs, data stats and fingerprint, la/vq latent prior, RNG; atomic), RUN/config.json, RUN/log.jsonl.
+Re-running with the same --out resumes exactly: the run's settings win, flags given again must match (except
+runtime ones such as --steps, which may rise, --device or --num-workers). The run folder is locked while training.
+GPU:  python train.py --data runs/full/data --variant vq --out runs/full/vq     (DINOv2 tokens; H200: not yet measured)
       DINO-WM setting: --num-hist 3 --proprio --cond-dim 10 --batch-size 32 --lr-predictor 5e-4 --lr-action 5e-4
       multi-GPU: torchrun --standalone --nproc_per_node 4 train.py ... (batch-size is per GPU)
       unoptimised reference for speed ratios: add --no-compile --no-features --dtype float32
-CPU:  python train.py --data runs/quick/data --variant vq --out /tmp/vq --steps 200 --dino-weights random
-      --dino-size 28 --batch-size 16 --depth 2 --heads 4 --mlp-dim 256 --idm-depth 1 --idm-heads 4 --num-workers 0
+CPU:  python train.py --data runs/quick/data --variant la --out /tmp/la --tokens state --steps 2000 --batch-size 256
+      --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --idm-depth 2 --idm-heads 4 --idm-dim 128 ...
+      (the state-token sizes of `reproduce.sh quick`; ~45 steps/s on one core)
 """
-import argparse
-import dataclasses
-import functools
-import inspect
+import contextlib
 import itertools
 import json
 import math
 import os
-import re
 import secrets
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -32,8 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import dino
-from wm import CKPT_FORMAT, WMConfig, WorldModel, perplexity, shuffle_delta, swap_score
+import wm
+from data import require
+from wm import CKPT_FORMAT, WMConfig, WorldModel
 
 
 @dataclass
@@ -46,51 +45,41 @@ class TrainConfig:
     lr_action: float = 2e-4  # AdamW lr of the action and proprio encoders; seed 2e-4 (DINO-WM 5e-4)
     lr_idm: float = 2.5e-5  # AdamW lr of the IDM + latent_action_down; seed 2.5e-5
     weight_decay: float = 0.01  # AdamW weight decay, all parameters (torch default, as seed and DINO-WM)
-    schedule: str = "constant"  # lr schedule after warm-up: constant (seed, DINO-WM) or cosine (to 0 at --steps)
+    schedule: Literal["constant", "cosine"] = "constant"  # lr after warm-up: constant (seed) or cosine to 0 at --steps
     warmup: int = 0  # linear lr warm-up steps; seed and DINO-WM 0
     grad_clip: float = 0.0  # max global grad norm, 0 = off (seed and DINO-WM clip nothing); the norm is logged anyway
     eval_every: int = 2000  # steps between validation + checkpoint (also at the last step)
     val_batches: int = 20  # fixed val batches per validation (deterministic order)
     stats_batches: int = 50  # fixed train batches for the la/vq latent prior (planning's CEM init)
     log_every: int = 100  # steps between log lines (the only host syncs of the loop)
-    num_workers: int = 4  # DataLoader workers (render + load); 0 = in the main process
-    device: str = "auto"  # auto (cuda when available), cpu or cuda
+    num_workers: int = -1  # loader processes rendering or reading frames; -1 = one per CPU core (state tokens: 0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     seed: int = 0  # seeds model init, data order and dropout; seed 0 as upstream
-    dino_name: str = "dinov2_vits14"  # frozen encoder; DINO-WM ViT-S/14
     dino_weights: str = ""  # DINOv2 .pth, "" = official file from the hub cache, random = tests only
-    dino_size: int = 196  # encoder input side in px (224 resized to 196 -> 14x14 patches, DINO-WM)
-    img_size: int = 0  # render size in px, 0 = the dataset's img_size
-    features: bool = True  # use the dino.py feature cache when present and matching (same tokens, no encoder)
-    compile: bool = True  # torch.compile the training forward (CUDA only; ignored on CPU)
-    dtype: str = "bfloat16"  # CUDA autocast dtype: bfloat16 or float32 (DINO-WM and seed ran fp32); CPU is fp32
+    features: bool = True  # dinov2: read the dino.py feature cache when present and matching (same tokens)
+    compile: bool = True  # torch.compile the predictor and IDM (CUDA only; ignored on CPU)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA precision: bf16 autocast, or fp32 everywhere (TF32 off)
     wandb: bool = False  # also log to Weights & Biases (imported only when set)
 
+    def __post_init__(self):
+        data.check_choices(self)
+        require(self.steps >= 1 and self.batch_size >= 1, f"--steps {self.steps} / --batch-size {self.batch_size}: "
+                                                          "both must be >= 1")
+        require(min(self.eval_every, self.val_batches, self.stats_batches, self.log_every) >= 1,
+                "--eval-every, --val-batches, --stats-batches and --log-every must be >= 1")
+        require(min(self.lr_predictor, self.lr_action, self.lr_idm) > 0 and self.weight_decay >= 0,
+                "learning rates must be > 0 and --weight-decay >= 0")
+        require(self.warmup >= 0 and self.grad_clip >= 0 and self.num_workers >= -1,
+                "--warmup and --grad-clip must be >= 0, --num-workers >= -1")
 
-# Shape legend: B batch, T = num_hist + 1 frames, P patches, D DINO width, A macro action, C cond, L latent.
-DERIVED = ("action_dim", "visual_dim", "num_patches")  # WMConfig fields main() derives from data and encoder
-# May differ on resume (the dataset is checked by fingerprint); every other given flag must match the run.
-RUNTIME = ("steps", "data", "device", "num_workers", "compile", "dtype", "log_every", "wandb", "features")
 
-
-def parse_config(*classes, argv=None):
-    """Flags from the dataclasses' fields: --field-name, help = the field's trailing comment, default shown.
-    Generalised from the house version to several dataclasses, so WMConfig's fields are flags too without
-    being copied into TrainConfig; fields in DERIVED are not flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for cls in classes:
-        helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-        group = p.add_argument_group(cls.__name__)
-        for f in dataclasses.fields(cls):
-            if f.name in DERIVED:
-                continue
-            kw = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else dict(type=type(f.default))
-            group.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=helps.get(f.name, " "), **kw)
-    args = vars(p.parse_args(argv))
-    return tuple(cls(**{f.name: args[f.name] for f in fields(cls) if f.name in args}) for cls in classes)
+# Shape legend: B batch, T = num_hist + 1 frames, P tokens per frame, D token width, A macro action, C cond, L latent.
+# Settings that may change when a run resumes (everything else is what the run *is* and must match).
+RUNTIME = ("steps", "data", "device", "num_workers", "compile", "log_every", "wandb", "features", "eval_every")
 
 
 def train_order(n, seed, start, rank=0, world=1):
-    """Infinite window-index stream, a fresh permutation every epoch (fixes defect 12) from a torch.Generator
+    """Infinite window-index stream, a fresh permutation every epoch (DINO-WM permutes once) from a torch.Generator
     seeded by --seed; skips the `start` samples already consumed (exact resume), rank r takes every world-th."""
     def epochs():
         g = torch.Generator().manual_seed(seed)
@@ -99,10 +88,9 @@ def train_order(n, seed, start, rank=0, world=1):
     return itertools.islice(epochs(), start + rank, None, world)
 
 
-def fixed_subset(ds, count):
-    """Deterministic, evenly spread windows (val order never changes, fixes defect 14)."""
-    idx = torch.linspace(0, len(ds) - 1, min(count, len(ds))).round().long().unique()  # (count,)
-    return torch.utils.data.Subset(ds, idx.tolist())
+def fixed_subset(n, count):
+    """Deterministic, evenly spread window indices: the val order never changes (the seed shuffled its val loader)."""
+    return torch.linspace(0, n - 1, min(count, n)).round().long().unique().tolist()
 
 
 def lr_factor(step, cfg):
@@ -115,7 +103,7 @@ def lr_factor(step, cfg):
 
 
 def train_flops(mc):
-    """Model FLOPs per training window: 3 x forward (backward = 2x), matmuls + attention, encoder excluded."""
+    """Model FLOPs per training window: 3 x forward (backward = 2x), matmuls + attention, frozen encoder excluded."""
     W = mc.visual_dim + (mc.proprio_dim if mc.proprio else 0) + mc.cond_dim
     inner, tok = mc.heads * mc.dim_head, mc.num_hist * mc.num_patches
     macs = mc.depth * tok * (4 * W * inner + 2 * W * mc.mlp_dim + 2 * tok * inner)  # full mask computed by SDPA
@@ -125,27 +113,31 @@ def train_flops(mc):
     return 3 * 2 * macs
 
 
-def resolve_resume(cfg, mc, ckpt, path):
-    """The stored config wins. A field that differs from its default counts as given and must equal the stored
-    value, except RUNTIME fields, which then override it. Returns the effective (TrainConfig, WMConfig)."""
-    bad, merged = [], []
-    for given, stored, cls in ((cfg, ckpt["train_config"], TrainConfig), (mc, ckpt["model_config"], WMConfig)):
-        kw = dict(stored)
-        for f in fields(cls):
-            value = getattr(given, f.name)
-            if f.name in DERIVED or value == f.default or value == stored[f.name]:
-                continue
-            if f.name in RUNTIME:
-                kw[f.name] = value
-            else:
-                bad.append(f"--{f.name.replace('_', '-')} {value!r} (run has {stored[f.name]!r})")
-        merged.append(cls(**kw))
-    if bad:
-        raise ValueError(f"{path} was trained with other settings: {'; '.join(bad)}. Drop these flags to resume, "
-                         "or choose another --out")
-    if merged[0].steps < ckpt["step"]:
-        raise ValueError(f"--steps {merged[0].steps} is below the checkpoint's step {ckpt['step']} in {path}")
-    return merged[0], merged[1]
+def resume(cfg, mc, given):
+    """(cfg, mc, checkpoint or None): a run folder holding ckpt.pt is resumed with its own stored settings."""
+    path = Path(cfg.out) / "ckpt.pt"
+    if not path.exists():
+        return cfg, mc, None
+    ckpt = data.load_pt(path, f"delete it to start over, or choose another --out")
+    require(ckpt.get("format") == CKPT_FORMAT, f"{path}: format {ckpt.get('format')!r}, this train.py writes "
+                                               f"{CKPT_FORMAT!r}; choose another --out")
+    cfg, mc = data.merge_resume(path, given, (cfg, ckpt["train_config"], RUNTIME), (mc, ckpt["model_config"], ()))
+    require(cfg.steps >= ckpt["step"], f"--steps {cfg.steps} is below the step {ckpt['step']} that {path} reached")
+    fp = data.load_meta(cfg.data)["fingerprint"]
+    require(fp == ckpt["data"]["fingerprint"], f"--data {cfg.data} (fingerprint {fp}) is not the dataset {path} was "
+                                               f"trained on ({ckpt['data']['root']}, {ckpt['data']['fingerprint']})")
+    return cfg, mc, ckpt
+
+
+def make_optimizer(raw, cfg):
+    """AdamW with one learning rate per module (the seed's param groups), torch defaults otherwise."""
+    lrs = {"predictor": cfg.lr_predictor, "action_encoder": cfg.lr_action, "proprio_encoder": cfg.lr_action,
+           "idm": cfg.lr_idm, "latent_action_down": cfg.lr_idm, "encoder": cfg.lr_predictor}
+    groups = {}
+    for name, prm in raw.named_parameters():
+        groups.setdefault(name.split(".")[0], []).append(prm)
+    return torch.optim.AdamW([{"params": v, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, v in groups.items()],
+                             betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
 
 
 def check_finite(first_bad, parts, ckpt_path):
@@ -158,243 +150,196 @@ def check_finite(first_bad, parts, ckpt_path):
                                  f"{ckpt_path} is left untouched (resume from it, e.g. with a lower lr)")
 
 
-def save_checkpoint(path, ckpt):
-    """Atomic: write a temp file, then rename, so a kill leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def get_tokens(batch, encoder, dino_size):
-    """Batch on the device -> DINO tokens (B, T, P, D) float32: from the cache, or the frozen encoder now."""
-    if "feat" in batch:
-        return batch["feat"].float()  # (B, T, P, D)
-    B, T = batch["obs"].shape[:2]
-    z = dino.encode(encoder, batch["obs"].flatten(0, 1), dino_size)  # (B*T, P, D), frozen, inference mode
-    return z.view(B, T, *z.shape[1:])  # (B, T, P, D)
-
-
 @torch.no_grad()
-def evaluate(model, loader, tokens, device, ctx, seed):
-    """Validation: one-step latent MSE (visual dims) and, for la/vq, the collapse diagnostics (method.md s7)."""
+def evaluate(model, loader, input_of, device, ctx, seed):
+    """Validation: one-step latent MSE (visual dims) and, for la/vq, the seed's collapse diagnostics."""
     model.eval()
     variant, sums, codes, n = model.cfg.variant, {}, [], 0
     g = torch.Generator().manual_seed(seed)  # same permutations at every validation
     for batch in loader:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        z, a, p = tokens(batch), batch["action"], batch["proprio"]
+        a, p = batch["action"].to(device), batch["proprio"].to(device)
         with ctx:
-            out = model(z, a, p)
+            out = model(input_of(batch), a, p)
+            z = out["tokens"]  # (B, T, P, D)
             row = {"val_latent_mse": out["visual_loss"].item(), "val_loss": out["pred_loss"].item()}
             if variant != "baseline":
-                row.update(swap_score=swap_score(model, z, a, p, generator=g),
-                           shuffle_delta=shuffle_delta(model, z, a, p, generator=g))
+                row.update(swap_score=wm.swap_score(model, z, a, p, generator=g),
+                           shuffle_delta=wm.shuffle_delta(model, z, a, p, generator=g))
         if variant == "vq":
             codes.append(out["codes"].flatten())
         sums = {k: sums.get(k, 0.0) + v for k, v in row.items()}
         n += 1
     metrics = {k: v / max(n, 1) for k, v in sums.items()}
+    require(math.isfinite(metrics["val_loss"]), "the validation loss is not finite: a corrupt feature cache? rebuild "
+                                                "it with `python dino.py encode --data DIR --overwrite`")
     if codes:
-        metrics["perplexity"], metrics["dead_codes"] = perplexity(torch.cat(codes), model.cfg.num_codes)
+        metrics["perplexity"], metrics["dead_codes"] = wm.perplexity(torch.cat(codes), model.cfg.num_codes)
     model.train()
     return metrics
 
 
 @torch.no_grad()
-def latent_stats(model, loader, tokens, device, ctx):
-    """Per-dim mean/std of pre-VQ IDM latents of real train transitions: planning's la CEM prior (defect 1)."""
+def latent_stats(model, loader, input_of, ctx):
+    """Per-dim mean/std of pre-VQ IDM latents of real train transitions: planning's la CEM prior (the seed sampled
+    N(0, 1), far from its IDM's latents, whose per-dim means and stds were about 2)."""
     model.eval()
-    lat = []
-    for batch in loader:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with ctx:
-            lat.append(model.conditioning(tokens(batch))["latent"].flatten(0, 1).float())  # (B*(T-1), L)
+    with ctx:
+        lat = [model.conditioning(model.encode(input_of(b)))["latent"].flatten(0, 1).float() for b in loader]  # (B, L)
     model.train()
     x = torch.cat(lat)  # (N, L)
     return {"latent_mean": x.mean(0).tolist(), "latent_std": x.std(0).tolist(), "latent_count": x.shape[0]}
 
 
-def main(cfg: TrainConfig, mc: WMConfig = None):
-    mc = mc or WMConfig()
-    # --- processes, device, precision ---
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    amp = cuda and dtype != torch.float32  # the EMA codebook update stays fp32 inside (wm.VectorQuantizer)
-    ctx = torch.autocast("cuda", dtype=dtype) if amp else nullcontext()
-    out_dir, main_proc = Path(cfg.out), rank == 0
-    ckpt_path = out_dir / "ckpt.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
-    if ckpt is not None:
-        if ckpt.get("format") != CKPT_FORMAT:
-            raise ValueError(f"{ckpt_path}: format {ckpt.get('format')!r}, expected {CKPT_FORMAT!r}; use another --out")
-        cfg, mc = resolve_resume(cfg, mc, ckpt, ckpt_path)
-    if cfg.schedule not in ("constant", "cosine") or cfg.dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"--schedule {cfg.schedule!r} / --dtype {cfg.dtype!r}: expected constant|cosine, "
-                         "bfloat16|float32")
-    meta = data.load_meta(cfg.data)
-    if ckpt is not None and ckpt["data"]["fingerprint"] != meta["fingerprint"]:
-        raise ValueError(f"{cfg.data} (fingerprint {meta['fingerprint']}) is not the dataset {ckpt_path} was "
-                         f"trained on ({ckpt['data']['root']}, {ckpt['data']['fingerprint']})")
-    cfg = dataclasses.replace(cfg, img_size=cfg.img_size or meta["img_size"])
-    if main_proc:
-        print(f"device: {device} x {world} | autocast: {cfg.dtype if amp else 'off (fp32)'} | "
-              f"compile: {'on' if cuda and cfg.compile else 'off'}")
-    torch.manual_seed(cfg.seed)
+def log_line(step, names, values, dt, cfg, mc, world, device):
+    """One fixed-format log row and line: step | loss parts | grad norm | lr | ms/step | samples/s [| GPU]."""
+    row = {"step": step, **dict(zip(names, values)), "lr": lr_factor(step - 1, cfg) * cfg.lr_predictor,
+           "ms_per_step": 1e3 * dt, "samples_per_s": cfg.batch_size * world / dt}
+    line = (f"step {step:7d} | " + " | ".join(f"{k} {x:.4g}" for k, x in zip(names, values))
+            + f" | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step | {row['samples_per_s']:.0f} samples/s")
+    if device.type == "cuda":
+        row["tflops"] = train_flops(mc) * row["samples_per_s"] / world / 1e12
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        line += f" | {row['tflops']:.1f} TFLOP/s/GPU | peak {row['peak_mem_gb']:.1f} GB"
+    return row, line
 
-    # --- data: cached features when present and matching, else frames rendered by workers ---
-    T = mc.num_hist + 1
-    feats = {s: dino.load_features(cfg.data, s, cfg.dino_name, cfg.dino_size, cfg.dino_weights or None,
-                                   img_size=cfg.img_size) if cfg.features else None for s in ("train", "val")}
-    encoder = None
-    if any(f is None for f in feats.values()):
-        encoder = dino.load_dinov2(cfg.dino_name, cfg.dino_weights or None, device)
-    P, D = next(f.shape[1:] for f in feats.values() if f is not None) if encoder is None else \
-        get_tokens({"obs": torch.zeros(1, 1, cfg.img_size, cfg.img_size, 3, dtype=torch.uint8, device=device)},
-                   encoder, cfg.dino_size).shape[2:]
-    mc = dataclasses.replace(mc, action_dim=2 * mc.frameskip, visual_dim=D, num_patches=P)
-    ds = {s: data.WindowDataset(cfg.data, s, T, mc.frameskip, cfg.img_size, feats[s]) for s in ("train", "val")}
-    if main_proc:
-        print({**asdict(cfg), **asdict(mc)})
-        print(f"windows: train {len(ds['train'])}, val {len(ds['val'])}; tokens: "
-              f"{'cache' if encoder is None else 'encoded on the fly'} (P {P}, D {D})")
-    start = ckpt["step"] if ckpt is not None else 0
-    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=cuda,
-                     persistent_workers=cfg.num_workers > 0)
-    # Explicit generators, so building/iterating loaders never draws from the global RNG (exact resume).
-    train_loader = torch.utils.data.DataLoader(
-        ds["train"], sampler=train_order(len(ds["train"]), cfg.seed, start * cfg.batch_size * world, rank, world),
-        drop_last=True, generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
-    val_loader, stats_loader = (torch.utils.data.DataLoader(fixed_subset(d, n * cfg.batch_size), shuffle=False,
-                                                            generator=torch.Generator(), **loader_kw)
-                                for d, n in ((ds["val"], cfg.val_batches), (ds["train"], cfg.stats_batches)))
-    tokens = functools.partial(get_tokens, encoder=encoder, dino_size=cfg.dino_size)  # batch -> (B, T, P, D)
 
-    # --- model, optimiser (one param group per module, method.md s6), resume ---
+def make_loaders(cfg, mc, device, start, rank, world):
+    """Windows of num_hist + 1 frames: the train stream (resumed at `start`), fixed val and latent-prior batches,
+    and input_of(batch), the token source's frozen part (state features, the DINOv2 feature cache or encoder)."""
+    ds = {s: wm.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features) for s in ("train", "val")}
+    workers = cfg.num_workers
+    order = train_order(len(ds["train"]), cfg.seed, start * cfg.batch_size * world, rank, world)
+    fixed = lambda d, n: data.loader(d, cfg.batch_size, fixed_subset(len(d), n * cfg.batch_size), workers, device)  # noqa: E731
+    train_loader = data.loader(ds["train"], cfg.batch_size, order, workers, device, drop_last=True)
+    print(f"windows: train {len(ds['train'])}, val {len(ds['val'])} | tokens: {mc.tokens} (P {mc.num_patches}, "
+          f"D {mc.visual_dim}; {'feature cache' if ds['train'].features is not None else 'computed per batch'}) | "
+          f"loader workers: {train_loader.num_workers}")
+    return (train_loader, fixed(ds["val"], cfg.val_batches), fixed(ds["train"], cfg.stats_batches),
+            wm.make_input(mc, device, cfg.dino_weights or None))
+
+
+def build(cfg, mc, ckpt, device, world):
+    """The world model (raw: uncompiled, what we save), the module that trains (compiled, DDP), the optimiser."""
     raw = WorldModel(mc).to(device)
-    lrs = {"predictor": cfg.lr_predictor, "action_encoder": cfg.lr_action, "proprio_encoder": cfg.lr_action,
-           "idm": cfg.lr_idm, "latent_action_down": cfg.lr_idm}
-    groups = {}
-    for name, prm in raw.named_parameters():
-        groups.setdefault(name.split(".")[0], []).append(prm)
-    opt = torch.optim.AdamW([{"params": v, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, v in groups.items()],
-                            betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    stats = {"action_mean": meta["action_mean"], "action_std": meta["action_std"],
-             "proprio_mean": meta["proprio_mean"], "proprio_std": meta["proprio_std"]}
-    if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        stats = ckpt["stats"]
+    opt = make_optimizer(raw, cfg)
+    if ckpt:
+        raw.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if cuda and "cuda" in ckpt["rng"]:
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        if main_proc:
-            print(f"resuming {ckpt_path} at step {start} (ckpt_id {ckpt['ckpt_id']})")
-    if cuda and cfg.compile:
-        # Compile the hot, fixed-shape transformers in place (Module.compile keeps state_dict keys, so raw is still
-        # what we save). The VQ's in-place EMA and its DDP collectives stay eager: no graph breaks to reason about.
-        for module in (raw.predictor, getattr(raw, "idm", None)):
+        print(f"resuming {cfg.out} at step {ckpt['step']} (ckpt_id {ckpt['ckpt_id']})")
+    if device.type == "cuda" and cfg.compile:
+        # Compile the hot, fixed-shape transformers in place (Module.compile keeps state_dict keys, so raw is what we
+        # save). The VQ's in-place EMA and its DDP collectives stay eager: no graph breaks to reason about.
+        for module in (raw.predictor, getattr(raw, "idm", None), raw.encoder):
             if module is not None:
                 module.compile()
-    model = raw
-    if world > 1:  # the VQ keeps its buffers identical itself (all-reduce + rank-0 candidates)
-        model = DDP(model, device_ids=[device.index] if cuda else None)
-    if main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "config.json", {"train": asdict(cfg), "model": asdict(mc)})
-        print(f"parameters: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M | "
-              f"model GFLOPs per training window: {train_flops(mc) / 1e9:.2f}")
-    run = None
-    if cfg.wandb and main_proc:
-        import wandb  # optional dependency, imported only when asked for
-        run = wandb.init(project="dinowm-latent-actions", name=out_dir.name, config={**asdict(cfg), **asdict(mc)})
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
+    print(f"parameters: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M | model GFLOPs per training window: "
+          f"{train_flops(mc) / 1e9:.3g}")
+    return raw, model, opt
 
-    def log(row):
-        with open(out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if run is not None:
-            run.log(row, step=row["step"])
 
-    # --- the loop ---
-    parts = ["loss", "pred_loss", "visual_loss"] + (["commit_loss"] if mc.variant == "vq" else [])
-    first_bad = torch.full((len(parts),), -1, device=device)  # first step at which each part was non-finite
-    it, t0, t_step = iter(train_loader), time.perf_counter(), start
-    bar = tqdm(total=cfg.steps, initial=start, disable=not main_proc, unit="step")
-    for step in range(start, cfg.steps + 1):
-        last = step == cfg.steps
-        # evaluate and checkpoint (the checkpoint holds the weights after `step` updates)
-        if (step % cfg.eval_every == 0 or last) and not (ckpt is not None and step == start):
-            check_finite(first_bad, parts, ckpt_path)  # host sync; the NaN guard runs before anything is written
-            if main_proc:
-                metrics = evaluate(raw, val_loader, tokens, device, ctx, cfg.seed)
-                if mc.variant != "baseline":
-                    stats.update(latent_stats(raw, stats_loader, tokens, device, ctx))
-                rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
-                save_checkpoint(ckpt_path, {
-                    "format": CKPT_FORMAT, "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "model_config": asdict(mc), "train_config": asdict(cfg), "stats": stats,
-                    "data": {"root": str(cfg.data), "fingerprint": meta["fingerprint"]}, "rng": rng,
-                    "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
-                log({"step": step, **metrics})
-                bar.write(f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            if world > 1:
-                dist.barrier()
-            t0, t_step = time.perf_counter(), step  # exclude validation from the throughput
-        if last:
-            break
-        # train step
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
-        z = tokens(batch)  # (B, T, P, D)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(step, cfg)
-        with ctx:
-            out = model(z, batch["action"], batch["proprio"])
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        opt.step()
-        vals = torch.stack([out[k].detach().float() for k in parts])  # (len(parts),), stays on the device
-        first_bad = torch.where(~torch.isfinite(vals) & (first_bad < 0), step, first_bad)
-        bar.update(1)
-        if cuda and step == start and main_proc:
-            torch.cuda.synchronize()  # one-off sync: report compile + first step separately from the throughput
-            bar.write(f"first step (compile, warm-up): {time.perf_counter() - t0:.1f} s")
-            t0, t_step = time.perf_counter(), step + 1
-        # logging
-        if (step + 1) % cfg.log_every == 0 and main_proc:
-            v = torch.cat([vals, gnorm[None].float()]).tolist()  # host sync point: the only one per log interval
-            check_finite(first_bad, parts, ckpt_path)
-            dt = (time.perf_counter() - t0) / max(1, step + 1 - t_step)
-            row = {"step": step + 1, **dict(zip(parts, v)), "grad_norm": v[-1],
-                   "lr": lr_factor(step, cfg) * cfg.lr_predictor,  # the predictor's; other groups scale alike
-                   "ms_per_step": 1e3 * dt, "samples_per_s": cfg.batch_size * world / dt}
-            line = (f"step {step + 1:7d} | " + " | ".join(f"{k} {x:.4g}" for k, x in zip(parts, v))
-                    + f" | gnorm {v[-1]:.3f} | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step"
-                    + f" | {row['samples_per_s']:.0f} samples/s")
-            if cuda:
-                row["tflops"] = train_flops(mc) * row["samples_per_s"] / world / 1e12
-                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-                line += f" | {row['tflops']:.1f} TFLOP/s/GPU | peak {row['peak_mem_gb']:.1f} GB"
-            bar.write(line)
-            log(row)
-            t0, t_step = time.perf_counter(), step + 1
-    bar.close()
-    if world > 1:
-        dist.destroy_process_group()
+def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
+    # --- setup: processes, the run folder (locked; resumed when it holds a checkpoint), device and precision
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    run, main_proc = Path(cfg.out), rank == 0
+    with data.locked(run) if main_proc else contextlib.nullcontext():
+        cfg, mc, ckpt = resume(cfg, mc or WMConfig(), given)
+        meta = data.load_meta(cfg.data)
+        mc = wm.derive(mc, meta)
+        wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, no_features=not cfg.features)
+        device, ctx = data.setup(cfg.device, cfg.seed, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
+        if world > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        print({**asdict(cfg), **asdict(mc)})
+        # --- data and model
+        start = ckpt["step"] if ckpt else 0
+        train_loader, val_loader, stats_loader, input_of = make_loaders(cfg, mc, device, start, rank, world)
+        raw, model, opt = build(cfg, mc, ckpt, device, world)
+        stats = ckpt["stats"] if ckpt else {k: meta[k] for k in ("action_mean", "action_std", "proprio_mean", "proprio_std")}
+        data.atomic_write(run / "config.json", {"train": asdict(cfg), "model": asdict(mc)}) if main_proc else None
+        log = run_logger(run, cfg, mc) if main_proc else (lambda row: None)
+
+        # --- the loop
+        parts = ["loss", "pred_loss", "visual_loss"] + (["commit_loss"] if mc.variant == "vq" else [])
+        first_bad = torch.full((len(parts),), -1, device=device)  # first step at which each part was non-finite
+        it, t0, t_step = iter(train_loader), time.perf_counter(), start
+        bar = tqdm(total=cfg.steps, initial=start, disable=None if main_proc else True, unit="step")
+        for step in range(start, cfg.steps + 1):
+            last = step == cfg.steps
+            # evaluate and checkpoint (the checkpoint holds the weights after `step` updates)
+            if (step % cfg.eval_every == 0 or last) and not (ckpt and step == start):
+                check_finite(first_bad, parts, run / "ckpt.pt")  # host sync; runs before anything is written
+                if main_proc:
+                    metrics = evaluate(raw, val_loader, input_of, device, ctx, cfg.seed)
+                    stats.update(latent_stats(raw, stats_loader, input_of, ctx) if mc.variant != "baseline" else {})
+                    save(run, raw, opt, step, cfg, mc, stats, meta, device)
+                    log({"step": step, **metrics})
+                    bar.write(f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                if world > 1:
+                    dist.barrier()
+                t0, t_step = time.perf_counter(), step  # validation is not part of the throughput
+            if last:
+                break
+            # train step
+            batch = next(it)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(step, cfg)
+            with ctx:
+                out = model(input_of(batch), batch["action"].to(device), batch["proprio"].to(device))
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or math.inf)
+            opt.step()
+            vals = torch.stack([out[k].detach().float() for k in parts] + [gnorm.float()])  # stays on the device
+            first_bad = torch.where(~torch.isfinite(vals[:-1]) & (first_bad < 0), step, first_bad)
+            bar.update(1)
+            if device.type == "cuda" and step == start and main_proc:
+                torch.cuda.synchronize()  # one-off sync: compile + first step reported apart from the throughput
+                bar.write(f"first step (compile, warm-up): {time.perf_counter() - t0:.1f} s")
+                t0, t_step = time.perf_counter(), step + 1
+            # logging
+            if (step + 1) % cfg.log_every == 0 and main_proc:
+                values = vals.tolist()  # host sync point: the only one per log interval
+                check_finite(first_bad, parts, run / "ckpt.pt")
+                dt = (time.perf_counter() - t0) / max(1, step + 1 - t_step)
+                row, line = log_line(step + 1, parts + ["grad_norm"], values, dt, cfg, mc, world, device)
+                bar.write(line), log(row)
+                t0, t_step = time.perf_counter(), step + 1
+        bar.close()
+        if world > 1:
+            dist.destroy_process_group()
     return raw
 
 
+def save(run, raw, opt, step, cfg, mc, stats, meta, device):
+    """ckpt.pt, atomically: the uncompiled weights, optimiser, step, configs, statistics, the dataset's fingerprint
+    and where it was (absolute, and relative to the run folder, so a run moved together with its data still finds
+    it), and the RNG state for exact resume."""
+    root = Path(cfg.data).resolve()
+    rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+    data.atomic_write(run / "ckpt.pt", {
+        "format": CKPT_FORMAT, "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        "model_config": asdict(mc), "train_config": asdict(cfg), "stats": stats, "rng": rng,
+        "data": {"root": str(root), "relative": os.path.relpath(root, run.resolve()), "fingerprint": meta["fingerprint"]},
+        "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
+
+
+def run_logger(run, cfg, mc):
+    """log(row): one JSON line in RUN/log.jsonl (and wandb with --wandb)."""
+    wb = None
+    if cfg.wandb:
+        import wandb  # optional dependency, imported only when asked for
+        wb = wandb.init(project="dinowm-latent-actions", name=run.name, config={**asdict(cfg), **asdict(mc)})
+
+    def log(row):
+        with open(run / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if wb is not None:
+            wb.log(row, step=row["step"])
+    return log
+
+
 if __name__ == "__main__":
-    main(*parse_config(TrainConfig, WMConfig))
+    data.cli(main, TrainConfig, WMConfig, doc=__doc__)

@@ -1,32 +1,44 @@
-"""World model: DINO-WM's frame-causal ViT predictor over frozen DINOv2 patch tokens, conditioned per frame on
-ground-truth actions (`baseline`), continuous latent actions from an inverse dynamics model (`la`), or their
-EMA vector-quantised codes (`vq`) (spec/method.md s2-s7). Holds no encoder: every input is DINO tokens.
+"""World model: DINO-WM's frame-causal ViT predictor over per-frame tokens, conditioned per frame on ground-truth
+actions (`baseline`), continuous latent actions from an inverse dynamics model (`la`), or their EMA
+vector-quantised codes (`vq`); plus the token sources and the run folder every later stage reads.
 
-Reads: RUN/ckpt.pt via load_run (written by train.py). Writes nothing.
-Used by: train.py (WorldModel.forward), decode.py, plan.py (rollout, plan_to_cond), eval.py (diagnostics).
+Token sources (--tokens): `state`, one token per frame computed from the simulator state (state_tokens); `dinov2`,
+DINO-WM's frozen DINOv2 patch tokens (cached by dino.py encode, or computed on the fly); `jepa`, a pixel encoder
+trained with the predictor. The predictor, IDM, VQ and planners see only tokens (B, T, P, D), whatever the source.
+Reads RUN/ckpt.pt (load_run; written by train.py). Writes nothing.
 Tensor contract: forward(z (B, num_hist+1, P, D), action (B, T, A), proprio (B, T, 4)) -> dict of losses;
 rollout(z0 (B, P, D), cond (B, H, C)) -> (B, H, P, D).
-GPU: python train.py --data DIR --variant vq --out runs/vq                  (wall-clock: not yet measured)
-CPU: python -m pytest -q tests_wm.py                                         (tiny sizes, seconds)
+GPU: python train.py --data DIR --variant vq --out runs/vq                  (model code; timings in train.py)
+CPU: python -m pytest -q test_all.py -k wm                                    (tiny sizes, seconds)
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+import dino
+from data import UserError, require
+
 
 @dataclass
 class WMConfig:
-    variant: str = "baseline"  # conditioning: baseline (action labels), la (IDM latents), vq (IDM + EMA VQ codes)
+    variant: Literal["baseline", "la", "vq"] = "baseline"  # conditioning: action labels, IDM latents, or IDM + VQ codes
+    tokens: Literal["state", "dinov2", "jepa"] = "dinov2"  # token source: simulator state, frozen DINOv2, trained pixels
+    dino_name: str = "dinov2_vits14"  # frozen encoder for --tokens dinov2; DINO-WM conf/encoder/dino.yaml ViT-S/14
+    dino_size: int = 196  # encoder input side in px (224 resized to 196 -> 14x14 patches, DINO-WM)
+    img_size: int = 0  # render size in px for pixel tokens, 0 = the dataset's img_size
     num_hist: int = 1  # context frames seen by the predictor; seed 1, DINO-WM 3
     frameskip: int = 5  # env steps per macro step; DINO-WM and seed 5
-    action_dim: int = 10  # A, macro-action width = 2 * frameskip (train.py derives it)
-    visual_dim: int = 384  # D, DINO patch-token width (ViT-S/14: 384; train.py derives it)
-    num_patches: int = 196  # P, patches per frame ((196 px / 14)^2; train.py derives it)
+    action_dim: int = field(default=10, metadata={"derived": True})  # A, macro-action width = 2 * frameskip (train.py derives it)
+    visual_dim: int = field(default=384, metadata={"derived": True})  # D, token width (DINOv2 ViT-S/14: 384; state: 12; train.py derives it)
+    num_patches: int = field(default=196, metadata={"derived": True})  # P, tokens per frame ((196 px / 14)^2 for DINOv2, 1 for state; train.py derives it)
     cond_dim: int = 32  # C, per-frame conditioning width; seed 32, DINO-WM's action embedding 10
     proprio: bool = False  # DINO-WM's proprio channels (Linear(4 -> proprio_dim) tiled); the seed drops them
     proprio_dim: int = 10  # proprio embedding width; DINO-WM 10
@@ -44,11 +56,46 @@ class WMConfig:
     commitment: float = 0.05  # beta, commitment loss weight; seed 0.05
     ema_decay: float = 0.99  # gamma, EMA decay of the codebook statistics; seed 0.99
 
+    def __post_init__(self):
+        data.check_choices(self)
+        require(min(self.num_hist, self.frameskip, self.cond_dim, self.depth, self.heads, self.dim_head, self.mlp_dim,
+                    self.idm_depth, self.idm_heads, self.idm_mlp_dim, self.latent_dim, self.num_codes) >= 1,
+                "model sizes (--num-hist, --depth, --heads, --cond-dim, --idm-*, --latent-dim, --num-codes ...) must be >= 1")
+        require(self.idm_dim % self.idm_heads == 0, f"--idm-dim {self.idm_dim} must be a multiple of --idm-heads")
+        require(0 <= self.dropout < 1 and 0 < self.ema_decay < 1 and self.commitment >= 0,
+                "--dropout in [0, 1), --ema-decay in (0, 1), --commitment >= 0")
+        require(self.variant == "baseline" or self.latent_dim == self.cond_dim,
+                f"--latent-dim {self.latent_dim} must equal --cond-dim {self.cond_dim}: la/vq condition on the latent")
+        require(self.dino_size % dino.PATCH == 0, f"--dino-size {self.dino_size} must be a multiple of {dino.PATCH}")
+        require(self.dino_name.removesuffix("_reg") in dino.ARCHS, f"--dino-name {self.dino_name!r}: choose one of "
+                f"{', '.join(dino.ARCHS)} (optionally + _reg)")
 
-# Shape legend: B batch, T frames, P patches, D DINO width, A macro action, C conditioning, L latent action,
-# K codes, H horizon, N flattened transitions, W predictor token width = D + proprio_dim + C, S tokens per frame.
-PROPRIO_IN = 4  # [agent_x, agent_y, agent_vx, agent_vy], z-scored by data.py (pusht.md s12)
-CKPT_FORMAT = "dinowm-la-v1"  # ckpt.pt "format"; bump when the checkpoint layout changes
+
+# Shape legend: B batch, T frames, P tokens per frame, D token width, A macro action, C conditioning, L latent action,
+# K codes, H horizon, N flattened transitions, W predictor token width = D + proprio_dim + C, S tokens of the IDM.
+PROPRIO_IN = 4  # [agent_x, agent_y, agent_vx, agent_vy], z-scored by data.py (DINO-WM datasets/pusht_dset.py)
+CKPT_FORMAT = "dinowm-la-v2"  # ckpt.pt "format"; bumped when the checkpoint layout changes
+# State tokens: positions in units of UNIT px, and the angle scaled so that 20 deg counts like 20 px (the success
+# radii of DINO-WM's eval_state), so the planner's latent MSE weighs position and angle as the success test does.
+UNIT = 100.0
+ANGLE = 20.0 / UNIT / math.radians(20.0)  # cos/sin of the angle times this: a small turn of 20 deg moves them 0.2
+SPEED = 1000.0  # px/s per unit: velocities inform the dynamics but weigh little in the planning cost
+
+
+def state_tokens(s):
+    """One token per frame from one frame's simulator state only, never the action: (..., 7) -> (..., 1, 12).
+
+    World frame: agent xy, block xy (centred, / UNIT) and the angle as ANGLE * (cos, sin), which has no wrap-around.
+    Block frame (rotated by -angle): the agent's position relative to the block and its velocity. These make contact
+    local: the same push from the same side looks the same wherever the T is and however it is turned. Plus the
+    agent's velocity in the world frame (the PD controller carries it over from one step to the next)."""
+    s = torch.as_tensor(s, dtype=torch.float32)
+    agent, block, th, vel = s[..., 0:2], s[..., 2:4], s[..., 4], s[..., 5:7]
+    c, sn = th.cos(), th.sin()
+    rot = lambda v: torch.stack([c * v[..., 0] + sn * v[..., 1], c * v[..., 1] - sn * v[..., 0]], -1)  # noqa: E731
+    z = torch.cat([(agent - 256) / UNIT, (block - 256) / UNIT, ANGLE * torch.stack([c, sn], -1),
+                   rot(agent - block) / UNIT, rot(vel) / SPEED, vel / SPEED], -1)  # (..., 12)
+    return z[..., None, :]  # (..., 1, 12)
 
 
 def frame_causal_mask(num_patches, num_frames):
@@ -113,7 +160,7 @@ class ViTPredictor(nn.Module):
         self.layers = nn.ModuleList(nn.ModuleList([Attention(dim, heads, dim_head, dropout),
                                                    FeedForward(dim, mlp_dim, dropout)]) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        # A buffer built from the arguments (fixes defect 13: upstream keeps it in a module global).
+        # A buffer built from the arguments (upstream keeps it in a module global, moved to CUDA at construction).
         self.register_buffer("mask", frame_causal_mask(num_patches, num_frames), persistent=False)
 
     def forward(self, x):
@@ -166,10 +213,10 @@ class IDMBlock(nn.Module):
 
 
 class IDM(nn.Module):
-    """Inverse dynamics model: AdaWorld's latent-action encoder without its decoder (method.md s4.3).
+    """Inverse dynamics model: AdaWorld's latent-action encoder (models/lam.py) without its decoder.
 
     Default depth 4 instead of the seed's 12: at 12 x 384 the IDM costs ~23.7 GFLOPs per pair, 2.6x the
-    predictor's ~9 (method.md s4.3, s9.1), although it only has to read the agent's displacement between two
+    predictor's ~9 (both counted from the layer sizes), although it only has to read the agent's displacement between two
     frames. Every block already mixes the two frames (temporal attention) after a full spatial attention,
     so 4 rounds of cross-frame exchange suffice to locate the agent and compare; that makes the IDM cost ~7.9
     GFLOPs, below the predictor, and speeds a training step ~1.9x. TODO: ablate 4 vs 12 on GPU
@@ -197,8 +244,10 @@ class IDM(nn.Module):
 class VectorQuantizer(nn.Module):
     """EMA vector quantiser (seed models/vq_ema.py, one code per transition), fp32 statistics, DDP-consistent.
 
-    Fixes: the EMA state is initialised consistently from the first training batch (defect 2), and a dead code
-    is restarted together with its statistics m_k = x, n_k = 1 (defect 3). Under torch.distributed the counts
+    Two fixes of the seed: the EMA state is initialised consistently from the first training batch (the seed starts
+    cluster_size at 0 next to embedding_avg = E, so its first update inflates every used code ~25x and kills the rest),
+    and a dead code is restarted together with its statistics m_k = x, n_k = 1 (the seed resets only E_k, which the
+    next update overwrites with the stale m_k / n_k). Under torch.distributed the counts
     and sums are all-reduced and restart candidates come from rank 0, so every replica keeps the same codebook.
     """
 
@@ -218,7 +267,7 @@ class VectorQuantizer(nn.Module):
         cand = x[idx].contiguous()  # (K, L)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(cand, 0)
-        # First training batch (branch-free, so no host sync): E = m = K encoder outputs, n = 1 (fixes defect 2).
+        # First training batch (branch-free, so no host sync): E = m = K encoder outputs, n = 1 (consistent).
         fresh = ~self.initialised  # ()
         self.embedding.copy_(torch.where(fresh, cand, self.embedding))
         self.embedding_avg.copy_(torch.where(fresh, cand, self.embedding_avg))
@@ -240,7 +289,7 @@ class VectorQuantizer(nn.Module):
         n_tot = self.cluster_size.sum()
         s = ((self.cluster_size + 1e-6) / (n_tot + K * 1e-6) * n_tot).clamp_min(1e-6)  # (K,) Laplace smoothing
         self.embedding.copy_(self.embedding_avg / s[:, None])
-        # Dead code (s_k < 1e-3, ~690 unused steps after n_k = 1): restart it AND its statistics (fixes defect 3).
+        # Dead code (s_k < 1e-3, ~690 unused steps after n_k = 1): restart it AND its statistics.
         dead = (s < 1e-3)[:, None]  # (K, 1)
         self.embedding.copy_(torch.where(dead, cand, self.embedding))
         self.embedding_avg.copy_(torch.where(dead, cand, self.embedding_avg))
@@ -267,11 +316,8 @@ class WorldModel(nn.Module):
 
     def __init__(self, cfg: WMConfig):
         super().__init__()
-        if cfg.variant not in ("baseline", "la", "vq"):
-            raise ValueError(f"WMConfig.variant={cfg.variant!r}: expected baseline, la or vq")
-        if cfg.variant != "baseline" and cfg.latent_dim != cfg.cond_dim:
-            raise ValueError(f"latent_dim {cfg.latent_dim} != cond_dim {cfg.cond_dim}: la/vq condition on the latent")
         self.cfg = cfg
+        self.encoder = None  # the trained pixel encoder of --tokens jepa; frozen sources arrive as tokens
         self.obs_dim = cfg.visual_dim + (cfg.proprio_dim if cfg.proprio else 0)  # channels the loss covers
         # DINO-WM's ProprioceptiveEmbedding is Conv1d(k=1) over time, i.e. a per-frame Linear.
         self.proprio_encoder = nn.Linear(PROPRIO_IN, cfg.proprio_dim) if cfg.proprio else None
@@ -284,6 +330,10 @@ class WorldModel(nn.Module):
             self.quantizer = VectorQuantizer(cfg.num_codes, cfg.latent_dim, cfg.ema_decay, cfg.commitment)
         self.predictor = ViTPredictor(cfg.num_patches, cfg.num_hist, self.obs_dim + cfg.cond_dim, cfg.depth,
                                       cfg.heads, cfg.dim_head, cfg.mlp_dim, cfg.dropout)
+
+    def encode(self, x):
+        """What make_input gives -> tokens (B, T, P, D): the jepa encoder on frames; other sources are tokens already."""
+        return x if self.encoder is None else self.encoder(x)
 
     def embed_proprio(self, p):
         """(..., 4) normalised proprio -> (..., proprio_dim), or None without proprio."""
@@ -307,7 +357,7 @@ class WorldModel(nn.Module):
             return {"cond": self.action_encoder(action)}  # (B, T, C)
         u = self.latent_action_down(self.idm(z))  # (B, T, L)
         # Shift convention (seed): a_t = u[t+1], which has seen frames 0..t+1 through causal temporal attention.
-        # Only the T-1 real transitions a_0..a_{T-2} are quantised and counted (fixes defect 4).
+        # Only the T-1 real transitions a_0..a_{T-2} are quantised and counted (the seed also counts the copy).
         latent = u[:, 1:]  # (B, T-1, L)
         out = {"latent": latent}
         a = latent
@@ -319,14 +369,17 @@ class WorldModel(nn.Module):
         out["cond"] = torch.cat([a, a[:, -1:]], 1)  # (B, T, C)
         return out
 
-    def forward(self, z, action=None, proprio=None):
-        """z (B, num_hist+1, P, D), action (B, T, A), proprio (B, T, 4) -> dict of losses and diagnostics."""
-        n = self.cfg.num_hist
+    def forward(self, x, action=None, proprio=None):
+        """x: make_input's output for (B, num_hist+1) frames; action (B, T, A), proprio (B, T, 4) -> dict of losses,
+        diagnostics and the tokens z (B, T, P, D)."""
+        n, z = self.cfg.num_hist, self.encode(x)
         out = self.conditioning(z, action)
+        out["tokens"] = z
         obs = self.observe(z, proprio)  # (B, T, P, O)
         pred = self.predict(obs[:, :n], out["cond"][:, :n])  # (B, n, P, O): frames 1..n, teacher forced
         # Targets are detached: frozen DINO tokens, plus DINO-WM's quirky proprio target that comes from the same
-        # trainable proprio encoder (so only its input side learns; method.md s4.2).
+        # trainable proprio encoder (so only its input side learns; DINO-WM
+        # models/visual_world_model.py).
         target = obs[:, 1:].detach()  # (B, n, P, O)
         out["pred_loss"] = F.mse_loss(pred.float(), target.float())
         out["visual_loss"] = F.mse_loss(pred[..., :self.cfg.visual_dim].float(), z[:, 1:].float()).detach()
@@ -371,7 +424,7 @@ def _diagnostic_predictions(model, z, action, proprio, perms):
 
 
 def swap_score(model, z, action=None, proprio=None, num_perms=8, generator=None):
-    """Information-bypass score (method.md s7): fraction of (i, perm) where sample i, conditioned on A[perm(i)],
+    """Information-bypass score (the seed's collapse check): fraction of (i, perm) where sample i, conditioned on A[perm(i)],
     lands closer to target perm(i) than to its own (margin 1e-3 * median distance). High (> 0.65) = shortcut."""
     B = z.shape[0]
     perms = [torch.randperm(B, generator=generator).to(z.device) for _ in range(num_perms)]
@@ -386,7 +439,7 @@ def swap_score(model, z, action=None, proprio=None, num_perms=8, generator=None)
 
 
 def shuffle_delta(model, z, action=None, proprio=None, generator=None):
-    """Relative MSE increase when the conditioning is permuted within the batch (method.md s7). ~0 = ignored."""
+    """Relative MSE increase when the conditioning is permuted within the batch (the seed's check). ~0 = ignored."""
     perm = torch.randperm(z.shape[0], generator=generator).to(z.device)
     (base, shuf), tgt = _diagnostic_predictions(model, z, action, proprio, [None, perm])
     mse_base, mse_shuf = F.mse_loss(base, tgt), F.mse_loss(shuf, tgt)
@@ -400,15 +453,76 @@ def perplexity(codes, K):
     return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item(), int((counts == 0).sum())
 
 
-def load_run(run, device="cpu"):
-    """RUN/ckpt.pt -> (WorldModel in eval mode on device, checkpoint dict)."""
-    path = Path(run) / "ckpt.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train a model first with `python train.py --out {run} ...`")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {ckpt.get('format')!r}, this wm.py reads {CKPT_FORMAT!r}; "
-                         "retrain or use the matching code version")
-    model = WorldModel(WMConfig(**ckpt["model_config"])).to(device)
+def derive(mc, meta):
+    """Fill the config fields that follow from the token source and the dataset: A, D, P and the render size."""
+    if mc.tokens == "state":
+        require(mc.dino_size == 196 and mc.img_size == 0 and mc.dino_name == "dinov2_vits14",
+                "--dino-name, --dino-size and --img-size set pixel tokens (dinov2, jepa); this run uses --tokens state")
+        return replace(mc, action_dim=2 * mc.frameskip, visual_dim=12, num_patches=1)
+    width = dino.ARCHS[mc.dino_name.removesuffix("_reg")][0]  # the encoder's width, without building it
+    return replace(mc, action_dim=2 * mc.frameskip, visual_dim=width, num_patches=(mc.dino_size // dino.PATCH) ** 2,
+                   img_size=mc.img_size or meta["img_size"])
+
+
+def refuse_pixel_flags(mc, **flags):
+    """A state-token run refuses flags that only pixel tokens read (silently ignoring them would mislead)."""
+    given = [data.flag(k) for k, v in flags.items() if v]
+    require(mc.tokens != "state" or not given, f"{', '.join(given)} apply to pixel tokens (dinov2, jepa); this run "
+                                               "uses state tokens: drop them")
+
+
+def windows(mc, root, split, num_frames, dino_weights=None, features=True):
+    """A run's WindowDataset: states only for state tokens; for dinov2 the feature cache when one matches (written by
+    `dino.py encode` with the same encoder, size, weights and dataset), else frames."""
+    feats = dino.load_features(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size) \
+        if mc.tokens == "dinov2" and features else None
+    return data.WindowDataset(root, split, num_frames, mc.frameskip, mc.tokens != "state", mc.img_size, feats)
+
+
+def make_input(mc, device, dino_weights=None):
+    """The run's token source, frozen part: batch -> x, what WorldModel.encode reads. state: state_tokens(state);
+    dinov2: the cached features, or DINOv2 on the frames now; jepa: the frames themselves (its encoder is trained)."""
+    encoder = None
+
+    def input_of(batch):
+        nonlocal encoder
+        if mc.tokens == "state":
+            return state_tokens(batch["state"].to(device))  # (B, T, 1, 12)
+        if mc.tokens == "jepa":
+            return batch["obs"].to(device, non_blocking=True)  # (B, T, S, S, 3) uint8
+        if "feat" in batch:
+            return batch["feat"].to(device, non_blocking=True).float()  # (B, T, P, D)
+        encoder = encoder or dino.load_dinov2(mc.dino_name, dino_weights, device)  # built on first use only
+        obs = batch["obs"].to(device, non_blocking=True)  # (B, T, S, S, 3)
+        return dino.encode(encoder, obs.flatten(0, 1), mc.dino_size).unflatten(0, obs.shape[:2])  # (B, T, P, D)
+    return input_of
+
+
+def batch_of_states(states, mc):
+    """Simulator states (E, 7) -> a batch of one-frame windows for make_input: state, and frames for pixel tokens."""
+    batch = {"state": torch.as_tensor(np.asarray(states), dtype=torch.float32)[:, None]}  # (E, 1, 7)
+    if mc.tokens != "state":
+        batch["obs"] = torch.from_numpy(data.render_batch(np.asarray(states)[:, None], mc.img_size))  # (E, 1, S, S, 3)
+    return batch
+
+
+def load_run(run, device="cpu", data_dir=""):
+    """RUN/ckpt.pt -> (WorldModel in eval mode on device, checkpoint dict, dataset root). The dataset is --data when
+    given, else the stored path relative to the run folder (runs moved with their data), else the stored absolute
+    path; it must have the fingerprint the run was trained on."""
+    run = Path(run)
+    ckpt = data.load_pt(run / "ckpt.pt", f"train a model into {run} with `python train.py --out {run} ...`")
+    require(ckpt.get("format") == CKPT_FORMAT, f"{run}/ckpt.pt: format {ckpt.get('format')!r}, this wm.py reads "
+                                                f"{CKPT_FORMAT!r}; retrain it with this code")
+    mc = WMConfig(**ckpt["model_config"])
+    d = ckpt["data"]
+    roots = [Path(data_dir)] if data_dir else [run / d["relative"], Path(d["root"])]
+    root = next((r.resolve() for r in roots if (r / "meta.json").is_file()), None)
+    require(root is not None, f"{run} was trained on the dataset {d['root']} (fingerprint {d['fingerprint']}), which "
+                              f"is not there any more{' nor at ' + data_dir if data_dir else ''}; pass --data DIR")
+    fp = data.load_meta(root)["fingerprint"]
+    require(fp == d["fingerprint"], f"{root} (fingerprint {fp}) is not the dataset {run} was trained on (a "
+                                    f"{mc.tokens}-token run on {d['fingerprint']}); pass its --data")
+    model = WorldModel(mc).to(device)
     model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    return model.eval(), ckpt, root
