@@ -422,11 +422,11 @@ def collect(cfg):
                 val_fraction=cfg.val_fraction, policy=POLICY)
     if _existing(out, args):
         return
-    writable(out / "meta.json", "--out")
+    writable(out.parent / f".{out.name}.tmp-probe", "--out")  # the dataset is staged next to out
     job, seeds, t0 = functools.partial(collect_episode, steps=cfg.steps), range(cfg.seed, cfg.seed + cfg.episodes), time.time()
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         runs = pool.imap(job, seeds, chunksize=4) if pool else map(job, seeds)
-        episodes = list(tqdm(runs, total=cfg.episodes, desc="collect", unit="ep"))  # any worker count: same arrays
+        episodes = list(tqdm(runs, total=cfg.episodes, desc="collect", unit="ep", disable=None))  # any worker count: same arrays
     frames, dt = cfg.episodes * (cfg.steps + 1), time.time() - t0
     print(f"collected {cfg.episodes} episodes, {frames} frames in {dt:.1f} s: {frames / dt:.0f} frames/s with "
           f"{workers} worker(s) (states only: frames are rendered when read)")
@@ -502,7 +502,7 @@ def import_dinowm(cfg):
             splits[name] = dict(states=np.concatenate([states, vel], -1)[real], actions=act[real], lengths=lengths)
             if cfg.keep_frames:
                 frames = None
-                for i, start in enumerate(tqdm(np.cumsum(lengths) - lengths, desc=f"decode {name}", unit="ep")):
+                for i, start in enumerate(tqdm(np.cumsum(lengths) - lengths, desc=f"decode {name}", unit="ep", disable=None)):
                     ep = _decode_mp4(d / "obses", i, lengths[i])  # (T, S, S, 3)
                     if frames is None:  # the first video fixes the size (train's for both splits)
                         img_size = ep.shape[1] if name == "train" else img_size
@@ -803,18 +803,37 @@ def merge_resume(path, given, *pairs):
     return merged
 
 
+def dataset_of(folder, stored, data_dir="", what="run"):
+    """The dataset a run (or policy) folder was trained on: --data when given, else the stored path relative to the
+    folder (a folder moved together with its data), else the stored absolute path; its fingerprint must match."""
+    roots = [Path(data_dir)] if data_dir else [Path(folder) / stored["relative"], Path(stored["root"])]
+    root = next((r.resolve() for r in roots if (r / "meta.json").is_file()), None)
+    also = f" nor at {data_dir}" if data_dir else ""
+    require(root is not None, f"{folder} was trained on the dataset {stored['root']} (fingerprint "
+                              f"{stored['fingerprint']}), which is not there any more{also}; pass --data DIR")
+    fp = load_meta(root)["fingerprint"]
+    require(fp == stored["fingerprint"], f"--data {root} (fingerprint {fp}) is not the dataset the {what} {folder} was "
+                                         f"trained on ({stored['root']}, fingerprint {stored['fingerprint']})")
+    return root
+
+
 def writable(path, name):
-    """Fail before any work when the file `path` (given by flag `name`) could not be written."""
+    """Fail before any work when the file `path` (given by flag `name`) could not be written: its folder is made
+    (an empty folder is all a failure leaves) and a probe file written and removed there."""
     path = Path(path)
-    parent = next(p for p in [path.parent, *path.parent.parents] if p.exists())
     require(not path.is_dir(), f"{name} {path} is a folder; give a file path")
-    require(parent.is_dir() and os.access(parent, os.W_OK), f"{name} {path}: {parent} is not a writable folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise UserError(f"{name} {path}: cannot write there ({e.strerror}); choose another path") from None
 
 
 def atomic_write(path, obj):
     """Write path so that a reader (or a killed process) never sees half a file: a temp file, then a rename.
     obj: dict/list for .json, a dict of tensors for .pt, bytes, or a function that writes the temp path it gets."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # same suffix: cv2 picks video containers by it
     try:
         if callable(obj):
@@ -831,7 +850,6 @@ def atomic_write(path, obj):
 
 
 def write_png(path, img_bgr):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, cv2.imencode(".png", img_bgr)[1].tobytes())
 
 
@@ -846,15 +864,23 @@ def load_pt(path, rebuild):
 
 @contextlib.contextmanager
 def locked(folder):
-    """Hold folder/.lock (an OS lock, released when the process ends, even killed) while the block runs."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    with open(Path(folder) / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{folder} is in use by another process (a train.py or decode.py running in it); wait for "
-                            "it to finish or choose another --out") from None
-        yield
+    """Hold folder/.lock (an OS lock, released when the process ends, even killed) while the block runs. A folder
+    this call created is removed again when the block fails before writing anything else into it."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(folder / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"{folder} is in use by another process (a train.py or decode.py running in it); "
+                                "wait for it to finish or choose another --out") from None
+            yield
+    except BaseException:
+        if created and [p.name for p in folder.iterdir()] == [".lock"]:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -2,39 +2,43 @@
 
 The frozen eyes of DINO-WM: facebookresearch/dinov2's ViT-S/B/L/g (+ _reg) in plain PyTorch. The state_dict is
 key for key the official one (official .pth files load with strict=True) and forward_features equals the
-official model's, positional-embedding interpolation included (spec/dinov2.md).
+official model's, positional-embedding interpolation included. `encode` runs under its caller's precision context.
 Reads:  weights .pth (--dino-weights PATH, else <torch hub dir>/checkpoints/<official file>, else the official
         URL, downloaded once); for `encode`, a dataset DIR in data.py's layout.
 Writes: DIR/{split}/features.npy float16 (F, P, D) + features.json {name, size, weights, img_size, fingerprint,
-        frames, done}: resumable, and ignored by load_features unless complete and matching.
-GPU:    python dino.py encode --data runs/data --device cuda --workers 8    (H200 images/s: not yet measured)
+        frames, dtype, done, images_per_s, peak_gpu_gb}: resumable; refused up front when the disk cannot hold it.
+GPU:    python dino.py encode --data runs/full/data   (1.01M frames -> 152 GB of fp16 features; H200: not yet measured)
+        python dino.py encode --data runs/full/data --dry-run   (sizes, free disk and RAM, estimated GPU time)
 CPU:    python dino.py encode --data runs/quick/data --dino-weights random --size 28
         python dino.py check --weights ~/Downloads/dinov2_vits14_pretrain.pth   (22,056,576 params, shapes)
 """
-import argparse
-import dataclasses
-import inspect
+import contextlib
 import json
+import math
 import os
-import re
+import shutil
 import sys
 import time
-from contextlib import nullcontext
+import weakref
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
+from data import require
 
 
 @dataclass
-class Config:
+class EncodeConfig:
     data: str = ""  # dataset folder written by data.py (collect or import-dinowm); required
     split: str = "train,val"  # comma-separated splits to encode
     dino_weights: str = ""  # .pth file, "random" (meaningless, for tests), or "" = official file (hub cache/download)
@@ -42,21 +46,52 @@ class Config:
     size: int = 196  # encoder input side in px; DINO-WM resizes 224 -> 196 = 14x14 patches (visual_world_model.py)
     img_size: int = 0  # render size in px before that resize, 0 = the dataset's img_size (as train.py)
     batch_size: int = 256  # frames per forward pass; also the resumable chunk
-    workers: int = 0  # processes that render or read frames while the encoder runs (0 = in the main process)
-    device: str = "auto"  # auto | cpu | cuda (auto picks cuda when present)
-    overwrite: bool = False  # discard an existing cache written with other weights, size or name
+    workers: int = -1  # processes that render or read frames while the encoder runs; -1 = one per CPU core
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA: bf16 autocast, or fp32 with TF32 off (DINO-WM ran fp32)
+    overwrite: bool = False  # discard an existing cache written with other weights, size, name or precision
+    dry_run: bool = False  # print frames, cache size against free disk and RAM, FLOPs and GPU time; encode nothing
+    frames: int = 0  # for --dry-run before the dataset exists: frames to plan for (0 = count them in --data)
+
+    def __post_init__(self):
+        data.check_choices(self)
+        require(self.data, "dino.py encode needs --data DIR (a dataset folder written by data.py)")
+        require(self.size % PATCH == 0, f"--size must be a multiple of {PATCH} px, got {self.size}")
+        require(self.name.removesuffix("_reg") in ARCHS, f"--name {self.name!r}: choose one of {', '.join(ARCHS)} "
+                                                         "(optionally + _reg)")
+        require(set(self.split.split(",")) <= {"train", "val"}, f"--split {self.split!r}: train, val or train,val")
+        require(self.batch_size >= 1 and self.workers >= -1 and self.img_size >= 0 and self.frames >= 0,
+                "--batch-size must be >= 1, --workers >= -1, --img-size and --frames >= 0")
+
+
+@dataclass
+class CheckConfig:
+    weights: str = ""  # .pth file, "random", or "" = official file (hub cache/download)
+    name: str = "dinov2_vits14"  # model name, e.g. dinov2_vits14, dinov2_vitb14_reg
+    device: Literal["auto", "cpu", "cuda"] = "cpu"  # where to run the two test images
+
+    def __post_init__(self):
+        data.check_choices(self)
+        require(self.name.removesuffix("_reg") in ARCHS, f"--name {self.name!r}: choose one of {', '.join(ARCHS)} "
+                                                         "(optionally + _reg)")
 
 
 # Shapes: B batch, S image side (px), P patches = (size/14)^2, D width, R register tokens (0 or 4), N = 1 + R + P.
 PATCH = 14  # patch side in px (all DINOv2 hub models)
 GRID = 37  # side of the stored positional grid: the hub builds every model at img_size 518 = 37 * 14
-ARCHS = {  # name -> (width D, depth, heads of 64 dims, FFN); dinov2/hub/backbones.py, spec/dinov2.md s1
+ARCHS = {  # name -> (width D, depth, heads of 64 dims, FFN); dinov2/hub/backbones.py
     "dinov2_vits14": (384, 12, 6, "mlp"),
     "dinov2_vitb14": (768, 12, 12, "mlp"),
     "dinov2_vitl14": (1024, 24, 16, "mlp"),
     "dinov2_vitg14": (1536, 40, 24, "swiglu"),
 }
 BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
+DISK_RESERVE = 2 ** 30  # bytes a feature cache leaves free for checkpoints, logs and other writers
+# Dry runs (every stage's --dry-run): the GPU a recipe is planned for when none is visible, and the sustained rate
+# assumed for it. ASSUMPTION, not a measurement: ~30 % of the H200's 989 dense bf16 TFLOP/s (small 384-wide ViTs
+# rarely do better), ~60 % of its 67 fp32 TFLOP/s without TF32. `reproduce.sh gpu-check` measures the real rate.
+H200_BYTES = 139 * 2 ** 30  # what torch reports for one H200 (141 GB of HBM3e)
+ASSUMED_TFLOPS = {"bfloat16": 300, "float32": 40}
 
 
 def weights_file(name):
@@ -182,7 +217,8 @@ class DinoVisionTransformer(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: module._pos_cache.clear())
 
     def interpolate_pos_encoding(self, h0, w0):
-        """Positional table for an h0 x w0 patch grid: (1, 1 + h0 * w0, D), the CLS row first (spec/dinov2.md s3)."""
+        """Positional table for an h0 x w0 patch grid: (1, 1 + h0 * w0, D), the CLS row first (dinov2/models/
+        vision_transformer.py interpolate_pos_encoding)."""
         if (h0, w0) == (GRID, GRID):
             return self.pos_embed  # 518 x 518 input: the stored table, untouched
         key = (h0, w0, self.pos_embed.device)
@@ -232,7 +268,7 @@ def random_init_(model):
         for name, p in model.named_parameters():  # fixed order, so the draws are reproducible
             if name.endswith("bias"):
                 p.zero_()
-            elif p.ndim == 1:  # LayerNorm weights and LayerScale gammas: 1 (spec/dinov2.md s6)
+            elif p.ndim == 1:  # LayerNorm weights (torch init) and LayerScale gammas (hub init_values 1.0): 1
                 p.fill_(1.0)
             else:  # linear / conv weights and tokens: trunc-normal 0.02 as dinov2's init_weights_vit_timm
                 nn.init.trunc_normal_(p, std=0.02, generator=g)
@@ -250,8 +286,8 @@ def official_weights(name):
     try:
         torch.hub.download_url_to_file(url, str(path), progress=True)  # writes a temp file, then renames
     except OSError as e:  # offline, DNS, proxy or HTTP error (URLError is an OSError)
-        raise FileNotFoundError(
-            f"DINOv2 weights {file} are not on this machine and could not be downloaded ({e}).\n"
+        raise data.UserError(
+            f"DINOv2 weights {file} are not on this machine and could not be downloaded ({e}). "
             f"Fetch {url} elsewhere and put it at {path} (the torch hub cache), or pass "
             f"--dino-weights /path/to/{file}; --dino-weights random runs offline with a meaningless encoder."
         ) from e
@@ -269,29 +305,29 @@ def load_dinov2(name="dinov2_vits14", weights=None, device="cpu"):
         random_init_(model)
     else:
         path = Path(weights) if weights else official_weights(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"DINOv2 weights file {path} does not exist; pass --dino-weights PATH to an "
-                                    f"official {weights_file(name)}, or random")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("model", sd.get("state_dict", sd))  # unwrap training checkpoints
+        sd = data.load_pt(path, f"pass --dino-weights PATH to an official {weights_file(name)}, or random")
+        sd = sd.get("model", sd.get("state_dict", sd)) if isinstance(sd, dict) else sd  # unwrap training checkpoints
         try:
             model.load_state_dict(sd, strict=True)  # IMPORTANT: strict, so a LayerScale or key mismatch cannot hide
-        except RuntimeError as e:
-            raise ValueError(f"{path} does not hold {name} weights (wrong --name?): {str(e)[:600]}") from e
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise data.UserError(f"{path} does not hold {name} weights (wrong --dino-name?): {str(e)[:300]}") from e
     return model.eval().requires_grad_(False).to(device)
 
 
 def encode(model, frames, size=196):
-    """uint8 frames (B, S, S, 3) -> x_norm_patchtokens float32 (B, P, D) on the model's device."""
-    device = model.pos_embed.device
-    frames = torch.as_tensor(frames).to(device, non_blocking=True)  # move uint8: 4x fewer bytes than float
-    # bf16 on CUDA is a deviation: DINO-WM ran the encoder in fp32 (spec/dinov2.md s7, tolerances in s9)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with torch.inference_mode(), amp:
+    """uint8 frames (B, S, S, 3) -> x_norm_patchtokens float32 (B, P, D) on the model's device.
+
+    No autocast of its own: it runs in the caller's precision context (data.setup's ctx: bf16 autocast on CUDA by
+    default, a deviation from DINO-WM's fp32 encoder; fp32 with --dtype float32 / --no-bf16 and on the CPU)."""
+    frames = torch.as_tensor(frames).to(model.pos_embed.device, non_blocking=True)  # uint8: 4x fewer bytes than float
+    with torch.inference_mode():
         z = model.forward_features(preprocess(frames, size))["x_norm_patchtokens"]  # (B, P, D)
     # clone outside inference mode: inference tensors cannot be saved for backward by a predictor trained on them
     return z.float().clone()  # (B, P, D)
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The feature cache: DIR/{split}/features.npy (F, P, D) float16 + features.json, whose "done" counts the rows on disk.
 
 def cache_header(root, name, size, weights, img_size=None):
     """What a feature cache must match: encoder, its input size, weights, render size and the dataset itself."""
@@ -300,22 +336,123 @@ def cache_header(root, name, size, weights, img_size=None):
                 fingerprint=meta.get("fingerprint"))
 
 
+def encode_command(root, split, name, size, weights, img_size):
+    """The command that (re)builds a split's cache with these settings: for messages."""
+    given = (("name", name, EncodeConfig.name), ("size", size, EncodeConfig.size), ("dino-weights", weights, ""),
+             ("img-size", img_size, 0))
+    extra = [f"--{flag} {value}" for flag, value, default in given if value and value != default]
+    return " ".join(["python dino.py encode --data", str(root), "--split", split, *extra, "--overwrite"])
+
+
+def npy_problem(npy, frames, patches):
+    """Why npy cannot be a cache of `frames` rows of `patches` float16 tokens (missing, truncated, other shape), or
+    None. Reads the .npy header and the file size only."""
+    try:
+        with open(npy, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            offset = f.tell()
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    if dtype != np.float16 or len(shape) != 3 or shape[:2] != (frames, patches):
+        return f"holds {dtype} {shape}, not float16 ({frames}, {patches}, D)"
+    want = offset + math.prod(shape) * 2
+    size = Path(npy).stat().st_size
+    return None if size == want else f"{size:,} bytes instead of {want:,} (truncated?)"
+
+
 def load_features(root, split, name="dinov2_vits14", size=196, weights=None, img_size=None):
-    """The cached (F, P, D) float16 features as a read-only memmap, or None unless complete and matching."""
+    """The cached (F, P, D) float16 features as a read-only memmap; None unless complete and matching. A cache whose
+    header says complete but whose file is damaged (truncated, other shape, non-finite last row) is an error."""
     npy, js = Path(root) / split / "features.npy", Path(root) / split / "features.json"
     if not (npy.is_file() and js.is_file()):
         return None
     head = json.loads(js.read_text())
     if any(head.get(k) != v for k, v in cache_header(root, name, size, weights, img_size).items()):
         return None
-    return np.load(npy, mmap_mode="r") if head["done"] == head["frames"] else None  # (F, P, D)
+    if head["done"] != head["frames"]:
+        return None  # encoding stopped part-way: `dino.py encode` resumes it
+    fix = (f"rebuild it with `{encode_command(root, split, name, size, weights, img_size)}`, or train with "
+           "--no-features (DINOv2 on the fly)")
+    problem = npy_problem(npy, head["frames"], (size // PATCH) ** 2)
+    require(problem is None, f"{npy} is damaged: {problem}; {fix}")
+    feats = np.load(npy, mmap_mode="r")  # (F, P, D)
+    last = np.asarray(feats[-1], dtype=np.float32)  # (P, D): the row written last
+    require(np.isfinite(last).all() and last.any(), f"{npy} is damaged: its last row is not finite or all zero; {fix}")
+    return feats
 
 
-def write_json(path, obj):
-    """Atomic: a reader (or a resumed run) never sees a half-written header."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def precision(device, dtype):
+    """The encoder's precision as data.setup runs it: bf16 autocast only on CUDA."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "bfloat16" if cuda and dtype == "bfloat16" else "float32"
+
+
+def cache_plan(cfg, split, model_dim, dtype):
+    """Before any work: what encoding one split means -> dict(shape (F, P, D), head, done (rows to keep), need (bytes
+    still to allocate)). Refuses a cache written with other settings unless --overwrite; restarts a damaged one."""
+    root = Path(cfg.data)
+    npy, js = root / split / "features.npy", root / split / "features.json"
+    frames = len(data.load_split(root, split)["states"])  # also validates frames.npy when present
+    shape = (frames, (cfg.size // PATCH) ** 2, model_dim)  # (F, P, D)
+    head = {**cache_header(root, cfg.name, cfg.size, cfg.dino_weights or None, cfg.img_size), "frames": frames,
+            "dtype": dtype}  # the precision the rows are computed in
+    old = json.loads(js.read_text()) if js.is_file() and npy.is_file() else {}
+    diff = [f"{k} {old.get(k)!r} (asked: {v!r})" for k, v in head.items() if old.get(k) != v]
+    require(not old or not diff or cfg.overwrite, f"{js} was written with {', '.join(diff)}: give the same settings "
+                                                  "to resume it, or --overwrite to re-encode")
+    done = old["done"] if old and not diff and not cfg.overwrite else 0
+    problem = npy_problem(npy, frames, shape[1]) if done else None
+    if problem:
+        print(f"{npy}: {problem}; encoding {split} again from frame 0")
+        done = 0
+    allocated = npy.stat().st_blocks * 512 if npy.is_file() else 0  # written blocks (a fresh cache is sparse)
+    need = math.prod(shape) * 2 + 4096 - (allocated if done else 0)  # a restart frees the old file's blocks first
+    return dict(shape=shape, head=head, done=done, need=need, freed=0 if done else allocated)
+
+
+def check_disk(root, plans):
+    """Refuse up front, never part-way: the caches of every split must fit in the free disk space (minus a reserve)."""
+    need = sum(p["need"] for p in plans.values())
+    free = shutil.disk_usage(root).free + sum(p["freed"] for p in plans.values())
+    print(f"disk: the feature cache needs {need / 1e9:.1f} GB more, {free / 1e9:.1f} GB are free under {root}")
+    require(need + DISK_RESERVE <= free, f"the feature cache needs {need / 1e9:.1f} GB more disk under {root}, only "
+            f"{free / 1e9:.1f} GB are free (keeping {DISK_RESERVE / 2**30:.0f} GiB spare): free space, or skip the "
+            "cache and train with --no-features (DINOv2 then runs on every batch; train.py --dry-run says the cost)")
+
+
+def encode_split(model, cfg, split, plan, device, ctx):
+    """Encode the frames of one split not yet in DIR/{split}/features.npy, resuming at plan["done"]."""
+    root, (F_, P, D) = Path(cfg.data), plan["shape"]
+    npy, js, head, done = root / split / "features.npy", root / split / "features.json", plan["head"], plan["done"]
+    if done:
+        feats = np.load(npy, mmap_mode="r+")  # resume after an interruption
+    else:  # header first: a crash before the .npy exists leaves done = 0, which never trusts the old file
+        data.atomic_write(js, {**head, "done": 0})
+        feats = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(F_, P, D))
+    print(f"{split}: {F_} frames -> {npy} ({F_}, {P}, {D}) float16 = {F_ * P * D * 2 / 1e9:.2f} GB, {done} done before")
+    if done == F_:
+        return
+    spans = [(s, min(s + cfg.batch_size, F_)) for s in range(done, F_, cfg.batch_size)]
+    frames_of = partial(load_frames, root / split, data.load_split(root, split)["states"], head["img_size"])
+    workers = os.cpu_count() if cfg.workers < 0 else cfg.workers
+    loader = torch.utils.data.DataLoader(spans, batch_size=None, num_workers=workers, collate_fn=frames_of,
+                                         pin_memory=device.type == "cuda")  # rendering overlaps encoding
+    t0 = time.perf_counter()
+    with tqdm(total=F_ - done, unit="img", desc=split, disable=None) as bar:
+        for (start, stop), frames in zip(spans, loader):
+            with ctx:  # bf16 autocast on CUDA unless --dtype float32
+                feats[start:stop] = encode(model, frames, cfg.size).half().cpu().numpy()  # (n, P, D)
+            feats.flush()  # on disk before the header claims them
+            data.atomic_write(js, {**head, "done": stop})
+            bar.update(stop - start)
+    seconds = time.perf_counter() - t0  # includes rendering or reading frames: what a user waits for
+    speed = {"images_per_s": (F_ - done) / seconds, "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9
+             if device.type == "cuda" else None}
+    data.atomic_write(js, {**head, "done": F_, **speed})  # the measured speed, for `reproduce.sh gpu-check`
+    print(f"{split}: encoded {F_ - done} frames in {seconds:.1f} s: {speed['images_per_s']:.1f} images/s ({workers} "
+          f"loader workers)")
 
 
 def load_frames(split_dir, states, img_size, span):
@@ -327,52 +464,133 @@ def load_frames(split_dir, states, img_size, span):
     return torch.from_numpy(np.stack([data.render_state(s, img_size) for s in states[start:stop]]))  # (n, S, S, 3)
 
 
-def encode_split(model, cfg, split, device):
-    """Encode every frame of one split into DIR/{split}/features.npy, resuming from the header's "done" count."""
-    root = Path(cfg.data)
-    states = data.load_split(root, split)["states"]  # (F, 7); also validates frames.npy when present
-    npy, js = root / split / "features.npy", root / split / "features.json"
-    shape = (len(states), (cfg.size // PATCH) ** 2, model.embed_dim)  # (F, P, D)
-    head = {**cache_header(root, cfg.name, cfg.size, cfg.dino_weights or None, cfg.img_size), "frames": shape[0]}
-    old = json.loads(js.read_text()) if js.is_file() and npy.is_file() else {}
-    same = all(old.get(k) == v for k, v in head.items())
-    if old and not same and not cfg.overwrite:
-        raise ValueError(f"{js} was written for {old}, not {head}: pass --overwrite to re-encode")
-    if same and old["done"] > 0 and not cfg.overwrite:
-        done, feats = old["done"], np.load(npy, mmap_mode="r+")  # resume after an interruption
-    else:  # header first: a crash before the .npy exists leaves done = 0, which never trusts the old file
-        write_json(js, {**head, "done": 0})
-        done, feats = 0, np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=shape)
-    print(f"{split}: {shape[0]} frames -> {npy} {shape} float16, {done} done before")
-    if done == shape[0]:
-        return
-    spans = [(s, min(s + cfg.batch_size, shape[0])) for s in range(done, shape[0], cfg.batch_size)]
-    frames_of = partial(load_frames, root / split, states, head["img_size"])
-    loader = torch.utils.data.DataLoader(spans, batch_size=None, num_workers=cfg.workers, collate_fn=frames_of,
-                                         pin_memory=device.type == "cuda")  # rendering overlaps encoding
-    t0 = time.perf_counter()
-    with tqdm(total=shape[0] - done, unit="img", desc=split) as bar:
-        for (start, stop), frames in zip(spans, loader):
-            feats[start:stop] = encode(model, frames, cfg.size).half().cpu().numpy()  # (n, P, D)
-            feats.flush()  # on disk before the header claims them
-            write_json(js, {**head, "done": stop})
-            bar.update(stop - start)
-    seconds = time.perf_counter() - t0  # includes rendering or reading frames: what a user waits for
-    print(f"{split}: encoded {shape[0] - done} frames in {seconds:.1f} s: {(shape[0] - done) / seconds:.1f} images/s")
+# ---------------------------------------------------------------------------------------------------------------------
+# Cost estimates for every stage's --dry-run: FLOPs and peak memory of the real modules, counted on meta tensors
+# (shapes only, no data, no compute: the real batch size costs nothing), turned into GPU seconds at an assumed rate.
+# PeakMemory is a class only because torch's dispatch-mode API is one (as torch.utils.flop_counter's).
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of the tensors created while active (parameters and inputs excluded): a storage counts from the op
+    that makes it until the last tensor on it is freed. fp32 on meta tensors: an upper bound for bf16 autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.users = 0, 0, {}  # users: storage id -> live tensors on it
+
+    def _drop(self, key, nbytes):
+        self.users[key] -= 1
+        if self.users[key] == 0:
+            del self.users[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            key, nbytes = t.untyped_storage()._cdata, t.untyped_storage().nbytes()
+            if key not in self.users:
+                if key in inputs:
+                    continue  # a view of an input or a parameter: no new memory
+                self.users[key] = 0
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            self.users[key] += 1
+            weakref.finalize(t, self._drop, key, nbytes)
+        return out
 
 
-def resolve_device(name):
-    """--device: auto -> cuda when present, else cpu; the choice is printed."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    print(f"device: {device}")
-    return device
+def _tensors(x):
+    """The tensors in nested tuples, lists and dicts."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+    return [t for item in items for t in _tensors(item)]
 
 
-def check(name="dinov2_vits14", weights=None, device="cpu"):
+def measure(fn):
+    """(FLOPs, peak bytes of new tensors) of fn(): torch.utils.flop_counter counts matmuls, convolutions and
+    attention, forward and backward, as the real kernels would do them."""
+    with FlopCounterMode(display=False) as flops, PeakMemory() as memory:
+        fn()
+    return flops.get_total_flops(), memory.peak
+
+
+def gpu_budget():
+    """(bytes, words): the memory of this machine's GPU, else of the H200 the recipes are planned for."""
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        return total, f"this {torch.cuda.get_device_name(0)} ({total / 2**30:.0f} GiB)"
+    return H200_BYTES, f"an assumed H200 ({H200_BYTES / 2**30:.0f} GiB; no CUDA device here)"
+
+
+def available_ram():
+    """Bytes of RAM available to new work (Linux MemAvailable: free plus reclaimable page cache)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def report(stage, flops, gpu_bytes, disk_bytes=0, dtype="bfloat16", flag="", overhead_s=0.0):
+    """Check that gpu_bytes fit the GPU (else a UserError naming `flag`), then print the last line of a --dry-run in
+    the one format that `reproduce.sh full` adds up: FLOPs at the assumed rate, plus launch-bound seconds."""
+    budget, words = gpu_budget()
+    require(gpu_bytes <= 0.9 * budget, f"{stage} needs {gpu_bytes / 1e9:.1f} GB of GPU memory, more than 90 % of "
+                                       f"{words}: {flag or 'lower the batch size'}")
+    rate = ASSUMED_TFLOPS[dtype]
+    print(f"estimate {stage}: {flops / rate / 1e12 + overhead_s:.0f} GPU-s, {gpu_bytes / 1e9:.1f} GB GPU memory, "
+          f"{disk_bytes / 1e9:.2f} GB disk ({flops / 1e15:.1f} PFLOP at an assumed {rate} TFLOP/s {dtype} on {words}"
+          + (f"; + {overhead_s:.0f} s launch-bound" if overhead_s else "") + ")")
+
+
+def dry_run(cfg, model_dim):
+    """encode --dry-run: frames, cache size against free disk and RAM, encoder FLOPs and memory; loads no weights."""
+    root, P = Path(cfg.data), (cfg.size // PATCH) ** 2
+    if (root / "meta.json").is_file():
+        plans = {s: cache_plan(cfg, s, model_dim, precision(cfg.device, cfg.dtype)) for s in cfg.split.split(",")}
+        frames, img_size = sum(p["shape"][0] for p in plans.values()), cfg.img_size or data.load_meta(root)["img_size"]
+    else:
+        require(cfg.frames, f"--data {root} does not exist yet: collect it first, or pass --frames N to plan for it")
+        plans = {"all": dict(need=cfg.frames * P * model_dim * 2, freed=0, done=0)}
+        frames, img_size = cfg.frames, cfg.img_size or 224  # data.py collect renders 224 px by default
+    todo, size, ram = frames - sum(p["done"] for p in plans.values()), frames * P * model_dim * 2, available_ram()
+    with torch.device("meta"):
+        model = DinoVisionTransformer(cfg.name)
+    x = torch.zeros(cfg.batch_size, img_size, img_size, 3, dtype=torch.uint8, device="meta")  # (B, S, S, 3)
+    flops, peak = measure(lambda: encode(model, x, cfg.size))
+    print(f"{root}: {frames:,} frames, {todo:,} to encode at {img_size} px; {cfg.name} at {cfg.size} px: "
+          f"{flops / cfg.batch_size / 1e9:.2f} GFLOP per image (counted)")
+    print(f"feature cache: {frames:,} x {P} x {model_dim} x 2 bytes = {size / 1e9:.1f} GB; RAM available "
+          f"{ram / 1e9:.0f} GB" + (": the page cache can hold it" if size < ram else
+                                    ": larger than RAM, so training reads its rows from disk (fine on local NVMe)"))
+    check_disk(next(p for p in [root, *root.parents] if p.exists()), plans)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    report("encode", flops / cfg.batch_size * todo, weights + peak, size, cfg.dtype, flag="lower --batch-size")
+
+
+def main(cfg: EncodeConfig):
+    """Cache DINO patch features of a dataset (resumable; refused up front when the disk cannot hold them)."""
+    print(asdict(cfg))
+    model_dim = ARCHS[cfg.name.removesuffix("_reg")][0]
+    if cfg.dry_run:
+        return dry_run(cfg, model_dim)
+    device, ctx = data.setup(cfg.device, 0, cfg.dtype)
+    plans = {s: cache_plan(cfg, s, model_dim, precision(device.type, cfg.dtype)) for s in cfg.split.split(",")}
+    check_disk(cfg.data, plans)
+    if all(p["done"] == p["shape"][0] for p in plans.values()):
+        return print(f"{cfg.data}: the feature cache of {cfg.split} is complete")
+    model = load_dinov2(cfg.name, cfg.dino_weights or None, device)
+    for split, plan in plans.items():
+        encode_split(model, cfg, split, plan, device, ctx)
+
+
+def check(cfg: CheckConfig):
     """Print the parameter count and output shapes: a quick check that a weights file is the right one."""
-    device = resolve_device(device)
-    model = load_dinov2(name, weights, device)
-    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, weights {weights_tag(weights, name)}")
+    device, _ = data.setup(cfg.device)
+    model = load_dinov2(cfg.name, cfg.weights or None, device)
+    print(f"{cfg.name}: {sum(p.numel() for p in model.parameters()):,} parameters, weights "
+          f"{weights_tag(cfg.weights or None, cfg.name)}")
     for px in (224, 196):
         x = torch.linspace(-1, 1, 3 * px * px, device=device).reshape(1, 3, px, px)  # (1, 3, px, px)
         with torch.inference_mode():
@@ -380,38 +598,5 @@ def check(name="dinov2_vits14", weights=None, device="cpu"):
         print(f"  {px} px input: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in out.items() if v is not None))
 
 
-def main(cfg):
-    print(asdict(cfg))
-    if not cfg.data:
-        raise ValueError("dino.py encode needs --data DIR (a dataset folder written by data.py)")
-    if cfg.size % PATCH:
-        raise ValueError(f"--size must be a multiple of {PATCH} px, got {cfg.size}")
-    device = resolve_device(cfg.device)
-    model = load_dinov2(cfg.name, cfg.dino_weights or None, device)
-    for split in cfg.split.split(","):
-        encode_split(model, cfg, split, device)
-
-
-def parse_args(argv=None):
-    """`encode` flags come from Config (help = each field's trailing comment); `check` has its own three."""
-    helps = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
-    sub = p.add_subparsers(dest="command", required=True)
-    enc = sub.add_parser("encode", help="cache DINO patch features of a dataset", formatter_class=fmt)
-    for f in dataclasses.fields(Config):
-        kw = dict(action=argparse.BooleanOptionalAction) if f.type in (bool, "bool") else dict(type=type(f.default))
-        enc.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=helps.get(f.name, " "), **kw)
-    chk = sub.add_parser("check", help="print parameter count and output shapes", formatter_class=fmt)
-    chk.add_argument("--weights", default="", help='.pth file, "random", or "" = official file (hub cache/download)')
-    chk.add_argument("--name", default=Config.name, help="model name, e.g. dinov2_vits14, dinov2_vitb14_reg")
-    chk.add_argument("--device", default="cpu", help="auto | cpu | cuda")
-    return p.parse_args(argv)
-
-
 if __name__ == "__main__":
-    args = vars(parse_args())
-    if args.pop("command") == "check":
-        check(args["name"], args["weights"] or None, args["device"])
-    else:
-        main(Config(**args))
+    data.cli(None, doc=__doc__, commands={"encode": (main, EncodeConfig), "check": (check, CheckConfig)})

@@ -40,6 +40,7 @@ class EvalConfig:
     windows: int = 600  # seeded val windows per metric (R = 600 draws as the seed's evaluator), capped at what exists
     horizon: int = 5  # open-loop rollout horizon in macro steps (the planning horizon)
     probe_windows: int = 5000  # train windows fitting the linear probe latent action -> true action
+    gap_tasks: int = 50  # jepa runs: open-loop val tasks planned for the exploitation gap (0 = skip it)
     batch_size: int = 64  # windows per batch; swap score and shuffle delta use the seed's batch of 64
     plot: str = ""  # rollout-error PNG; "" = next to --out as <out stem>_rollout.png
     workers: int = -1  # loader processes rendering frames (pixel tokens without a cache); -1 = one per CPU core
@@ -60,6 +61,7 @@ class EvalConfig:
 COLOURS = [(200, 80, 30), (40, 140, 40), (30, 30, 200), (150, 60, 150), (0, 140, 200), (90, 90, 90)]
 # Columns of the success table, in reading order: the floor, the policies, the world models, the ceilings.
 COLUMNS = ["random", "gcbc", "iql", "baseline", "la", "vq", "ceiling", "replay"]
+GAP_OPT_STEPS = 10  # CEM iterations of the exploitation-gap plans: the budget of the CPU open-loop plan.py commands
 
 
 def summarize(x):
@@ -175,9 +177,42 @@ def evaluate_run(run, cfg, device):
         codes, K = torch.cat(codes), mc.num_codes
         out["perplexity"], out["dead_codes"] = wm.perplexity(codes, K)
         out.update(num_codes=K, code_usage=torch.bincount(codes, minlength=K).tolist())
+    if mc.tokens == "jepa":
+        out.update(jepa_report(model, ckpt, root, input_of, cfg, device))
     out["seconds"] = time.time() - t0
     print(f"{run}: evaluated in {out['seconds']:.1f} s")
     return out
+
+
+@torch.no_grad()
+def jepa_report(model, ckpt, root, input_of, cfg, device):
+    """jepa runs: collapse statistics of val-frame tokens (wm.token_stats), linear probes of agent xy, block xy and
+    angle (cos, sin) from one frame's tokens (fitted on train frames, scored on val frames), and for baseline runs the
+    exploitation gap on open-loop val tasks: the model's cost of the plan its planner finds (plan.py's Gaussian CEM,
+    300 samples, top 30, GAP_OPT_STEPS iterations) against its cost of the recorded actions that reach the goal."""
+    mc = model.cfg
+
+    def tokens(split, n):  # one frame per window: (N, 1, D) tokens, (N, 6) probe targets
+        zy = [(model.encode(input_of(b))[:, 0].float().cpu(), wm.probe_targets(b["state"][:, 0]))
+              for b in batches(wm.windows(mc, root, split, 1), n, cfg, device, f"jepa tokens ({split})")]
+        return torch.cat([t[0] for t in zy]), torch.cat([t[1] for t in zy])
+    (zf, yf), (zv, yv) = tokens("train", cfg.probe_windows), tokens("val", cfg.windows)
+    out = {**wm.token_stats(zv), **wm.probe_r2(zf, yf, zv, yv), "token_dim": zv[0].numel()}
+    if mc.variant != "baseline" or cfg.gap_tasks == 0:
+        return out  # la/vq plan latents: no recorded plan to compare with
+    stats, tasks = ckpt["stats"], plan.make_tasks(root, "val", "open-loop", cfg.gap_tasks, cfg.seed, mc.img_size)
+    enc = lambda s: model.encode(input_of(wm.batch_of_states(s, mc)))[:, 0]  # noqa: E731  (E, P, D)
+    z0, zg = enc(tasks["start_state"]), enc(tasks["goal_state"])
+    p0 = plan.proprio_of(tasks["start_state"], stats, device) if mc.proprio else None  # (E, 4)
+    pg = model.embed_proprio(plan.proprio_of(tasks["goal_state"], stats, device)) if mc.proprio else None
+    true = torch.as_tensor(data.env_to_macro(tasks["actions"], stats["action_mean"], stats["action_std"]),
+                           dtype=torch.float32, device=device)  # (E, H, A) the recorded macro actions
+    mu = plan.cem_gaussian(lambda s: plan.rollout_cost(model, z0, zg, s, p0, pg), torch.zeros_like(true),
+                           torch.ones_like(true), opt_steps=GAP_OPT_STEPS,
+                           generator=torch.Generator(device).manual_seed(cfg.seed))  # (E, H, A)
+    c_plan, c_true = plan.exploitation_gap(model, z0, zg, mu, true, p0, pg)  # (E,) each
+    return {**out, "gap_cost_plan": summarize(c_plan.cpu()), "gap_cost_true": summarize(c_true.cpu()),
+            "gap_plan_cheaper": (c_plan < c_true).float().mean().item()}
 
 
 def decoder_summary(run, ckpt):
@@ -261,9 +296,24 @@ def metrics_markdown(metrics, horizon):
             (f"rollout curve h=1..{horizon}", lambda m: ", ".join(f"{c['mean']:.3g}" for c in m["rollout_curve"])),
             ("swap_score (flag > 0.65)", stat("swap_score_stats")), ("shuffle_delta (flag < 0.05)", stat("shuffle_delta_stats")),
             ("probe R² latent → action", stat("probe_r2")), ("perplexity / K", of_k("perplexity")),
-            ("dead codes / K", of_k("dead_codes")), ("decoder val RMSE (px/step)", decoder_cell)]
+            ("dead codes / K", of_k("dead_codes")), ("decoder val RMSE (px/step)", decoder_cell)] + jepa_rows()
+    cells = [(label, [f(m) for m in metrics.values()]) for label, f in rows]
     lines = ["| metric | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    return "\n".join(lines + [f"| {label} | " + " | ".join(f(m) for m in metrics.values()) + " |" for label, f in rows])
+    return "\n".join(lines + [f"| {label} | " + " | ".join(c) + " |" for label, c in cells if set(c) != {"–"}])
+
+
+def jepa_rows():
+    """Table rows of jepa runs (label, cell function); '–' for other token sources."""
+    has = lambda k, f: lambda m: f(m) if k in m else "–"  # noqa: E731
+    flag = lambda m: " **COLLAPSED**" if m["collapsed"] else ""  # noqa: E731
+    return [(f"jepa token std min / median (collapsed < {wm.COLLAPSE_STD})", has("collapsed", lambda m: (
+                f"{m['token_std_min']:.3g} / {m['token_std_median']:.3g}{flag(m)}"))),
+            ("jepa effective rank / D", has("effective_rank", lambda m: f"{m['effective_rank']:.1f} / {m['token_dim']}")),
+            ("jepa probe R² agent / block / angle", has("probe_agent", lambda m: " / ".join(
+                f"{m['probe_' + k]:.3f}" for k in wm.PROBE_GROUPS))),
+            ("jepa model cost: own plan vs true actions", has("gap_cost_plan", lambda m: (
+                f"{m['gap_cost_plan']['mean']:.3g} vs {m['gap_cost_true']['mean']:.3g} (plan cheaper on "
+                f"{m['gap_plan_cheaper']:.0%} of {m['gap_cost_plan']['n']} tasks)")))]
 
 
 def draw_curves(metrics, horizon, title, w=720, h=480):
@@ -306,14 +356,15 @@ def draw_curves(metrics, horizon, title, w=720, h=480):
 
 def main(cfg: EvalConfig):
     # --- setup
-    device, _ = data.setup(cfg.device, cfg.seed)
+    device, ctx = data.setup(cfg.device, cfg.seed)
     data.writable(cfg.out, "--out")
     names = [Path(r).name for r in cfg.run]
     names = names if len(set(names)) == len(names) else [str(r) for r in cfg.run]  # keep columns distinct
     # --- the success table first (cheap, and a bad --results file fails before any model work)
     success = success_table(cfg.results)
     # --- per-run metrics
-    metrics = {name: evaluate_run(run, cfg, device) for name, run in zip(names, cfg.run)}
+    with ctx:  # the precision the runs trained in (bf16 autocast on CUDA), the encoder included
+        metrics = {name: evaluate_run(run, cfg, device) for name, run in zip(names, cfg.run)}
     if len({m["dataset"] for m in metrics.values()}) > 1:
         print("WARNING: these runs were trained on different datasets (see the dataset row); their numbers are not "
               "comparable.")

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import dino
 import wm
 from data import PushT, UserError, is_success, load_split, macro_to_env, render_state, require
-from decode import load_decoder
+from decode import load_decoder, run_config
 
 
 @dataclass
@@ -61,6 +62,8 @@ class PlanConfig:
     dino_weights: str = ""  # DINOv2 weights override (path or random); "" = the run's own (pixel tokens only)
     compile: bool = True  # torch.compile the batched rollout-and-cost function on CUDA (never on CPU)
     bf16: bool = True  # bf16 autocast on CUDA, the encoder included; --no-bf16 = fp32 everywhere, TF32 off
+    allow_collapsed: bool = False  # plan even with a collapsed jepa encoder (median token std < wm.COLLAPSE_STD)
+    dry_run: bool = False  # print GPU time and memory of this planning run (FLOPs counted on meta tensors) and exit
 
     def __post_init__(self):
         data.check_choices(self)
@@ -79,6 +82,33 @@ GOAL_STEPS = 25  # env steps between start and goal (5 macro actions x frameskip
 MPC_BUDGET = 50  # env steps per episode under --protocol mpc (stable-worldmodel eval budget)
 PROTOCOL_EPISODES = {"open-loop": 100, "mpc": 50}  # seed n_evals 100; stable-worldmodel 50
 ANGLE_TOL = math.pi / 9  # success tolerances of DINO-WM's eval_state: 20 px (joint agent+block) and 20 deg
+
+
+@torch.inference_mode()
+def refuse_collapsed(model, input_of, tasks, run, allow=False):
+    """A jepa encoder that maps every frame to nearly one point makes the planner chase noise: refuse to plan with it
+    (UserError naming the run and the statistic) unless allow. -> wm.token_stats over the tasks' start and goal
+    frames (eval mode, as planning sees them), or None for frozen token sources."""
+    if model.encoder is None:
+        return None
+    states = np.concatenate([tasks["start_state"], tasks["goal_state"]])  # (2n, 7)
+    st = wm.token_stats(model.encode(input_of(wm.batch_of_states(states, model.cfg)))[:, 0].float().cpu())
+    require(allow or not st["collapsed"], f"{run}: its jepa encoder has collapsed: the median per-dimension token "
+            f"std over the {len(states)} start and goal frames is {st['token_std_median']:.2e} < {wm.COLLAPSE_STD} "
+            f"(effective rank {st['effective_rank']:.1f}); retrain it (train.py logs the statistic at every "
+            f"validation) or pass --allow-collapsed to plan anyway")
+    if st["collapsed"]:
+        print(f"WARNING: planning with a collapsed jepa encoder (median token std {st['token_std_median']:.2e})")
+    return st
+
+
+@torch.no_grad()
+def exploitation_gap(model, z0, zg, plan, true_plan, p0=None, pg=None, alpha=1.0, objective="last"):
+    """The model's cost of the planner's plan and of the recorded actions that reach the goal, per episode: a plan
+    far cheaper than the truth in the model's eyes (that does not reach the goal) is an error the planner exploits.
+    z0, zg (E, P, D); plan, true_plan (E, H, A) normalised macro actions -> cost_plan (E,), cost_true (E,)."""
+    cost = rollout_cost(model, z0, zg, torch.stack([plan, true_plan], 1), p0, pg, alpha, objective)  # (E, 2)
+    return cost[:, 0], cost[:, 1]
 
 
 def wilson(k, n, z=1.96):
@@ -411,23 +441,61 @@ def plan_prior(mc, la_prior, var_scale, H, stats, device):
     return mu.float().to(device).expand(H, -1), var_scale * sigma.float().to(device).expand(H, -1)  # (H, A|L)
 
 
+def probe(mc, cfg, E, device):
+    """Start/goal tokens (E, P, D) and zero plans (E, N, H[, A|L]) of the solve's shapes: for memory and FLOP counts."""
+    z = torch.zeros(E, mc.num_patches, mc.visual_dim, device=device)  # (E, P, D)
+    if mc.variant == "vq":
+        return z, torch.zeros(E, cfg.num_samples, cfg.horizon, dtype=torch.long, device=device)  # (E, N, H)
+    width = mc.cond_dim if mc.variant == "la" else mc.action_dim
+    return z, torch.zeros(E, cfg.num_samples, cfg.horizon, width, device=device)  # (E, N, H, A|L)
+
+
+def episode_memory(mc, cfg):
+    """Peak bytes of one episode's batched rollout_cost (N samples), counted on meta tensors (fp32: an upper bound)."""
+    with torch.device("meta"):
+        model = wm.WorldModel(mc).eval()
+    z, plan = probe(mc, cfg, 1, "meta")
+    p0, pg = (torch.zeros(1, 4, device="meta"), torch.zeros(1, mc.proprio_dim, device="meta")) if mc.proprio \
+        else (None, None)  # (1, 4) start proprio, (1, proprio_dim) goal embedding
+    with torch.no_grad():
+        return dino.measure(lambda: rollout_cost(model, z, z, plan, p0, pg, cfg.alpha, cfg.objective))
+
+
 def auto_batch(cfg, model, n, device):
-    """Episodes per solve (E): cfg.batch_episodes, else as many as fit: on CUDA, half the free memory divided by
-    the peak memory of one episode's batched rollout (measured); on the CPU all episodes."""
-    if cfg.batch_episodes or device.type != "cuda":
-        return min(n, cfg.batch_episodes or n)
-    mc = model.cfg
-    z = torch.zeros(2, mc.num_patches, mc.visual_dim, device=device)  # (E=2, P, D)
-    plan = torch.zeros(2, cfg.num_samples, cfg.horizon, *(() if mc.variant == "vq" else (mc.cond_dim if
-                       mc.variant == "la" else mc.action_dim,)), device=device, dtype=torch.long if mc.variant == "vq" else torch.float)
-    torch.cuda.synchronize(device), torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16):
-        rollout_cost(model, z, z, plan)
-    per_episode = (torch.cuda.max_memory_allocated(device) - base) / 2
-    E = max(1, min(n, int(0.5 * torch.cuda.mem_get_info(device)[0] / per_episode)))
-    print(f"batch episodes: {E} (one episode's rollout peaks at {per_episode / 1e9:.2f} GB)")
+    """Episodes per solve (E): cfg.batch_episodes, else as many as fit in half the free memory: on CUDA the measured
+    peak of a 2-episode batched rollout, on the CPU the peak counted on meta tensors against the available RAM."""
+    if cfg.batch_episodes:
+        return min(n, cfg.batch_episodes)
+    if device.type == "cuda":
+        z, plan = probe(model.cfg, cfg, 2, device)
+        torch.cuda.synchronize(device), torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16):
+            rollout_cost(model, z, z, plan)
+        per_episode, free = (torch.cuda.max_memory_allocated(device) - base) / 2, torch.cuda.mem_get_info(device)[0]
+    else:
+        per_episode, free = episode_memory(model.cfg, cfg)[1], dino.available_ram()
+    require(per_episode < 0.5 * free, f"one episode's {cfg.num_samples} samples need {per_episode / 1e9:.1f} GB, more "
+                                      f"than half of the {free / 1e9:.1f} GB free on {device}: lower --num-samples")
+    E = max(1, min(n, int(0.5 * free / max(per_episode, 1))))
+    print(f"batch episodes: {E} (one episode's rollout peaks at {per_episode / 1e9:.2f} GB; {free / 1e9:.0f} GB free)")
     return E
+
+
+def dry_run(cfg):
+    """--dry-run: FLOPs of every solve (rollout_cost over N samples x opt_steps, counted on meta tensors), episodes
+    per batch as auto_batch picks them on the planned GPU, GPU time and memory; no simulator, no weights."""
+    mc, _ = run_config(cfg.run)
+    n = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol]
+    solves = 1 if cfg.protocol == "open-loop" else math.ceil(MPC_BUDGET / (cfg.horizon * mc.frameskip))  # per episode
+    flops, per_episode = episode_memory(mc, cfg)
+    budget, words = dino.gpu_budget()
+    E = max(1, min(n, int(0.5 * budget / max(per_episode, 1))))
+    print(f"plan.py --dry-run: {mc.variant} {cfg.protocol}, {n} episodes x {solves} solve(s) of {cfg.num_samples} "
+          f"samples x {cfg.opt_steps} iterations, horizon {cfg.horizon}: {flops * cfg.opt_steps / 1e12:.0f} TFLOP per "
+          f"solve (counted); {E} episodes at once ({per_episode / 1e9:.2f} GB each, fp32 count)")
+    dino.report(f"plan-{mc.variant}-{cfg.protocol}", n * solves * cfg.opt_steps * flops, E * per_episode, 0,
+                "bfloat16" if cfg.bf16 else "float32", flag="pass --batch-episodes or lower --num-samples")
 
 
 def results_json(cfg, tasks, res, planner, variant, tokens, ref, extra):
@@ -493,6 +561,8 @@ def write_video(path, frames, hits, goal, side=256):
 
 def main(cfg: PlanConfig):
     # --- setup: the run (world model, decoder for la/vq), device and precision
+    if cfg.dry_run:
+        return dry_run(cfg)
     t_start = time.perf_counter()
     device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
     data.writable(cfg.out, "--out")
@@ -512,6 +582,7 @@ def main(cfg: PlanConfig):
 
     # --- the tasks, and the reference rows on the same tasks
     tasks = make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, mc.img_size or 224)
+    collapse = refuse_collapsed(model, input_of, tasks, cfg.run, cfg.allow_collapsed)  # jepa runs only
     ref = {**references(tasks, stats, budget, every_step, mc.img_size or 224, cfg.seed),
            **ceiling(tasks, cfg, stats, budget, every_step, mc.img_size or 224, Path(cfg.out).parent / "ceiling")}
 
@@ -548,7 +619,8 @@ def main(cfg: PlanConfig):
 
     # --- write RESULTS.json and the one-line summary
     results = results_json(cfg, tasks, res, planner, mc.variant, mc.tokens, ref, dict(
-        batch_episodes=E, budget=budget, device=str(device), data=str(root),
+        batch_episodes=E, budget=budget, device=str(device), data=str(root), token_stats=collapse,
+        peak_gpu_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         total_seconds=time.perf_counter() - t_start))
     data.atomic_write(cfg.out, results)
     print(summary(results, cfg.out))

@@ -3,21 +3,30 @@
 #   bash reproduce.sh quick [OUT]   CPU, <= 10 min on 2 cores (default OUT runs/quick): state tokens end to end, then a
 #                                   short pixel-path smoke (random DINOv2) under OUT/pixels/
 #   bash reproduce.sh state [OUT]   CPU, about an hour on 2 cores: the README's state-token table (100 open-loop tasks)
-#   bash reproduce.sh full  [OUT]   the seed paper's table with DINOv2 tokens on one GPU (default OUT runs/full)
+#   bash reproduce.sh full  [OUT]   the seed paper's table with DINOv2 tokens on one GPU (default OUT runs/full); it
+#                                   prints its plan first and stops (exit 2) if disk, RAM or GPU memory cannot hold it
+#   bash reproduce.sh full --dry-run [OUT]   only that plan: stages, sizes, feature mode, GPU memory and time (seconds)
+#   bash reproduce.sh gpu-check [OUT]        <= 5 min on one GPU: every CUDA path once, throughput -> OUT/gpu-check.json
 # Each finished stage leaves OUT/.done/<stage>; a re-run skips it, so an interrupted run picks up where it stopped.
 # Environment: DATA=DIR uses an existing dataset (e.g. `python data.py import-dinowm` output) instead of collecting;
-# DINO_WEIGHTS=PATH|random overrides the encoder of the pixel runs.
+# DINO_WEIGHTS=PATH|random overrides the encoder of the pixel runs; FEATURES=auto|cache|off (full): the DINOv2 feature
+# cache, or DINOv2 on every training batch (auto: the cache when the disk can hold it).
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=${1:-}
+dry=0
+if [ "$mode" = full ] && [ "${2:-}" = --dry-run ]; then dry=1; shift; fi
 case "$mode" in
-  quick|state|full) OUT=${2:-runs/$mode} ;;
-  *) echo "usage: bash reproduce.sh quick|state|full [OUT]" >&2; exit 2 ;;
+  quick|state|full|gpu-check) OUT=${2:-runs/$mode} ;;
+  *) echo "usage: bash reproduce.sh quick|state|full|gpu-check [OUT]  (or: full --dry-run [OUT])" >&2; exit 2 ;;
 esac
+PY=${PYTHON:-python3}
+if [ "$mode" = gpu-check ] && ! $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "gpu-check: no CUDA device is visible on this machine; nothing to check"; exit 0
+fi
 if [ -n "${DATA:-}" ] && [ ! -f "$DATA/meta.json" ]; then
   echo "error: DATA=$DATA is not a dataset folder (no meta.json); fix the path or unset DATA to collect one" >&2; exit 2
 fi
-PY=${PYTHON:-python3}
 mkdir -p "$OUT/.done" "$OUT/results" "$OUT/logs"
 : > "$OUT/.timings"
 
@@ -41,48 +50,169 @@ join() { for p in "${pids[@]}"; do wait "$p"; done; pids=(); }  # a failed stage
 # State tokens: one 12-number token per frame from the simulator state (wm.state_tokens), a small predictor and IDM.
 STATE_MODEL=(--tokens state --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --idm-depth 2 --idm-heads 4
              --idm-dim 64 --idm-mlp-dim 128 --batch-size 256 --lr-predictor 1e-3 --lr-action 1e-3 --lr-idm 1e-3
-             --val-batches 8 --stats-batches 20 --log-every 500)
-pipeline() {  # pipeline DIR DATA STEPS EPISODES_OPEN EPISODES_MPC CEILING_OPEN CEILING_MPC PAIRS [TRAIN FLAGS...]
-  local dir=$1 data=$2 steps=$3 n_open=$4 n_mpc=$5 c_open=$6 c_mpc=$7 pairs=$8; shift 8
-  for v in baseline la; do background "train-$v" $PY train.py --data "$data" --variant "$v" --out "$dir/$v" --steps "$steps" "$@"; done
+             --schedule cosine --val-batches 8 --stats-batches 20 --log-every 500 --eval-every 2000)
+state_pipeline() {  # DIR DATA: train (two at a time), decode, plan, the policies, eval; sizes from the arrays below
+  local dir=$1 data=$2 v a
+  local open=(--protocol open-loop --episodes ${N[0]} --ceiling-episodes ${N[1]} --opt-steps 10)
+  local mpc=(--protocol mpc --episodes ${N[2]} --ceiling-episodes ${N[3]} --opt-steps 10)
+  background train-baseline $PY train.py --data "$data" --variant baseline --out "$dir/baseline" --steps ${STEPS[0]} "${STATE_MODEL[@]}"
+  background train-la $PY train.py --data "$data" --variant la --out "$dir/la" --steps ${STEPS[1]} "${STATE_MODEL[@]}"
   join
-  background train-vq $PY train.py --data "$data" --variant vq --out "$dir/vq" --steps "$steps" "$@"
-  background decode-la $PY decode.py --run "$dir/la" --pairs "$pairs" --val-pairs $((pairs / 10))
+  background train-vq $PY train.py --data "$data" --variant vq --out "$dir/vq" --steps ${STEPS[1]} "${STATE_MODEL[@]}"
+  background decode-la $PY decode.py --run "$dir/la" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
   join
-  stage decode-vq $PY decode.py --run "$dir/vq" --pairs "$pairs" --val-pairs $((pairs / 10))
-  for v in baseline la vq; do
-    stage "plan-$v-open-loop" $PY plan.py --run "$dir/$v" --protocol open-loop --episodes "$n_open" --opt-steps 10 \
-      --ceiling-episodes "$c_open" --out "$dir/results/$v-open-loop.json"
-    stage "plan-$v-mpc" $PY plan.py --run "$dir/$v" --protocol mpc --episodes "$n_mpc" --opt-steps 10 \
-      --ceiling-episodes "$c_mpc" --out "$dir/results/$v-mpc.json"
+  background decode-vq $PY decode.py --run "$dir/vq" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
+  background train-gcbc $PY policy.py train --algo gcbc --data "$data" --tokens state --out "$dir/gcbc" --steps ${STEPS[3]}
+  join
+  background train-iql $PY policy.py train --algo iql --data "$data" --tokens state --out "$dir/iql" --steps ${STEPS[4]}
+  for v in baseline la vq; do  # the ceiling (simulator as the planner's model) is computed once and cached
+    stage "plan-$v-open-loop" $PY plan.py --run "$dir/$v" "${open[@]}" --out "$dir/results/$v-open-loop.json"
+    stage "plan-$v-mpc" $PY plan.py --run "$dir/$v" "${mpc[@]}" --out "$dir/results/$v-mpc.json"
   done
+  join
+  for a in gcbc iql; do
+    stage "policy-$a-open-loop" $PY policy.py eval --policy "$dir/$a" "${open[@]}" --out "$dir/results/$a-open-loop.json"
+    stage "policy-$a-mpc" $PY policy.py eval --policy "$dir/$a" "${mpc[@]}" --out "$dir/results/$a-mpc.json"
+  done
+  rm -f "$OUT/.done/eval"  # the table is cheap to rebuild and should reflect every result present
+  stage eval $PY eval.py --run "$dir/baseline" "$dir/la" "$dir/vq" --results "$dir"/results/*.json \
+    --out "$dir/metrics.json" --windows 600 --probe-windows 5000
 }
 
 if [ "$mode" = quick ] || [ "$mode" = state ]; then
   DATA=${DATA:-$OUT/data}
-  if [ "$mode" = quick ]; then S=(3000 50 50 10 6 20000); E=600; else S=(12000 100 50 20 10 100000); E=2000; fi
-  [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes $E --steps 100
-  pipeline "$OUT" "$DATA" "${S[@]}" "${STATE_MODEL[@]}"
-  rm -f "$OUT/.done/eval"  # the table is cheap to rebuild and should reflect every result present
-  stage eval $PY eval.py --run "$OUT/baseline" "$OUT/la" "$OUT/vq" --results "$OUT"/results/*.json \
-    --out "$OUT/metrics.json" --windows 600 --probe-windows 5000
+  if [ "$mode" = quick ]; then  # steps: baseline, la/vq, decoder pairs, gcbc, iql | tasks: open, its ceiling, mpc, its ceiling
+    EPISODES=600 STEPS=(3000 1600 20000 4000 2500) N=(50 8 50 4)
+  else
+    EPISODES=2000 STEPS=(12000 12000 100000 8000 8000) N=(100 20 50 10)
+  fi
+  [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes $EPISODES --steps 100
+  state_pipeline "$OUT" "$DATA"
 fi
 
 if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps at batch 64, 100k decoder pairs)
   DATA=${DATA:-$OUT/data}
   W=${DINO_WEIGHTS:-}
+  FEATURES=${FEATURES:-auto}
+  FRAMES=$((10000 * 101))  # what `data.py collect --episodes 10000 --steps 100` writes (only read before it exists)
+  TARGET=3600  # GPU-seconds the whole seed table should take on one H200
+  TRAIN=(--data "$DATA" --tokens dinov2 ${W:+--dino-weights "$W"})
+  PLANS=("open-loop 10" "mpc 30")  # protocol, CEM iterations: the seed's open loop ran 10, stable-worldmodel's mpc 30
+
+  dry() {  # dry NAME COMMAND...: the command's --dry-run in the background, output in OUT/plan/NAME.{txt,rc}
+    local name=$1; shift
+    (set +e; "$@" --dry-run > "$OUT/plan/$name.txt" 2>&1; echo $? > "$OUT/plan/$name.rc") &
+  }
+  full_plan() {  # every stage's own --dry-run (counted FLOPs and memory, no weights, no data needed), then the verdict
+    rm -rf "$OUT/plan"; mkdir -p "$OUT/plan"
+    echo "== plan of \`reproduce.sh full\` in $OUT: estimates from FLOPs counted on the real modules, not measurements"
+    [ -f "$DATA/meta.json" ] && echo "collect: $DATA exists" ||
+      echo "collect: 10000 episodes x 101 = $FRAMES frames into $DATA (CPU; ~65 MB of states, frames are rendered)"
+    FEAT=off
+    if [ "$FEATURES" != off ]; then
+      dry encode $PY dino.py encode --data "$DATA" --frames $FRAMES ${W:+--dino-weights "$W"}; wait
+      grep -v "^{" "$OUT/plan/encode.txt" | sed 's/^/  /' || true
+      if [ "$(cat "$OUT/plan/encode.rc")" = 0 ]; then FEAT=cache
+      elif [ "$FEATURES" = cache ]; then
+        echo "error: FEATURES=cache, but the feature cache cannot be written (above); FEATURES=auto or off" \
+             "trains with DINOv2 on every batch instead" >&2; exit 2
+      fi
+    fi
+    case "$FEAT-$FEATURES" in
+      cache-*) echo "feature mode: cache (FEATURES=$FEATURES; the disk holds it)" ;;
+      off-off) echo "feature mode: DINOv2 on every training batch (FEATURES=off)" ;;
+      *) echo "feature mode: DINOv2 on every training batch: \`dino.py encode\` refuses the cache (above)" ;;
+    esac
+    NOFEAT=$([ $FEAT = cache ] || echo --no-features)
+    for v in baseline la vq; do dry "train-$v" $PY train.py "${TRAIN[@]}" --variant $v --out "$OUT/$v" $NOFEAT; done
+    wait
+    for v in la vq; do dry "decode-$v" $PY decode.py --run "$OUT/$v"; done
+    for v in baseline la vq; do for p in "${PLANS[@]}"; do set -- $p
+      dry "plan-$v-$1" $PY plan.py --run "$OUT/$v" --protocol $1 --opt-steps $2 --out "$OUT/results/$v-$1.json"
+    done; done; wait
+    local stages=(train-baseline train-la train-vq decode-la decode-vq) bad=0
+    for v in baseline la vq; do for p in "${PLANS[@]}"; do set -- $p; stages+=("plan-$v-$1"); done; done
+    for name in "${stages[@]}"; do
+      grep -v "^{" "$OUT/plan/$name.txt" | sed 's/^/  /' || true
+      [ "$(cat "$OUT/plan/$name.rc")" = 0 ] || bad=1
+    done
+    [ $bad = 0 ] || { echo "error: a stage above does not fit (its error names the flag that changes it)" >&2; exit 2; }
+    echo "  eval: ~15k frames through DINOv2 and forward passes over 600 + 600 + 5000 windows: well under a minute"
+    echo "stage                      GPU-s  GPU memory  disk   (plan: auto_batch fills half the GPU by design)"
+    for name in encode "${stages[@]}"; do cat "$OUT/plan/$name.txt" 2>/dev/null || true; done |
+      awk -v target=$TARGET '/^estimate /{sub(":", "", $2); s += $3; d += $9
+                                          printf "  %-22s %7d %8.1f GB %5.1f GB\n", $2, $3, $5, $9}
+        END {printf "total: %d GPU-s = %.2f GPU-h on one H200 at the assumed rate (target %.1f GPU-h: %s), %.0f GB " \
+             "disk\n", s, s / 3600, target / 3600, s <= target ? "fits" : "OVER, see below", d
+             exit s > target}' && return
+    echo "Over the target. Nothing is changed silently; the levers, each a flag (the recipe is the seed's):"
+    echo "  - the feature cache (FEATURES=cache, needs the disk above): DINOv2 paid once per frame, not per batch"
+    echo "  - --idm-depth (la, vq): the IDM is about half of their world-model step; the seed's 12 costs 3x our 4"
+    echo "  - --steps (linear): 162k = 10 epochs of the seed's 10k-episode subset"
+    echo "  - mpc at --opt-steps 10 instead of 30 (the seed's open loop ran 10)"
+  }
+
+  full_plan
+  [ $dry = 1 ] && exit 0
+  $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" ||
+    { echo "error: reproduce.sh full needs a CUDA GPU; none is visible (\`state\`: the CPU table)" >&2; exit 2; }
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 10000 --steps 100
-  stage encode $PY dino.py encode --data "$DATA" ${W:+--dino-weights "$W"}
-  for v in baseline la vq; do
-    stage "train-$v" $PY train.py --data "$DATA" --variant "$v" --out "$OUT/$v" --tokens dinov2 ${W:+--dino-weights "$W"}
-  done
+  [ $FEAT = off ] || stage encode $PY dino.py encode --data "$DATA" ${W:+--dino-weights "$W"}
+  for v in baseline la vq; do stage "train-$v" $PY train.py "${TRAIN[@]}" --variant "$v" --out "$OUT/$v" $NOFEAT; done
   for v in la vq; do stage "decode-$v" $PY decode.py --run "$OUT/$v"; done
-  for v in baseline la vq; do  # the seed's open loop ran 10 CEM iterations, stable-worldmodel's mpc 30
-    stage "plan-$v-open-loop" $PY plan.py --run "$OUT/$v" --protocol open-loop --opt-steps 10 --out "$OUT/results/$v-open-loop.json"
-    stage "plan-$v-mpc" $PY plan.py --run "$OUT/$v" --protocol mpc --opt-steps 30 --out "$OUT/results/$v-mpc.json"
-  done
+  for v in baseline la vq; do for p in "${PLANS[@]}"; do set -- $p
+    stage "plan-$v-$1" $PY plan.py --run "$OUT/$v" --protocol $1 --opt-steps $2 --out "$OUT/results/$v-$1.json"
+  done; done
   rm -f "$OUT/.done/eval"
-  stage eval $PY eval.py --run "$OUT/baseline" "$OUT/la" "$OUT/vq" --results "$OUT"/results/*.json --out "$OUT/metrics.json"
+  stage eval $PY eval.py --run "$OUT/baseline" "$OUT/la" "$OUT/vq" --results "$OUT"/results/*.json \
+    --out "$OUT/metrics.json"
+fi
+
+if [ "$mode" = gpu-check ]; then  # one short run of every CUDA path: bf16, compile, DDP over NCCL, encode, CEM
+  W=${DINO_WEIGHTS:-random}  # the GPU box has no DINOv2 weights: speed only, the numbers mean nothing for quality
+  rm -rf "$OUT/.done" "$OUT/data" "$OUT/fast" "$OUT/ref" "$OUT/ddp"; mkdir -p "$OUT/.done"
+  VQ=(--data "$OUT/data" --variant vq --tokens dinov2 --dino-weights "$W" --val-batches 1 --stats-batches 1
+      --log-every 10)
+  stage collect $PY data.py collect --out "$OUT/data" --episodes 64 --steps 100
+  stage encode $PY dino.py encode --data "$OUT/data" --dino-weights "$W"  # bf16 autocast; images/s into features.json
+  stage train-optimised $PY train.py "${VQ[@]}" --out "$OUT/fast" --steps 80 --eval-every 80  # bf16, compile, cache
+  stage train-reference $PY train.py "${VQ[@]}" --out "$OUT/ref" --steps 30 --eval-every 30 --no-compile --no-features \
+    --dtype float32
+  stage ddp-nccl $PY -m torch.distributed.run --standalone --nproc_per_node 1 train.py "${VQ[@]}" --out "$OUT/ddp" \
+    --steps 2 --eval-every 2 --no-compile
+  stage decode $PY decode.py --run "$OUT/fast" --pairs 2000 --val-pairs 200 --max-epochs 2
+  for it in 10 30; do  # the seed's sizes: 300 samples, horizon 5, 196 tokens; rollout_cost compiled (cached 2nd time)
+    stage "plan-300x$it" $PY plan.py --run "$OUT/fast" --episodes 16 --opt-steps $it --ceiling-episodes 0 --videos 0 \
+      --out "$OUT/plan-300x$it.json"
+  done
+  $PY - "$OUT" "$W" <<'EOF'
+import json, sys
+from pathlib import Path
+import torch
+out, weights = Path(sys.argv[1]), sys.argv[2]
+def train(run):  # log intervals after the first (compile and warm-up excluded); peak memory since the process began
+    rows = [json.loads(line) for line in open(out / run / "log.jsonl") if '"samples_per_s"' in line]
+    keep = rows[1:] or rows
+    return {"samples_per_s": sum(r["samples_per_s"] for r in keep) / len(keep), "peak_gpu_gb": rows[-1]["peak_mem_gb"],
+            "world_model_tflops": sum(r["tflops"] for r in keep) / len(keep)}  # encoder excluded
+fast, ref, enc = train("fast"), train("ref"), json.loads((out / "data/train/features.json").read_text())
+plans = {k: json.loads((out / f"plan-{k}.json").read_text()) for k in ("300x10", "300x30")}
+result = {
+    "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "dino_weights": weights,
+    "note": "DINOv2 weights are random unless dino_weights says otherwise: speed only; every CUDA path ran once "
+            "(bf16 autocast, torch.compile of predictor, IDM and rollout_cost, DDP over NCCL via torchrun, encode)",
+    "train_optimised": {**fast, "path": "vq, batch 64: bf16 autocast + torch.compile + feature cache"},
+    "train_reference": {**ref, "path": "vq, batch 64: --no-compile --no-features --dtype float32"},
+    "train_speedup": fast["samples_per_s"] / ref["samples_per_s"],
+    "encode": {"images_per_s": enc["images_per_s"], "peak_gpu_gb": enc["peak_gpu_gb"], "dtype": enc["dtype"],
+               "note": "includes rendering the frames on the CPU loader workers"},
+    **{f"cem_{k}": {"seconds_per_solve": r["seconds_per_solve"], "batch_episodes": r["batch_episodes"],
+                    "peak_gpu_gb": r["peak_gpu_gb"], "planner": r["planner"]} for k, r in plans.items()},
+}
+(out / "gpu-check.json").write_text(json.dumps(result, indent=1))
+print(json.dumps(result, indent=1))
+print(f"wrote {out / 'gpu-check.json'}")
+EOF
 fi
 
 if [ "$mode" = quick ]; then  # the pixel path: DINOv2 (random weights unless given), tiny, to show that it runs

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import dino
 import wm
 from data import require
 from wm import CKPT_FORMAT, WMConfig, WorldModel
@@ -60,6 +61,7 @@ class TrainConfig:
     compile: bool = True  # torch.compile the predictor and IDM (CUDA only; ignored on CPU)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA precision: bf16 autocast, or fp32 everywhere (TF32 off)
     wandb: bool = False  # also log to Weights & Biases (imported only when set)
+    dry_run: bool = False  # print this run's FLOPs, GPU time, memory and disk (counted on meta tensors) and exit
 
     def __post_init__(self):
         data.check_choices(self)
@@ -74,8 +76,10 @@ class TrainConfig:
 
 
 # Shape legend: B batch, T = num_hist + 1 frames, P tokens per frame, D token width, A macro action, C cond, L latent.
-# Settings that may change when a run resumes (everything else is what the run *is* and must match).
-RUNTIME = ("steps", "data", "device", "num_workers", "compile", "log_every", "wandb", "features", "eval_every")
+# Settings that may change when a run resumes, the folder's own path included (a run may be moved or renamed);
+# everything else is what the run *is* and must match.
+RUNTIME = ("out", "steps", "data", "device", "num_workers", "compile", "log_every", "wandb", "features", "eval_every",
+           "dry_run")
 
 
 def train_order(n, seed, start, rank=0, world=1):
@@ -132,7 +136,8 @@ def resume(cfg, mc, given):
 def make_optimizer(raw, cfg):
     """AdamW with one learning rate per module (the seed's param groups), torch defaults otherwise."""
     lrs = {"predictor": cfg.lr_predictor, "action_encoder": cfg.lr_action, "proprio_encoder": cfg.lr_action,
-           "idm": cfg.lr_idm, "latent_action_down": cfg.lr_idm, "encoder": cfg.lr_predictor}
+           "idm": cfg.lr_idm, "latent_action_down": cfg.lr_idm, "encoder": cfg.lr_predictor,
+           "jepa_idm": cfg.lr_predictor}
     groups = {}
     for name, prm in raw.named_parameters():
         groups.setdefault(name.split(".")[0], []).append(prm)
@@ -154,7 +159,7 @@ def check_finite(first_bad, parts, ckpt_path):
 def evaluate(model, loader, input_of, device, ctx, seed):
     """Validation: one-step latent MSE (visual dims) and, for la/vq, the seed's collapse diagnostics."""
     model.eval()
-    variant, sums, codes, n = model.cfg.variant, {}, [], 0
+    variant, sums, codes, n, toks = model.cfg.variant, {}, [], 0, []
     g = torch.Generator().manual_seed(seed)  # same permutations at every validation
     for batch in loader:
         a, p = batch["action"].to(device), batch["proprio"].to(device)
@@ -167,6 +172,8 @@ def evaluate(model, loader, input_of, device, ctx, seed):
                            shuffle_delta=wm.shuffle_delta(model, z, a, p, generator=g))
         if variant == "vq":
             codes.append(out["codes"].flatten())
+        if model.encoder is not None:  # jepa: first-frame tokens and states for the collapse statistics and probes
+            toks.append((z[:, 0].float().cpu(), batch["state"][:, 0]))
         sums = {k: sums.get(k, 0.0) + v for k, v in row.items()}
         n += 1
     metrics = {k: v / max(n, 1) for k, v in sums.items()}
@@ -174,8 +181,22 @@ def evaluate(model, loader, input_of, device, ctx, seed):
                                                 "it with `python dino.py encode --data DIR --overwrite`")
     if codes:
         metrics["perplexity"], metrics["dead_codes"] = wm.perplexity(torch.cat(codes), model.cfg.num_codes)
+    if toks:
+        trained = model.encoder.convs[1].num_batches_tracked.item() > 0  # step 0: BatchNorm has no statistics yet
+        metrics.update(jepa_metrics(torch.cat([t[0] for t in toks]), torch.cat([t[1] for t in toks]), trained))
     model.train()
     return metrics
+
+
+def jepa_metrics(z, state, warn=True):
+    """jepa tokens (N, 1, D) of val frames and their states (N, 7) -> collapse statistics (wm.token_stats) and linear
+    probe R^2 of agent, block and angle, fitted on the first half of the frames and scored on the second."""
+    h, y = len(z) // 2, wm.probe_targets(state)
+    m = {**wm.token_stats(z), **wm.probe_r2(z[:h], y[:h], z[h:], y[h:])}
+    if m["collapsed"] and warn:
+        print(f"WARNING: the jepa encoder has collapsed: median per-dimension token std {m['token_std_median']:.2e} "
+              f"< {wm.COLLAPSE_STD} (plan.py will refuse this run)")
+    return m
 
 
 @torch.no_grad()
@@ -218,7 +239,7 @@ def make_loaders(cfg, mc, device, start, rank, world):
             wm.make_input(mc, device, cfg.dino_weights or None))
 
 
-def build(cfg, mc, ckpt, device, world):
+def build(cfg, mc, ckpt, device, ddp):
     """The world model (raw: uncompiled, what we save), the module that trains (compiled, DDP), the optimiser."""
     raw = WorldModel(mc).to(device)
     opt = make_optimizer(raw, cfg)
@@ -234,15 +255,62 @@ def build(cfg, mc, ckpt, device, world):
         for module in (raw.predictor, getattr(raw, "idm", None), raw.encoder):
             if module is not None:
                 module.compile()
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     print(f"parameters: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M | model GFLOPs per training window: "
           f"{train_flops(mc) / 1e9:.3g}")
     return raw, model, opt
 
 
+def dry_run(cfg, mc, ckpt):
+    """--dry-run: FLOPs of one training step and of the validations, counted on meta tensors at the real batch size,
+    as GPU time at the assumed rate, GPU memory and disk; writes RUN/config.json for decode.py and plan.py --dry-run."""
+    require(mc.tokens != "jepa", "--dry-run covers --tokens state and dinov2")
+    root, start, la = Path(cfg.data), ckpt["step"] if ckpt else 0, mc.variant != "baseline"
+    have = (root / "meta.json").is_file()
+    mc = wm.derive(mc, data.load_meta(root) if have else {"img_size": 224})  # no dataset yet: collect's 224 px
+    found = have and dino.load_features(root, "train", mc.dino_name, mc.dino_size, cfg.dino_weights or None,
+                                        mc.img_size) is not None
+    cached = cfg.features and (found or not have)  # no dataset yet: `dino.py encode` will make the cache first
+    B, T, n = cfg.batch_size, mc.num_hist + 1, mc.num_hist
+    with torch.device("meta"):  # the VQ's fp32 block needs autocast, which meta lacks; its 32-code argmin is ~0 FLOPs
+        model = WorldModel(replace(mc, variant="la") if mc.variant == "vq" else mc)
+        encoder = dino.DinoVisionTransformer(mc.dino_name) if mc.tokens == "dinov2" and not cached else None
+    z, a, p = (torch.zeros(B, T, *s, device="meta") for s in ((mc.num_patches, mc.visual_dim), (mc.action_dim,), (4,)))
+    frames = torch.zeros(B * T, mc.img_size, mc.img_size, 3, dtype=torch.uint8, device="meta")  # (B*T, S, S, 3)
+    with torch.no_grad():  # DINOv2 runs before the world model and leaves only its tokens
+        enc, enc_peak = dino.measure(lambda: dino.encode(encoder, frames, mc.dino_size)) if encoder else (0, 0)
+    step, peak = dino.measure(lambda: model(z, a, p)["loss"].backward())  # (B, T, P, D) tokens in, fwd + bwd
+    with torch.no_grad():  # validation: a forward pass; la/vq add swap (8) and shuffle (2) predictions, 2 IDM passes
+        obs, cond = model.observe(z, p)[:, :n], model.conditioning(z, a)["cond"][:, :n]
+        fwd, pred, idm = (dino.measure(f)[0] for f in (lambda: model(z, a, p), lambda: model.predict(obs, cond),
+                                                         lambda: model.conditioning(z, a)))
+    per_eval = cfg.val_batches * (enc + fwd + la * (10 * pred + 2 * idm)) + la * cfg.stats_batches * (enc + idm)
+    evals, params = (cfg.steps - start) // cfg.eval_every + 1, sum(t.numel() for t in model.parameters())
+    dinov2 = "none" if mc.tokens == "state" else ("feature cache" if cached else "on every batch (" + (
+        "no matching cache in --data" if cfg.features else "--no-features") + ")") + ", weights " + dino.weights_tag(
+        cfg.dino_weights or None, mc.dino_name)  # "...:missing": the run downloads them, or fails offline
+    print(f"train.py --dry-run: {mc.variant}, {mc.tokens} tokens (P {mc.num_patches}, D {mc.visual_dim}), batch {B}, "
+          f"steps {start} -> {cfg.steps}; DINOv2: {dinov2}")
+    print(f"  per step (counted): world model forward + backward {step / 1e12:.2f} TFLOP" + (
+        f" + DINOv2 on {B * T} frames {enc / 1e12:.2f} TFLOP" if encoder else "")
+        + f"; {evals} validations of {per_eval / 1e12:.1f} TFLOP")
+    print(f"  GPU memory: weights + AdamW {12 * params / 1e9:.2f} GB + step peak {max(peak, enc_peak) / 1e9:.1f} GB "
+          "(fp32 count; bf16 autocast keeps less)")
+    if ckpt is None:  # what decode.py and plan.py --dry-run read before the run has a checkpoint
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        data.atomic_write(Path(cfg.out) / "config.json", {"train": asdict(cfg), "model": asdict(mc)})
+    weights = 12 * params + (4 * sum(t.numel() for t in encoder.parameters()) if encoder else 0)  # + AdamW moments
+    # disk: ckpt.pt holds weights + AdamW (12 B per parameter), twice while an atomic write replaces it
+    dino.report(f"train-{mc.variant}", (cfg.steps - start) * (step + enc) + evals * per_eval,
+                weights + max(peak, enc_peak), 24 * params, cfg.dtype, flag="lower --batch-size (the seed's is 64) or use a GPU with more memory")
+
+
 def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
     # --- setup: processes, the run folder (locked; resumed when it holds a checkpoint), device and precision
+    if cfg.dry_run:
+        return dry_run(*resume(cfg, mc or WMConfig(), given))
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    ddp = "WORLD_SIZE" in os.environ  # launched by torchrun: DDP even for one process (NCCL path of gpu-check)
     run, main_proc = Path(cfg.out), rank == 0
     with data.locked(run) if main_proc else contextlib.nullcontext():
         cfg, mc, ckpt = resume(cfg, mc or WMConfig(), given)
@@ -250,19 +318,20 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         mc = wm.derive(mc, meta)
         wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, no_features=not cfg.features)
         device, ctx = data.setup(cfg.device, cfg.seed, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
-        if world > 1:
+        if ddp:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         print({**asdict(cfg), **asdict(mc)})
         # --- data and model
         start = ckpt["step"] if ckpt else 0
         train_loader, val_loader, stats_loader, input_of = make_loaders(cfg, mc, device, start, rank, world)
-        raw, model, opt = build(cfg, mc, ckpt, device, world)
+        raw, model, opt = build(cfg, mc, ckpt, device, ddp)
         stats = ckpt["stats"] if ckpt else {k: meta[k] for k in ("action_mean", "action_std", "proprio_mean", "proprio_std")}
         data.atomic_write(run / "config.json", {"train": asdict(cfg), "model": asdict(mc)}) if main_proc else None
         log = run_logger(run, cfg, mc) if main_proc else (lambda row: None)
 
         # --- the loop
-        parts = ["loss", "pred_loss", "visual_loss"] + (["commit_loss"] if mc.variant == "vq" else [])
+        parts = ["loss", "pred_loss", "visual_loss"] + (["commit_loss"] if mc.variant == "vq" else []) + (
+            ["reg_loss"] if mc.tokens == "jepa" else []) + (["idm_loss"] if mc.jepa_idm else [])
         first_bad = torch.full((len(parts),), -1, device=device)  # first step at which each part was non-finite
         it, t0, t_step = iter(train_loader), time.perf_counter(), start
         bar = tqdm(total=cfg.steps, initial=start, disable=None if main_proc else True, unit="step")
@@ -277,7 +346,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                     save(run, raw, opt, step, cfg, mc, stats, meta, device)
                     log({"step": step, **metrics})
                     bar.write(f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                if world > 1:
+                if ddp:
                     dist.barrier()
                 t0, t_step = time.perf_counter(), step  # validation is not part of the throughput
             if last:
@@ -308,7 +377,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                 bar.write(line), log(row)
                 t0, t_step = time.perf_counter(), step + 1
         bar.close()
-        if world > 1:
+        if ddp:
             dist.destroy_process_group()
     return raw
 

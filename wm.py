@@ -55,6 +55,18 @@ class WMConfig:
     num_codes: int = 32  # K, VQ codebook size; seed's final commit 32
     commitment: float = 0.05  # beta, commitment loss weight; seed 0.05
     ema_decay: float = 0.99  # gamma, EMA decay of the codebook statistics; seed 0.99
+    jepa_dim: int = 64  # D of --tokens jepa: one token per frame; LeWM 192 (ViT-tiny CLS), smaller for CPU runs
+    jepa_width: int = 16  # channels of the jepa CNN's first layer (doubled twice on the way down); CPU-sized
+    jepa_reg: Literal["sigreg", "vcreg"] = "sigreg"  # anti-collapse term: LeWM's SIGReg or PLDM's variance-covariance
+    jepa_sigreg: float = 0.09  # SIGReg weight; LeWM config/train/lewm.yaml 0.09 (paper: lambda ~ 0.1)
+    jepa_std: float = 18.0  # VCReg std-hinge weight; stable-worldmodel's PLDM Push-T run (PLDM paper Two-Rooms: 3.98)
+    jepa_cov: float = 12.0  # VCReg covariance weight; same Push-T run (PLDM Two-Rooms: 6.92)
+    jepa_temp_sim: float = 0.2  # VCReg temporal smoothness ||z_t+1 - z_t||^2 weight; same Push-T run (Two-Rooms 0.742)
+    jepa_temp_std: float = 0.0  # VCReg std hinge over each window's frames; Push-T run 0.7 (17-frame windows), 0
+    #                             here: over our 2 frames it is |z1 - z0| / sqrt(2) and would push every dim apart
+    jepa_temp_cov: float = 0.0  # VCReg covariance over each window's frames; Push-T run 0
+    jepa_idm: float = 0.0  # PLDM's inverse-dynamics weight (MLP (z_t+1, z_t) -> a_t, MSE); PLDM Two-Rooms 1.07,
+    #                        the Push-T run 0. Reads the action labels, so baseline only
 
     def __post_init__(self):
         data.check_choices(self)
@@ -69,6 +81,11 @@ class WMConfig:
         require(self.dino_size % dino.PATCH == 0, f"--dino-size {self.dino_size} must be a multiple of {dino.PATCH}")
         require(self.dino_name.removesuffix("_reg") in dino.ARCHS, f"--dino-name {self.dino_name!r}: choose one of "
                 f"{', '.join(dino.ARCHS)} (optionally + _reg)")
+        require(min(self.jepa_dim, self.jepa_width) >= 2 and min(self.jepa_sigreg, self.jepa_std, self.jepa_cov,
+                self.jepa_temp_sim, self.jepa_temp_std, self.jepa_temp_cov) >= 0,
+                "--jepa-dim and --jepa-width must be >= 2, the --jepa-* loss weights >= 0")
+        require(self.jepa_idm == 0 or (self.tokens == "jepa" and self.variant == "baseline"), f"--jepa-idm "
+                f"{self.jepa_idm} trains the jepa encoder on action labels: baseline runs only (la/vq learn without them)")
 
 
 # Shape legend: B batch, T frames, P tokens per frame, D token width, A macro action, C conditioning, L latent action,
@@ -80,6 +97,11 @@ CKPT_FORMAT = "dinowm-la-v2"  # ckpt.pt "format"; bumped when the checkpoint lay
 UNIT = 100.0
 ANGLE = 20.0 / UNIT / math.radians(20.0)  # cos/sin of the angle times this: a small turn of 20 deg moves them 0.2
 SPEED = 1000.0  # px/s per unit: velocities inform the dynamics but weigh little in the planning cost
+# JEPA tokens. SIGReg as LeWM's module.py: 17 knots on t in [0, 3], 1024 random directions per call (lewm.yaml).
+SIGREG_KNOTS, SIGREG_PROJ = 17, 1024
+# Both regularisers aim at a per-dimension std of 1; an encoder whose median per-dimension token std (eval mode, val
+# frames) is below this has collapsed (a collapsed pixel encoder sits at 1e-4 and below), and plan.py refuses it.
+COLLAPSE_STD = 0.01
 
 
 def state_tokens(s):
@@ -121,6 +143,51 @@ def rotary(x, theta=10000.0):
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., S, d/2) each: pairs (x0, x1), (x2, x3), ...
     out = torch.stack([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1)  # (..., S, d/2, 2)
     return out.flatten(-2).type_as(x)  # (..., S, d)
+
+
+def sigreg(z, num_proj=SIGREG_PROJ, knots=SIGREG_KNOTS):
+    """LeWM's SIGReg (le-wm module.py, from LeJEPA arXiv 2511.08544): the Epps-Pulley statistic of each 1-d random
+    projection of the batch against N(0, 1), averaged over directions and frames. z (B, T, D) -> ().
+    Known answers: ~1.06 for a standard normal batch, whatever B; B * 0.41 for a collapsed batch (all rows 0)."""
+    z = z.float().transpose(0, 1)  # (T, B, D): one test per frame over the batch, as LeWM's emb.transpose(0, 1)
+    t = torch.linspace(0, 3, knots, device=z.device)  # (K,) where the characteristic functions are compared
+    phi = torch.exp(-t.square() / 2)  # (K,) characteristic function of N(0, 1), also the integration window
+    w = torch.full_like(t, 6 / (knots - 1))  # trapezoid weights of the integral over [-3, 3] (even integrand)
+    w[[0, -1]] /= 2
+    A = torch.randn(z.shape[-1], num_proj, device=z.device)  # (D, M) fresh directions at every call
+    x = (z @ (A / A.norm(dim=0)))[..., None] * t  # (T, B, M, K)
+    err = (x.cos().mean(1) - phi).square() + x.sin().mean(1).square()  # (T, M, K) |empirical CF - phi|^2
+    return (err @ (w * phi)).mean() * z.shape[1]  # times B: the test statistic, not the distance
+
+
+def var_cov(x):
+    """VICReg's variance and covariance terms over axis 1 (Bardes et al. 2022): x (G, N, D) -> std hinge (),
+    squared off-diagonal covariance / (D (D - 1)) () (PLDM's adjust_cov), each averaged over the G groups."""
+    x = x - x.mean(1, keepdim=True)
+    std = (x.var(1) + 1e-4).sqrt()  # (G, D); eps 1e-4 as VICReg
+    cov = x.transpose(1, 2) @ x / max(x.shape[1] - 1, 1)  # (G, D, D)
+    D = x.shape[-1]
+    off = cov.square().sum((1, 2)) - cov.diagonal(dim1=1, dim2=2).square().sum(-1)  # (G,)
+    return F.relu(1 - std).mean(), (off / (D * (D - 1))).mean()  # hinge: push each dimension's std to >= 1
+
+
+def vcreg(z, mc):
+    """PLDM's anti-collapse terms (Sobal et al., arXiv 2502.14819): std hinge and covariance over the batch at every
+    frame, temporal smoothness ||z_t+1 - z_t||^2, optionally std and covariance over each window's frames. z (B, T, D)
+    -> () weighted sum."""
+    z = z.float()
+    std, cov = var_cov(z.transpose(0, 1))  # (T, B, D): over the batch, per frame
+    loss = mc.jepa_std * std + mc.jepa_cov * cov + mc.jepa_temp_sim * (z[:, 1:] - z[:, :-1]).square().mean()
+    if mc.jepa_temp_std or mc.jepa_temp_cov:
+        std_t, cov_t = var_cov(z)  # (B, T, D): over each window's frames
+        loss = loss + mc.jepa_temp_std * std_t + mc.jepa_temp_cov * cov_t
+    return loss
+
+
+def jepa_reg(z, mc):
+    """The weighted anti-collapse loss of jepa tokens: z (B, T, P, D) -> ()."""
+    z = z.flatten(2)  # (B, T, P*D)
+    return mc.jepa_sigreg * sigreg(z) if mc.jepa_reg == "sigreg" else vcreg(z, mc)
 
 
 class Attention(nn.Module):
@@ -311,6 +378,35 @@ class VectorQuantizer(nn.Module):
             return x + (z_q - x).detach(), codes, commit
 
 
+class JEPAEncoder(nn.Module):
+    """The pixel encoder of --tokens jepa, trained with the predictor: 4 stride-2 conv blocks, then an MLP projector
+    with BatchNorm (LeWM's projector: Linear -> BatchNorm1d -> GELU -> Linear) -> one D-dim token per frame.
+
+    LeWM encodes with a ViT-tiny CLS token; a CNN is cheaper on a CPU budget (PLDM's encoders are CNNs). IMPORTANT:
+    with SIGReg the token ends in a BatchNorm without affine parameters. SIGReg's gradient vanishes when the tokens
+    shrink towards one point (the statistic is even in the scale), so an encoder without it can collapse while
+    SIGReg stays stuck at its maximum; the BatchNorm pins every dimension's batch std at 1 and leaves SIGReg the
+    shape (Gaussian marginals, no redundant directions). PLDM's VCReg brings its own std hinge, so it goes without."""
+
+    def __init__(self, img_size, dim, width, final_norm=True):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 4 * width]
+        blocks = []
+        for cin, cout in zip(chans[:-1], chans[1:]):  # S -> S/16: 96 px -> 6 x 6 cells of 6 px (the agent: ~6 px)
+            blocks += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.convs = nn.Sequential(*blocks)
+        cells = (img_size // 16) ** 2
+        # Flatten, not pool: the cell index is where things are, and where is what the planner needs.
+        self.projector = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * cells, 512), nn.BatchNorm1d(512), nn.GELU(),
+                                       nn.Linear(512, dim), nn.BatchNorm1d(dim, affine=False) if final_norm else
+                                       nn.Identity())
+
+    def forward(self, obs):
+        """uint8 frames (B, T, S, S, 3) -> tokens (B, T, 1, D)."""
+        x = obs.flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B*T, 3, S, S) in [-1, 1]
+        return self.projector(self.convs(x)).view(*obs.shape[:2], 1, -1)  # (B, T, 1, D)
+
+
 class WorldModel(nn.Module):
     """Conditioning module (action encoder or IDM [+ VQ]) + optional proprio encoder + ViT predictor."""
 
@@ -318,6 +414,11 @@ class WorldModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = None  # the trained pixel encoder of --tokens jepa; frozen sources arrive as tokens
+        if cfg.tokens == "jepa":
+            self.encoder = JEPAEncoder(cfg.img_size, cfg.jepa_dim, cfg.jepa_width, cfg.jepa_reg == "sigreg")
+        # PLDM's inverse-dynamics head, sized as stable-worldmodel scripts/train/pldm.py (MLP, LayerNorm, hidden 512).
+        self.jepa_idm = nn.Sequential(nn.Linear(2 * cfg.jepa_dim, 512), nn.LayerNorm(512), nn.GELU(),
+                                      nn.Linear(512, cfg.action_dim)) if cfg.jepa_idm else None
         self.obs_dim = cfg.visual_dim + (cfg.proprio_dim if cfg.proprio else 0)  # channels the loss covers
         # DINO-WM's ProprioceptiveEmbedding is Conv1d(k=1) over time, i.e. a per-frame Linear.
         self.proprio_encoder = nn.Linear(PROPRIO_IN, cfg.proprio_dim) if cfg.proprio else None
@@ -381,9 +482,18 @@ class WorldModel(nn.Module):
         # trainable proprio encoder (so only its input side learns; DINO-WM
         # models/visual_world_model.py).
         target = obs[:, 1:].detach()  # (B, n, P, O)
+        if self.encoder is not None:  # jepa as LeWM and PLDM: no stop-gradient, the target frames' encoding learns too
+            target = torch.cat([obs[:, 1:, :, :self.cfg.visual_dim], target[..., self.cfg.visual_dim:]], -1)
         out["pred_loss"] = F.mse_loss(pred.float(), target.float())
         out["visual_loss"] = F.mse_loss(pred[..., :self.cfg.visual_dim].float(), z[:, 1:].float()).detach()
         out["loss"] = out["pred_loss"] + out.get("commit_loss", 0.0)  # commit_loss is already beta-weighted
+        if self.encoder is not None:  # jepa: the anti-collapse term (weighted), without which z = const is optimal
+            out["reg_loss"] = jepa_reg(z, self.cfg)
+            if self.jepa_idm is not None:  # the action a_t from (z_t+1, z_t): makes the encoder keep what moved
+                zz = torch.cat([z[:, 1:], z[:, :-1]], -1).flatten(2)  # (B, T-1, 2*P*D)
+                out["idm_loss"] = F.mse_loss(self.jepa_idm(zz).float(), action[:, :-1].float())
+                out["reg_loss"] = out["reg_loss"] + self.cfg.jepa_idm * out["idm_loss"]
+            out["loss"] = out["loss"] + out["reg_loss"]
         return out
 
     def plan_to_cond(self, plan):
@@ -453,12 +563,49 @@ def perplexity(codes, K):
     return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item(), int((counts == 0).sum())
 
 
+def token_stats(z):
+    """Collapse statistics of tokens z (N, D) over N frames: per-dimension std (min, median), the effective rank
+    (exp of the entropy of the normalised covariance spectrum, Roy & Vetterli 2007; D = no redundancy, 1 = a line),
+    and collapsed = median std < COLLAPSE_STD."""
+    z = z.double().flatten(1)  # (N, D)
+    std = z.std(0)  # (D,)
+    ev = torch.linalg.eigvalsh(torch.cov(z.T)).clamp_min(0)  # (D,)
+    p = ev / ev.sum().clamp_min(1e-300)
+    rank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum())
+    med = std.median().item()
+    return {"token_std_min": std.min().item(), "token_std_median": med, "effective_rank": rank.item(),
+            "collapsed": med < COLLAPSE_STD}
+
+
+# What a probe reads from one frame's tokens: agent xy and block xy (px), and the block angle as cos and sin.
+PROBE_GROUPS = {"agent": slice(0, 2), "block": slice(2, 4), "angle": slice(4, 6)}
+
+
+def probe_targets(state):
+    """(..., 7) simulator states -> (..., 6) probe targets [agent xy, block xy, cos, sin]."""
+    s = torch.as_tensor(state, dtype=torch.float64)
+    return torch.cat([s[..., :4], s[..., 4:5].cos(), s[..., 4:5].sin()], -1)
+
+
+def probe_r2(x_fit, y_fit, x, y):
+    """Least-squares linear probe y ~ [x, 1] fitted on (x_fit, y_fit), scored on (x, y): R^2 per group of
+    PROBE_GROUPS (mean over its dims), 1 = read exactly, 0 = no better than the mean."""
+    ones = lambda v: torch.cat([v.double().flatten(1), torch.ones(len(v), 1, dtype=torch.float64)], 1)  # noqa: E731
+    W = torch.linalg.lstsq(ones(x_fit), y_fit.double()).solution  # (D+1, 6)
+    res = (ones(x) @ W - y).square().sum(0) / (y - y.mean(0)).square().sum(0).clamp_min(1e-12)  # (6,)
+    return {f"probe_{k}": (1 - res[s]).mean().item() for k, s in PROBE_GROUPS.items()}
+
+
 def derive(mc, meta):
     """Fill the config fields that follow from the token source and the dataset: A, D, P and the render size."""
     if mc.tokens == "state":
         require(mc.dino_size == 196 and mc.img_size == 0 and mc.dino_name == "dinov2_vits14",
                 "--dino-name, --dino-size and --img-size set pixel tokens (dinov2, jepa); this run uses --tokens state")
         return replace(mc, action_dim=2 * mc.frameskip, visual_dim=12, num_patches=1)
+    if mc.tokens == "jepa":  # one jepa_dim token per frame from frames rendered at img_size
+        size = mc.img_size or meta["img_size"]
+        require(size % 16 == 0, f"--tokens jepa renders frames at {size} px: use a multiple of 16 (--img-size 96)")
+        return replace(mc, action_dim=2 * mc.frameskip, visual_dim=mc.jepa_dim, num_patches=1, img_size=size)
     width = dino.ARCHS[mc.dino_name.removesuffix("_reg")][0]  # the encoder's width, without building it
     return replace(mc, action_dim=2 * mc.frameskip, visual_dim=width, num_patches=(mc.dino_size // dino.PATCH) ** 2,
                    img_size=mc.img_size or meta["img_size"])
@@ -483,6 +630,8 @@ def make_input(mc, device, dino_weights=None):
     """The run's token source, frozen part: batch -> x, what WorldModel.encode reads. state: state_tokens(state);
     dinov2: the cached features, or DINOv2 on the frames now; jepa: the frames themselves (its encoder is trained)."""
     encoder = None
+    require(mc.tokens != "dinov2" or dino_weights in (None, "", "random") or Path(dino_weights).is_file(),
+            f"--dino-weights {dino_weights}: no such file; pass an official {dino.weights_file(mc.dino_name)} or random")
 
     def input_of(batch):
         nonlocal encoder
@@ -515,14 +664,7 @@ def load_run(run, device="cpu", data_dir=""):
     require(ckpt.get("format") == CKPT_FORMAT, f"{run}/ckpt.pt: format {ckpt.get('format')!r}, this wm.py reads "
                                                 f"{CKPT_FORMAT!r}; retrain it with this code")
     mc = WMConfig(**ckpt["model_config"])
-    d = ckpt["data"]
-    roots = [Path(data_dir)] if data_dir else [run / d["relative"], Path(d["root"])]
-    root = next((r.resolve() for r in roots if (r / "meta.json").is_file()), None)
-    require(root is not None, f"{run} was trained on the dataset {d['root']} (fingerprint {d['fingerprint']}), which "
-                              f"is not there any more{' nor at ' + data_dir if data_dir else ''}; pass --data DIR")
-    fp = data.load_meta(root)["fingerprint"]
-    require(fp == d["fingerprint"], f"{root} (fingerprint {fp}) is not the dataset {run} was trained on (a "
-                                    f"{mc.tokens}-token run on {d['fingerprint']}); pass its --data")
+    root = data.dataset_of(run, ckpt["data"], data_dir, f"{mc.tokens}-token run")
     model = WorldModel(mc).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt, root
