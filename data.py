@@ -99,7 +99,8 @@ GOAL_RGB, BLOCK_RGB, BLOCK_LIGHT = (144, 238, 144), (119, 136, 153), (143, 163, 
 AGENT_RGB, AGENT_LIGHT, WALL_RGB = (65, 105, 225), (78, 126, 255), (211, 211, 211)
 ENV = dict(world=WORLD, sim_hz=SIM_HZ, control_hz=CONTROL_HZ, kp=KP, kv=KV, agent_radius=AGENT_RADIUS,
            block_mass=1, block_moment=3000.0, block_cog=[0.0, 45.0], goal_pose=list(GOAL_POSE), pymunk=pymunk.version)
-# Scripted contact-seeking pusher: our design (DINO-WM's noisy expert demonstrations cannot be regenerated), judged by `info`'s statistics, stored in meta.json.
+# Scripted contact-seeking pusher: our design (DINO-WM's noisy expert demonstrations cannot be regenerated),
+# judged by `info`'s statistics, stored in meta.json.
 POLICY = dict(
     wander_prob=0.15,  # chance that a new plan is a random walk instead of a push
     wander_steps=[3, 10],  # length of a random walk, env steps
@@ -223,7 +224,8 @@ class PushT:
             # DINO-WM's step(): acc = kp (target - pos) + kv (0 - vel); vel += acc dt, in floats with the same IEEE
             # operations in the same order as its Vec2d arithmetic (bit-identical), but 2-3x faster.
             (px, py), (vx, vy) = self.agent.position, self.agent.velocity
-            self.agent.velocity = (vx + (KP * (tx - px) + KV * (0 - vx)) * DT, vy + (KP * (ty - py) + KV * (0 - vy)) * DT)
+            self.agent.velocity = (vx + (KP * (tx - px) + KV * (0 - vx)) * DT,
+                                   vy + (KP * (ty - py) + KV * (0 - vy)) * DT)
             self.space.step(DT)
 
     def step(self, action):
@@ -390,6 +392,11 @@ def load_meta(root):
     return meta
 
 
+def train_stats(meta):
+    """The train split's normalisation statistics that a checkpoint or policy carries with it."""
+    return {k: meta[k] for k in ("action_mean", "action_std", "proprio_mean", "proprio_std")}
+
+
 def load_split(root, split):
     """dict(states (F, 7) f64, actions (F, 2) f32, lengths (E,) i64, starts (E,) i64, frames (F, S, S, 3) or None)."""
     d, out = Path(root) / split, {}
@@ -399,7 +406,8 @@ def load_split(root, split):
         except FileNotFoundError as e:
             raise UserError(f"{d / key}.npy is missing; re-create the dataset with `python data.py collect`") from e
         except (ValueError, OSError, EOFError) as e:
-            raise UserError(f"{d / key}.npy is corrupt ({e}); re-create the dataset with `python data.py collect`") from e
+            raise UserError(f"{d / key}.npy is corrupt ({e}); re-create the dataset with `python data.py collect`"
+                            ) from e
         require(a.dtype == dtype and a.shape[1:] == shape,
                 f"{d / key}.npy: {a.dtype} {a.shape}, expected {np.dtype(dtype)} (n, {shape}); re-create the dataset")
     n, lengths = len(out["states"]), out["lengths"]
@@ -423,10 +431,12 @@ def collect(cfg):
     if _existing(out, args):
         return
     writable(out.parent / f".{out.name}.tmp-probe", "--out")  # the dataset is staged next to out
-    job, seeds, t0 = functools.partial(collect_episode, steps=cfg.steps), range(cfg.seed, cfg.seed + cfg.episodes), time.time()
+    job, t0 = functools.partial(collect_episode, steps=cfg.steps), time.time()
+    seeds = range(cfg.seed, cfg.seed + cfg.episodes)
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         runs = pool.imap(job, seeds, chunksize=4) if pool else map(job, seeds)
-        episodes = list(tqdm(runs, total=cfg.episodes, desc="collect", unit="ep", disable=None))  # any worker count: same arrays
+        # any worker count gives the same arrays
+        episodes = list(tqdm(runs, total=cfg.episodes, desc="collect", unit="ep", disable=None))
     frames, dt = cfg.episodes * (cfg.steps + 1), time.time() - t0
     print(f"collected {cfg.episodes} episodes, {frames} frames in {dt:.1f} s: {frames / dt:.0f} frames/s with "
           f"{workers} worker(s) (states only: frames are rendered when read)")
@@ -502,7 +512,8 @@ def import_dinowm(cfg):
             splits[name] = dict(states=np.concatenate([states, vel], -1)[real], actions=act[real], lengths=lengths)
             if cfg.keep_frames:
                 frames = None
-                for i, start in enumerate(tqdm(np.cumsum(lengths) - lengths, desc=f"decode {name}", unit="ep", disable=None)):
+                starts = tqdm(np.cumsum(lengths) - lengths, desc=f"decode {name}", unit="ep", disable=None)
+                for i, start in enumerate(starts):
                     ep = _decode_mp4(d / "obses", i, lengths[i])  # (T, S, S, 3)
                     if frames is None:  # the first video fixes the size (train's for both splits)
                         img_size = ep.shape[1] if name == "train" else img_size
@@ -607,8 +618,8 @@ def loader(ds, batch_size, sampler, workers=-1, device="cpu", drop_last=False):
     windows take none (a batch is one NumPy gather)."""
     workers = 0 if not ds.pixels else os.cpu_count() if workers < 0 else workers
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       collate_fn=_as_is, drop_last=drop_last, pin_memory=torch.device(device).type == "cuda",
-                                       persistent_workers=workers > 0, generator=torch.Generator())
+                                       collate_fn=_as_is, drop_last=drop_last, persistent_workers=workers > 0,
+                                       pin_memory=torch.device(device).type == "cuda", generator=torch.Generator())
 
 
 def _as_is(batch):
@@ -700,11 +711,12 @@ def flag(name):
 
 
 def check_choices(cfg):
-    """Fields typed Literal[...] hold one of their choices (argparse checks flags; this checks configs built in code)."""
+    """Fields typed Literal[...] hold one of their choices (argparse checks flags; this, configs built in code)."""
     for f in dataclasses.fields(cfg):
         choices = typing.get_args(f.type) if typing.get_origin(f.type) is Literal else ()
         value = getattr(cfg, f.name)
-        require(not choices or value in choices, f"{flag(f.name)} {value!r}: choose one of {', '.join(map(str, choices))}")
+        require(not choices or value in choices,
+                f"{flag(f.name)} {value!r}: choose one of {', '.join(map(str, choices))}")
 
 
 def add_flags(parser, cls):
@@ -884,5 +896,5 @@ def locked(folder):
 
 
 if __name__ == "__main__":
-    cli(None, doc=__doc__, commands={"collect": (collect, CollectConfig), "import-dinowm": (import_dinowm, ImportConfig),
-                                     "info": (info, InfoConfig), "figure": (figure, FigureConfig)})
+    cli(None, doc=__doc__, commands={"collect": (collect, CollectConfig), "info": (info, InfoConfig),
+                                     "import-dinowm": (import_dinowm, ImportConfig), "figure": (figure, FigureConfig)})

@@ -77,7 +77,8 @@ def draw_codes(steps_px, usage, title, cols=8, cell=150):
     """Grid picture, one cell per code: the mean decoded push as an arrow, start at the cell centre.
 
     steps_px (K, F, 2) mean PD-target offsets per env step; the polyline runs through their cumulative sums and the
-    arrow ends at the total. Image axes match the world (x right, y down, as DINO-WM renders it). One scale for all cells."""
+    arrow ends at the total. Image axes match the world (x right, y down, as DINO-WM renders it). One scale for all
+    cells."""
     K, F_ = steps_px.shape[:2]
     path = np.cumsum(steps_px, 1)  # (K, F, 2)
     rows, head = math.ceil(K / cols), 60
@@ -308,7 +309,8 @@ def main(cfg: DecodeConfig):
         # The token store (150 KB per pair at P 196, D 384 in fp16: 16.5 GB for the seed's 110k pairs) stays on the
         # GPU when it takes under half of the free memory, which saves a host gather and copy per batch.
         need = (n_train + n_val) * mc.num_patches * mc.visual_dim * 2 * (1 + cfg.use_delta)
-        store = device if device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0] else torch.device("cpu")
+        fits = device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0]
+        store = device if fits else torch.device("cpu")
         print(f"pair token store: {need / 1e9:.3f} GB on {store}")
         train = build_pairs(model, ds["train"], n_train, input_of, cfg, ctx, device, gen, store)
         val = build_pairs(model, ds["val"], n_val, input_of, cfg, ctx, device, gen, store)
@@ -340,7 +342,8 @@ def main(cfg: DecodeConfig):
         data.atomic_write(run / "decoder.pt", {"model": decoder.state_dict(), "wm_ckpt_id": ckpt["ckpt_id"],
                                                "config": {"arch": arch, "decode": asdict(cfg)}, "report": report})
         data.atomic_write(run / "decode.json", report)
-    print(f"wrote {run / 'decoder.pt'}, {run / 'decode.json'}" + (f" and {run / 'codes.png'}" if mc.variant == "vq" else ""))
+    print(f"wrote {run / 'decoder.pt'}, {run / 'decode.json'}"
+          + (f" and {run / 'codes.png'}" if mc.variant == "vq" else ""))
     return report
 
 

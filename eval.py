@@ -102,7 +102,8 @@ def batches(ds, n, cfg, device, desc):
 
 @torch.no_grad()
 def one_step_mse(model, z, action=None, proprio=None):
-    """Teacher-forced next-frame error per window, visual dims (the seed's val_visual_latent_pred_loss) -> (B,), and the conditioning dict.
+    """Teacher-forced next-frame error per window, visual dims (the seed's val_visual_latent_pred_loss) -> (B,),
+    and the conditioning dict.
 
     z (B, num_hist+1, P, D); conditioning as in training (baseline: true actions; la: IDM latent; vq: its code)."""
     n, D = model.cfg.num_hist, model.cfg.visual_dim
@@ -143,7 +144,8 @@ def evaluate_run(run, cfg, device):
 
     # One-step latent MSE, plus swap/shuffle and the val side of the probe (la/vq) on the same windows.
     mse, swaps, shuffles, lat, act, codes = [], [], [], [], [], []
-    for b in batches(wm.windows(mc, root, "val", mc.num_hist + 1, weights), cfg.windows, cfg, device, f"{name}: one-step"):
+    val = wm.windows(mc, root, "val", mc.num_hist + 1, weights)
+    for b in batches(val, cfg.windows, cfg, device, f"{name}: one-step"):
         z, a, p = unpack(b)  # (B, n+1, P, D), (B, n+1, A), (B, n+1, 4) | None
         err, c = one_step_mse(model, z, a, p)
         mse.append(err.cpu())  # (B,)
@@ -283,7 +285,9 @@ def decoder_cell(m):
     d = m.get("decoder")
     if d is None:
         return "–"
-    return "missing or stale: run decode.py" if "error" in d else f"{d['val_rmse_px']:.2f} px ({d['train_pairs']} pairs)"
+    if "error" in d:
+        return "missing or stale: run decode.py"
+    return f"{d['val_rmse_px']:.2f} px ({d['train_pairs']} pairs)"
 
 
 def metrics_markdown(metrics, horizon):
@@ -292,9 +296,11 @@ def metrics_markdown(metrics, horizon):
     of_k = lambda k: lambda m: f"{m[k]:.4g} / {m['num_codes']}" if k in m else "–"  # noqa: E731
     rows = [("variant (tokens)", lambda m: f"{m['variant']} ({m['tokens']})"),
             ("dataset (fingerprint)", lambda m: m["dataset"]), ("train step", lambda m: str(m["step"])),
-            ("latent_mse (1 step, val)", stat("latent_mse_stats")), (f"rollout_mse (h={horizon})", stat("rollout_mse_stats")),
+            ("latent_mse (1 step, val)", stat("latent_mse_stats")),
+            (f"rollout_mse (h={horizon})", stat("rollout_mse_stats")),
             (f"rollout curve h=1..{horizon}", lambda m: ", ".join(f"{c['mean']:.3g}" for c in m["rollout_curve"])),
-            ("swap_score (flag > 0.65)", stat("swap_score_stats")), ("shuffle_delta (flag < 0.05)", stat("shuffle_delta_stats")),
+            ("swap_score (flag > 0.65)", stat("swap_score_stats")),
+            ("shuffle_delta (flag < 0.05)", stat("shuffle_delta_stats")),
             ("probe R² latent → action", stat("probe_r2")), ("perplexity / K", of_k("perplexity")),
             ("dead codes / K", of_k("dead_codes")), ("decoder val RMSE (px/step)", decoder_cell)] + jepa_rows()
     cells = [(label, [f(m) for m in metrics.values()]) for label, f in rows]
@@ -308,7 +314,8 @@ def jepa_rows():
     flag = lambda m: " **COLLAPSED**" if m["collapsed"] else ""  # noqa: E731
     return [(f"jepa token std min / median (collapsed < {wm.COLLAPSE_STD})", has("collapsed", lambda m: (
                 f"{m['token_std_min']:.3g} / {m['token_std_median']:.3g}{flag(m)}"))),
-            ("jepa effective rank / D", has("effective_rank", lambda m: f"{m['effective_rank']:.1f} / {m['token_dim']}")),
+            ("jepa effective rank / D",
+             has("effective_rank", lambda m: f"{m['effective_rank']:.1f} / {m['token_dim']}")),
             ("jepa probe R² agent / block / angle", has("probe_agent", lambda m: " / ".join(
                 f"{m['probe_' + k]:.3f}" for k in wm.PROBE_GROUPS))),
             ("jepa model cost: own plan vs true actions", has("gap_cost_plan", lambda m: (

@@ -69,7 +69,7 @@ class PlanConfig:
         data.check_choices(self)
         require(self.run, "--run RUN is required: a run folder written by train.py")
         require(min(self.num_samples, self.topk, self.opt_steps, self.horizon) >= 1 and self.topk <= self.num_samples,
-                f"--num-samples, --topk, --opt-steps and --horizon must be >= 1, with --topk <= --num-samples")
+                "--num-samples, --topk, --opt-steps and --horizon must be >= 1, with --topk <= --num-samples")
         require(self.episodes >= 0 and self.batch_episodes >= 0 and self.ceiling_episodes >= 0 and self.videos >= 0
                 and self.workers >= -1, "--episodes, --batch-episodes, --ceiling-episodes and --videos must be >= 0")
         require(self.var_scale > 0 and self.temperature > 0 and self.alpha >= 0,
@@ -232,8 +232,8 @@ def mppi(cost_fn, mu, sigma, num_samples=300, topk=30, opt_steps=30, temperature
 
 
 def rollout_cost(model, z0, zg, plan, p0=None, pg=None, alpha=1.0, objective="last"):
-    """Imagination cost of candidate plans (DINO-WM planning/objectives.py): roll the world model out from the start tokens under
-    every plan at once and compare the imagined tokens with the goal's.
+    """Imagination cost of candidate plans (DINO-WM planning/objectives.py): roll the world model out from the start
+    tokens under every plan at once and compare the imagined tokens with the goal's.
 
     z0, zg (E, P, D) start and goal tokens; plan (E, N, H, ...) actions, latents or code indices;
     p0 (E, 4) normalised start proprio and pg (E, proprio_dim) goal proprio embedding (None without proprio).
@@ -255,11 +255,13 @@ def rollout_cost(model, z0, zg, plan, p0=None, pg=None, alpha=1.0, objective="la
 def make_tasks(root, split, protocol, episodes, seed, img_size):
     """Start/goal pairs 25 env steps apart, the same for every run and planner given the seed.
 
-    open-loop (the seed's protocol): episodes with length >= 26 drawn uniformly WITH replacement, offset uniform in [0, T-26];
+    open-loop (the seed's protocol): episodes with length >= 26 drawn uniformly WITH replacement, offset uniform in
+      [0, T-26];
       goal = the simulator state and frame after replaying the 25 recorded actions (exactly reachable). The start
       keeps the agent's recorded velocity, as DINO-WM does (the seed's env zeroed it).
-    mpc (stable-worldmodel scripts/plan/eval_wm.py): `episodes` (episode, step) rows with step <= T-26 drawn WITHOUT replacement by
-      np.random.default_rng(seed) (stable-worldmodel used seed 42); goal = recorded state at step + 25, rendered.
+    mpc (stable-worldmodel scripts/plan/eval_wm.py): `episodes` (episode, step) rows with step <= T-26 drawn WITHOUT
+      replacement by np.random.default_rng(seed) (stable-worldmodel used seed 42); goal = recorded state at step + 25,
+      rendered.
     returns dict: episode, step (n,), start_state, goal_state (n, 7), actions (n, 25, 2) px, goal_frame (n, S, S, 3)."""
     d, rng = load_split(root, split), np.random.default_rng(seed)
     lengths, starts = d["lengths"], d["starts"]
@@ -419,7 +421,8 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
             jobs = [(s, g, int(np.random.SeedSequence([cfg.seed, i, next(solves)]).generate_state(1)[0]), budget_cfg,
                      stats) for i, (s, g) in enumerate(zip(state, tasks["goal_state"][:n]))]
             return np.stack(pool.map(sim_solve, jobs))  # (n, H*frameskip, 2)
-        ok = run_policy(tasks, np.arange(n), policy, budget, every_step, img_size, desc="ceiling (simulator as model)")[0]
+        ok = run_policy(tasks, np.arange(n), policy, budget, every_step, img_size,
+                        desc="ceiling (simulator as model)")[0]
     result = {"ceiling": float(ok.mean()), "ceiling_episodes": n, "ceiling_successes": ok.astype(int).tolist()}
     path.parent.mkdir(parents=True, exist_ok=True)
     data.atomic_write(path, {**result, "budget": budget_cfg, "protocol_budget": budget, "every_step": every_step})
@@ -559,6 +562,13 @@ def write_video(path, frames, hits, goal, side=256):
     data.atomic_write(path, write)
 
 
+def planner_of(cfg, mc):
+    """The solver: categorical CEM for vq's codes, Gaussian CEM for continuous actions, or MPPI when asked."""
+    require(cfg.planner != "mppi" or mc.variant != "vq", f"--planner mppi needs continuous plans; {cfg.run} is a vq "
+                                                         "run (use auto or cem)")
+    return "mppi" if cfg.planner == "mppi" else "cem_categorical" if mc.variant == "vq" else "cem_gaussian"
+
+
 def main(cfg: PlanConfig):
     # --- setup: the run (world model, decoder for la/vq), device and precision
     if cfg.dry_run:
@@ -569,9 +579,7 @@ def main(cfg: PlanConfig):
     model, ckpt, root = wm.load_run(cfg.run, device, cfg.data)
     mc, stats, H = model.cfg, ckpt["stats"], cfg.horizon
     wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights)
-    require(cfg.planner != "mppi" or mc.variant != "vq", f"--planner mppi needs continuous plans; {cfg.run} is a vq "
-                                                         "run (use auto or cem)")
-    planner = "mppi" if cfg.planner == "mppi" else "cem_categorical" if mc.variant == "vq" else "cem_gaussian"
+    planner = planner_of(cfg, mc)
     decoder = load_decoder(cfg.run, ckpt, device) if mc.variant != "baseline" else None
     input_of = wm.make_input(mc, device, cfg.dino_weights or ckpt["train_config"]["dino_weights"] or None)
     n, every_step = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol], cfg.protocol == "mpc"

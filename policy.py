@@ -188,6 +188,31 @@ def iql_losses(nets, z0, z1, a0, zgv, sgv, s0, zga, cfg):
     return value_loss, critic_loss, w, [value_loss, critic_loss, v.mean(), adv.mean(), w.mean()]
 
 
+def losses(nets, cfg, mc, batch, rng, frames, end, tokens, input_of):
+    """One batch of windows (frame 0 = the current frame t) -> (total loss, [logged parts]). gcbc: the chunk MSE under
+    hindsight actor goals; iql: the same weighted by AWR, plus the value and critic losses."""
+    t, H, A = batch["index"].numpy(), cfg.horizon, mc.action_dim  # t (B,): frame 0 of each window
+    z0, zga = tokens(frames, t), tokens(frames, actor_goals(rng, t, end, cfg.goal_steps))  # (B, P, D) each
+    chunk = batch["action"][:, :H].flatten(1).to(z0.device)  # (B, H*A) the recorded chunk, z-scored
+    err = (nets["actor"](z0, zga).float() - chunk).square().mean(1)  # (B,)
+    if cfg.algo == "gcbc":
+        return err.mean(), [err.mean()]
+    gv = frames.__getitems__(value_goals(rng, t, end, cfg, mc.frameskip))  # value goals, with their states
+    value_loss, critic_loss, w, vals = iql_losses(
+        nets, z0, tokens(frames, t + mc.frameskip), chunk[:, :A], input_of(gv)[:, 0],
+        gv["state"][:, 0].to(z0.device), batch["state"][:, 0].to(z0.device), zga, cfg)
+    actor_loss = (w * err).mean()  # AWR: weighted MSE = Gaussian log-likelihood with a fixed std
+    return actor_loss + value_loss + critic_loss, [actor_loss] + vals
+
+
+@torch.no_grad()
+def update_targets(nets, ema):
+    """Polyak-averaged V and Q targets (OGBench target_update, swm TeacherStudentWrapper)."""
+    for k in ("value", "critic"):
+        for p_t, p in zip(nets[k + "_target"].parameters(), nets[k].parameters()):
+            p_t.lerp_(p, 1 - ema)
+
+
 def episode_ends(root, split):
     """(F,) the last frame of each frame's episode: hindsight goals stay inside the episode."""
     d = data.load_split(root, split)
@@ -240,11 +265,7 @@ def train(cfg: TrainConfig):
     if device.type == "cuda" and cfg.compile:
         for m in nets.values():
             m.compile()  # in place: the state_dict keys stay the raw module's
-    vb = val.__getitems__(np.linspace(0, len(val) - 1, min(256, len(val))).round().astype(int))
-    vg = actor_goals(np.random.default_rng(cfg.seed), vb["index"].numpy(), val_end, cfg.goal_steps)  # (V,)
-    with torch.no_grad():
-        v_z, v_zg = tokens(val_frames, vb["index"].numpy()), tokens(val_frames, vg)  # (V, P, D) each
-    v_a = vb["action"][:, :H].flatten(1).to(device)  # (V, H*A)
+    v_z, v_zg, v_a = val_batch(val, val_frames, val_end, cfg, tokens, device)
     print(f"parameters: {sum(p.numel() for p in trained) / 1e6:.2f} M | val chunk MSE of the dataset-mean action: "
           f"{v_a.square().mean().item():.4f}")
 
@@ -255,30 +276,15 @@ def train(cfg: TrainConfig):
     bar, t0, t_step = tqdm(total=cfg.steps, disable=None, unit="step"), time.perf_counter(), 0
     for step in range(cfg.steps):
         batch = next(it)
-        t = batch["index"].numpy()  # (B,) frame 0 of each window
         for g in opt.param_groups:
             g["lr"] = cfg.lr * (0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if cosine else 1.0)
         with ctx:
-            z0, zga = tokens(frames, t), tokens(frames, actor_goals(rng, t, end, cfg.goal_steps))  # (B, P, D) each
-            chunk = batch["action"][:, :H].flatten(1).to(device)  # (B, H*A) the recorded chunk, z-scored
-            err = (nets["actor"](z0, zga).float() - chunk).square().mean(1)  # (B,)
-            if cfg.algo == "gcbc":
-                loss, vals = err.mean(), [err.mean()]
-            else:
-                gv = frames.__getitems__(value_goals(rng, t, end, cfg, mc.frameskip))  # value goals, with their states
-                value_loss, critic_loss, w, vals = iql_losses(
-                    nets, z0, tokens(frames, t + mc.frameskip), chunk[:, :A], input_of(gv)[:, 0],
-                    gv["state"][:, 0].to(device), batch["state"][:, 0].to(device), zga, cfg)
-                actor_loss = (w * err).mean()  # AWR: weighted MSE = Gaussian log-likelihood with a fixed std
-                loss, vals = actor_loss + value_loss + critic_loss, [actor_loss] + vals
+            loss, vals = losses(nets, cfg, mc, batch, rng, frames, end, tokens, input_of)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if cfg.algo == "iql":  # Polyak-averaged targets (OGBench target_update, swm TeacherStudentWrapper)
-            with torch.no_grad():
-                for k in ("value", "critic"):
-                    for p_t, p in zip(nets[k + "_target"].parameters(), nets[k].parameters()):
-                        p_t.lerp_(p, 1 - cfg.target_ema)
+        if cfg.algo == "iql":
+            update_targets(nets, cfg.target_ema)
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:  # logging: the only host syncs
             with torch.no_grad(), ctx:
@@ -290,19 +296,33 @@ def train(cfg: TrainConfig):
             t0, t_step = time.perf_counter(), step + 1
     bar.close()
 
-    # --- save: plain tensors, numbers and strings (torch.load(weights_only=True))
-    root, seconds = Path(cfg.data).resolve(), time.perf_counter() - t_start
-    out.mkdir(parents=True, exist_ok=True)
+    # --- save
+    save(out, cfg, mc, nets, meta, time.perf_counter() - t_start, val_mse)
+    return val_mse
+
+
+def val_batch(val, frames, end, cfg, tokens, device):
+    """A fixed batch of up to 256 val windows and their actor goals -> tokens, goal tokens (V, P, D), chunks (V, H*A):
+    the validation chunk MSE every log line reports."""
+    vb = val.__getitems__(np.linspace(0, len(val) - 1, min(256, len(val))).round().astype(int))
+    goals = actor_goals(np.random.default_rng(cfg.seed), vb["index"].numpy(), end, cfg.goal_steps)  # (V,)
+    with torch.no_grad():
+        z, zg = tokens(frames, vb["index"].numpy()), tokens(frames, goals)  # (V, P, D) each
+    return z, zg, vb["action"][:, :cfg.horizon].flatten(1).to(device)
+
+
+def save(out, cfg, mc, nets, meta, seconds, val_mse):
+    """POLICY/policy.pt: plain tensors, numbers and strings (read with torch.load(weights_only=True)), atomically."""
+    root = Path(cfg.data).resolve()
     data.atomic_write(out / "policy.pt", {
         "format": FORMAT, "algo": cfg.algo, "tokens": mc.tokens, "step": cfg.steps, "config": asdict(cfg),
         "model_config": asdict(mc), "train_seconds": seconds, "val_mse": val_mse,
         **{k: nets[k].state_dict() for k in ("actor", "value", "critic") if k in nets},
-        "stats": {k: meta[k] for k in ("action_mean", "action_std", "proprio_mean", "proprio_std")},
+        "stats": data.train_stats(meta),
         "data": {"root": str(root), "relative": os.path.relpath(root, out.resolve()),
                  "fingerprint": meta["fingerprint"]}})
     print(f"trained {cfg.algo} ({mc.tokens} tokens) for {cfg.steps} steps in {seconds:.1f} s: val chunk MSE "
           f"{val_mse:.4f} -> {out / 'policy.pt'}")
-    return val_mse
 
 
 def load_policy(folder, device, data_dir="", tokens=""):

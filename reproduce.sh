@@ -3,6 +3,8 @@
 #   bash reproduce.sh quick [OUT]   CPU, <= 10 min on 2 cores (default OUT runs/quick): state tokens end to end, then a
 #                                   short pixel-path smoke (random DINOv2) under OUT/pixels/
 #   bash reproduce.sh state [OUT]   CPU, about an hour on 2 cores: the README's state-token table (100 open-loop tasks)
+#   bash reproduce.sh jepa  [OUT]   CPU, ~25 min on 2 cores: a pixel encoder trained from scratch (PLDM/LeWM-style,
+#                                   SIGReg) with the labelled baseline, planned on 100 open-loop tasks
 #   bash reproduce.sh full  [OUT]   the seed paper's table with DINOv2 tokens on one GPU (default OUT runs/full); it
 #                                   prints its plan first and stops (exit 2) if disk, RAM or GPU memory cannot hold it
 #   bash reproduce.sh full --dry-run [OUT]   only that plan: stages, sizes, feature mode, GPU memory and time (seconds)
@@ -17,8 +19,8 @@ mode=${1:-}
 dry=0
 if [ "$mode" = full ] && [ "${2:-}" = --dry-run ]; then dry=1; shift; fi
 case "$mode" in
-  quick|state|full|gpu-check) OUT=${2:-runs/$mode} ;;
-  *) echo "usage: bash reproduce.sh quick|state|full|gpu-check [OUT]  (or: full --dry-run [OUT])" >&2; exit 2 ;;
+  quick|state|jepa|full|gpu-check) OUT=${2:-runs/$mode} ;;
+  *) echo "usage: bash reproduce.sh quick|state|jepa|full|gpu-check [OUT]  (or: full --dry-run [OUT])" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}
 if [ "$mode" = gpu-check ] && ! $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
@@ -88,6 +90,20 @@ if [ "$mode" = quick ] || [ "$mode" = state ]; then
   fi
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes $EPISODES --steps 100
   state_pipeline "$OUT" "$DATA"
+fi
+
+if [ "$mode" = jepa ]; then  # 96-px frames, a 4-block CNN + BN projector trained with the predictor (wm.JEPAEncoder)
+  DATA=${DATA:-$OUT/data}
+  [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 1000 --steps 100 --img-size 96
+  # --jepa-idm 1: PLDM's inverse-dynamics term (action labels, so baseline only); without it the agent is not encoded
+  stage train-baseline $PY train.py --data "$DATA" --variant baseline --tokens jepa --out "$OUT/baseline" --steps 1800 \
+    --schedule cosine --batch-size 128 --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --lr-predictor 1e-3 \
+    --lr-action 1e-3 --jepa-width 16 --jepa-idm 1.0 --eval-every 300 --val-batches 8 --log-every 50 --num-workers 1
+  stage plan-baseline-open-loop $PY plan.py --run "$OUT/baseline" --protocol open-loop --episodes 100 \
+    --ceiling-episodes 10 --opt-steps 10 --out "$OUT/results/baseline-open-loop.json"
+  rm -f "$OUT/.done/eval"
+  stage eval $PY eval.py --run "$OUT/baseline" --results "$OUT"/results/*.json --out "$OUT/metrics.json" \
+    --windows 600 --probe-windows 5000
 fi
 
 if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps at batch 64, 100k decoder pairs)

@@ -1,15 +1,16 @@
-"""All tests, in pipeline order: data -> dino -> wm -> train -> decode -> plan -> eval, then the GPU-only checks.
+"""All tests, in pipeline order: data -> dino -> wm -> train -> decode -> plan -> eval, then the precision/fit plumbing,
+the GCBC/IQL policies, the jepa token source, the method end to end, and the GPU-only checks.
 
 Property tests pin the maths and the contracts: the simulator's constants and DINO-WM's PD arithmetic, the DINOv2
 state-dict contract and interpolation rule, VQ straight-through/EMA/dead codes (also across two DDP ranks), frame-causal
-masks, exact resume, the planners' optima and update rules, metric known answers. Expected user errors are checked as
-properties, never by wording: data.UserError in-process, or exit status 2 with one stderr line and no traceback from a
-command line, naming the flag or file, with nothing half-written.
+masks, exact resume, the planners' optima and update rules, metric and regulariser known answers. Expected user errors
+are checked as properties, never by wording: data.UserError in-process, or exit status 2 with one stderr line and no
+traceback from a command line, naming the flag or file, with nothing half-written.
 One tiny state-token pipeline (collect, train baseline/la/vq, decode, plan) is built once and shared by the decode,
-plan and eval tests; one tiny DINOv2-token run (random encoder, 28 px) keeps the pixel path tested end to end.
-CPU, one torch thread, tiny sizes, temp dirs: about a minute on 2 cores.
+plan and eval tests; one tiny DINOv2-token run (random encoder, 28 px) keeps the pixel path tested end to end; one
+small la run (~30 s) checks the method's pairings. CPU, one torch thread, tiny sizes, temp dirs: ~2 min on 2 cores.
     python -m pytest -q test_all.py
-GPU-only checks (bf16 vs fp32 encoder, compiled vs eager world model) skip without CUDA.
+GPU-only checks (bf16 vs fp32 encoder, compiled vs eager world model, auto_batch's fit) skip without CUDA.
 """
 import copy
 import dataclasses
@@ -41,6 +42,7 @@ import decode
 import dino
 import eval as evaluate  # `eval` would shadow the builtin
 import plan
+import policy
 import train
 import wm
 from data import PushT, UserError, WindowDataset, is_success, render_state
@@ -606,11 +608,9 @@ def test_official_files_load_strictly_into_a_frozen_model(official_file, tmp_pat
     assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
     assert dino.weights_tag(str(path)) == f"dinov2_vits14_pretrain.pth:{path.stat().st_size}"  # cache headers' id
     torch.save({"model": {k: v for k, v in sd.items() if k != "blocks.3.ls1.gamma"}}, tmp_path / "ckpt.pth")
-    with pytest.raises(UserError) as err:  # a wrapped checkpoint is unwrapped, then strictly refused
-        dino.load_dinov2("dinov2_vits14", str(tmp_path / "ckpt.pth"))
-    assert "ckpt.pth" in str(err.value) and "blocks.3.ls1.gamma" in str(err.value)
-    with pytest.raises(UserError, match="nope.pth"):
-        dino.load_dinov2("dinov2_vits14", str(tmp_path / "nope.pth"))
+    # a wrapped checkpoint is unwrapped, then strictly refused (naming the missing key); a missing file is named
+    for file, missing in (("ckpt.pth", ["blocks.3.ls1.gamma"]), ("nope.pth", [])):
+        user_error(dino.load_dinov2, "dinov2_vits14", str(tmp_path / file), names=[tmp_path / file, *missing])
 
 
 @pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg"])
@@ -709,33 +709,46 @@ def test_weights_come_from_the_hub_cache_else_an_error_says_where_to_put_them(of
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     cached = tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
     url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
-    with pytest.raises(UserError) as err:
-        dino.load_dinov2("dinov2_vits14")
-    assert all(part in str(err.value) for part in (str(cached), "--dino-weights", "random", url))
+    user_error(dino.load_dinov2, "dinov2_vits14", names=[cached, "--dino-weights", "random", url])
     assert calls == [(url, str(cached))]
-    with pytest.raises(UserError, match="dinov2_vits14_reg4_pretrain.pth"):
-        dino.load_dinov2("dinov2_vits14_reg")
+    user_error(dino.load_dinov2, "dinov2_vits14_reg", names=["dinov2_vits14_reg4_pretrain.pth"])
     assert calls[1][0] == url.replace("pretrain", "reg4_pretrain")
     cached.write_bytes(official_file[0].read_bytes())  # as if downloaded: now found without the network
     assert torch.equal(dino.load_dinov2("dinov2_vits14").cls_token, official_file[1]["cls_token"]) and len(calls) == 2
     assert dino.weights_tag(None) == dino.weights_tag(str(official_file[0]))  # "" means that very file
 
 
-def test_a_missing_weights_file_is_a_user_error(tmp_path):
-    user_error(dino.load_dinov2, "dinov2_vits14", str(tmp_path / "nope.pth"), names=[tmp_path / "nope.pth"])
+def encode_cfg(root, **kw):
+    return dino.EncodeConfig(**{**dict(data=str(root), dino_weights="random", size=28, batch_size=4, workers=0,
+                                       device="cpu"), **kw})
 
 
-def test_feature_cache_holds_the_encoders_tokens_and_is_ignored_when_stale(tmp_path, cached_dino):
-    collect(root := tmp_path / "data", episodes=2, steps=9, img_size=32)  # 10 train frames
-    dino.main(dino.EncodeConfig(data=str(root), split="train", dino_weights="random", size=28, batch_size=4,
-                                workers=0, device="cpu"))
-    feats = dino.load_features(root, "train", size=28, weights="random")
+def test_feature_cache_holds_the_encoders_tokens_and_is_never_complete_when_damaged(tmp_path, cached_dino):
+    """The cache is the encoder's tokens, ignored for another size or weights; a damaged one is refused, and encode
+    starts it again."""
+    collect(root := tmp_path / "data", episodes=3, steps=7, img_size=32)  # 16 train frames
+    dino.main(encode_cfg(root))
+    load = functools.partial(dino.load_features, root, "train", size=28, weights="random")
+    npy, head = root / "train" / "features.npy", json.loads((root / "train" / "features.json").read_text())
+    feats = load()
+    assert feats.shape == (16, 4, 384) and feats.dtype == np.float16
+    assert head["done"] == head["frames"] == 16 and head["dtype"] == "float32" and head["images_per_s"] > 0
     frames = np.stack([render_state(s, 32) for s in data.load_split(root, "train")["states"]])
-    assert feats.shape == (10, 4, 384) and feats.dtype == np.float16
     np.testing.assert_allclose(feats, dino.encode(cached_dinov2("dinov2_vits14", "random"), frames, 28).numpy(),
                                atol=2e-2, rtol=1e-2)
     assert dino.load_features(root, "train", size=42, weights="random") is None  # another encoder input size
     assert dino.load_features(root, "train", size=28, weights="other.pth") is None  # other weights
+    good = np.array(feats)
+    os.truncate(npy, npy.stat().st_size - 100)
+    user_error(load, names=[npy, f"dino.py encode --data {root} --split train"])  # the command that rebuilds it
+    dino.main(encode_cfg(root))  # encode notices the damage and starts the split again
+    np.testing.assert_array_equal(load(), good)
+    mm = np.load(npy, mmap_mode="r+")
+    mm[-1] = np.nan  # a header that says complete over rows that are not
+    mm.flush()
+    user_error(load, names=[npy])
+    user_error(dino.cache_plan, encode_cfg(root, dtype="bfloat16"), "train", 384, "bfloat16",
+               names=[root / "train" / "features.json", "'float32'", "'bfloat16'", "--overwrite"])
 
 
 # ---- wm.py: state tokens, the token-source config, shapes, causal masks, VQ, learning, rollout, diagnostics ----------
@@ -1015,8 +1028,9 @@ def moved(vq_run, tmp_path):
     return tmp_path / "moved" / "vq6"
 
 
-def test_a_run_moved_with_its_data_finds_it(moved):
+def test_a_run_moved_with_its_data_finds_it_and_resumes(moved):
     assert wm.load_run(moved)[2] == (moved.parent / "data").resolve()  # the relative path wins over the old one
+    assert train.main(*train_cfgs(moved.parent / "data", moved, steps=7)) is not None
 
 
 def test_a_run_takes_data_from_the_flag_and_checks_its_fingerprint(moved, tmp_path):
@@ -1055,10 +1069,6 @@ def test_resume_takes_a_raised_step_count_and_runtime_flags(dataset, tmp_path):
     train.main(replace(cfg, steps=2, log_every=1, eval_every=2), mc)
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["train_config"]["log_every"] == 1
-
-
-def test_a_moved_run_folder_resumes(moved):
-    assert train.main(*train_cfgs(moved.parent / "data", moved, steps=7)) is not None
 
 
 def test_train_refuses_a_run_folder_in_use(dataset, tmp_path):
@@ -1141,6 +1151,8 @@ def test_ddp_training_keeps_replicas_identical(ddp):
     a, b = (torch.load(ddp / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a) and a["quantizer.initialised"]
     assert torch.load(ddp / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
 # ---- decode.py: decoder shapes, learning a known map, early stopping, the stores, the run's report and codes --------
 def tiny_decode(run, **kw):
     return DecodeConfig(**{**dict(run=str(run), pairs=64, val_pairs=16, max_epochs=2, code_states=8, workers=0,
@@ -1396,12 +1408,6 @@ def test_evaluate_does_not_depend_on_the_batch_size(dataset, tmp_path):
     assert tree(tmp_path) == ["2_ep000.mp4", "5_ep000.mp4"]
 
 
-def test_auto_batch_on_the_cpu_is_every_episode_or_the_flag(runs):
-    model = wm.load_run(runs[0] / "baseline")[0]
-    assert plan.auto_batch(tiny_plan("r", "o"), model, 7, CPU) == 7
-    assert plan.auto_batch(tiny_plan("r", "o", batch_episodes=3), model, 7, CPU) == 3
-
-
 def tiny_plan(run, out, **kw):
     return plan.PlanConfig(**{**dict(run=str(run), out=str(out), episodes=3, num_samples=8, topk=2, opt_steps=2,
                                      ceiling_episodes=2, workers=1, device="cpu", videos=1), **kw})
@@ -1571,21 +1577,410 @@ def test_pixel_tokens_end_to_end(dataset, tmp_path, cached_dino):
     assert metrics["la"]["tokens"] == "dinov2" and math.isfinite(metrics["la"]["rollout_mse"])
 
 
-# ---- GPU only (skipped without CUDA): bf16 encoder vs fp32, compiled vs eager world model ----------------------------
+# ---- precision, fit, self-measurement: encode's dtype, the disk check, counted FLOPs, --dry-run, auto_batch ----------
+SMALL = {**SIZES, "dino_size": 28}  # a tiny world model over 4 DINOv2 patches
+
+
+def test_encode_runs_in_the_callers_precision():
+    """No autocast inside encode: fp32 unless the caller opens one (then its dtype applies to the encoder)."""
+    vits = cached_dinov2("dinov2_vits14", "random")
+    frames = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    with torch.no_grad():
+        ref = vits.forward_features(dino.preprocess(frames, 28))["x_norm_patchtokens"]  # (2, 4, 384) fp32
+    z = dino.encode(vits, frames, 28)
+    assert z.dtype == torch.float32 and torch.equal(z, ref)  # bit-exact: nothing in between
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zb = dino.encode(vits, frames, 28)
+    assert zb.dtype == torch.float32 and not torch.equal(zb, ref)  # the caller's bf16 reached the encoder
+    torch.testing.assert_close(zb, ref, atol=0.1, rtol=0.05)
+
+
+def test_cache_refused_up_front_when_the_disk_is_small(tmp_path, monkeypatch, cached_dino):
+    collect(root := tmp_path / "data", episodes=3, steps=7, img_size=32)
+    monkeypatch.setattr(dino.shutil, "disk_usage", lambda path: type("U", (), {"free": 10_000})())
+    user_error(dino.main, encode_cfg(root), names=[root, "--no-features"])
+    assert not list(root.glob("*/features.*"))  # nothing written, nothing half-written
+
+
+def test_peak_memory_counts_what_ops_create():
+    """A no-grad chain of 4 linears on 1000 x 1000: two activations of 4 MB are alive at once, parameters excluded."""
+    with torch.device("meta"):
+        net = torch.nn.Sequential(*[torch.nn.Linear(1000, 1000) for _ in range(4)])
+    x = torch.zeros(1000, 1000, device="meta")
+    with torch.no_grad():
+        flops, peak = dino.measure(lambda: net(x))
+    assert flops == 4 * 2 * 1000 ** 3 and peak == 2 * 4 * 1000 ** 2
+
+
+@pytest.mark.parametrize("variant", ["baseline", "la"])
+def test_counted_flops_match_the_layer_formula(variant):
+    """FlopCounterMode on the real modules (meta tensors) agrees with train_flops' analytic count."""
+    mc = wm.derive(WMConfig(variant=variant, **SMALL), {"img_size": 32})
+    with torch.device("meta"):
+        model = WorldModel(mc)
+    z, a, p = (torch.zeros(3, 2, *s, device="meta") for s in ((4, 384), (10,), (4,)))
+    flops, _ = dino.measure(lambda: model(z, a, p)["loss"].backward())
+    assert flops / 3 == pytest.approx(train.train_flops(mc), rel=1e-2)  # small terms aside
+
+
+def test_dry_runs_plan_a_recipe_without_data(tmp_path, monkeypatch, capsys):
+    """train.py --dry-run needs no dataset and leaves RUN/config.json; decode.py and plan.py --dry-run plan from it.
+    What does not fit is refused, naming the flag that changes it."""
+    run, missing = tmp_path / "vq", tmp_path / "not-collected"
+    train.main(train.TrainConfig(data=str(missing), out=str(run), batch_size=4, steps=100, eval_every=50,
+                                 features=False, dry_run=True), WMConfig(variant="vq", **SMALL))
+    assert json.loads((run / "config.json").read_text())["model"]["num_patches"] == 4
+    plan.main(plan.PlanConfig(run=str(run), protocol="mpc", num_samples=20, topk=5, opt_steps=3, dry_run=True))
+    decode.main(DecodeConfig(run=str(run), pairs=100, val_pairs=10, max_epochs=2, dry_run=True))
+    dino.main(dino.EncodeConfig(data=str(missing), frames=1000, size=28, dry_run=True))
+    out = capsys.readouterr().out
+    for stage in ("train-vq", "plan-vq-mpc", "decode-vq", "encode"):
+        assert f"estimate {stage}: " in out
+    assert "DINOv2: on every batch (--no-features)" in out and "50 episodes x 2 solve(s)" in out
+    user_error(dino.main, dino.EncodeConfig(data=str(missing), dry_run=True), names=[missing, "--frames"])
+    user_error(plan.main, plan.PlanConfig(run=str(tmp_path / "none"), dry_run=True),
+               names=[tmp_path / "none" / "config.json"])
+    monkeypatch.setattr(dino, "H200_BYTES", 2 ** 20)  # a 1 MiB "GPU"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    user_error(train.main, train.TrainConfig(data=str(tmp_path), out=str(tmp_path / "b"), batch_size=4,
+                                             features=False, dry_run=True), WMConfig(**SMALL),
+               names=["train-baseline", "--batch-size"])
+
+
+def test_auto_batch_is_the_flag_or_as_many_episodes_as_fit(monkeypatch):
+    """--batch-episodes 0 on the CPU: episodes per solve from the counted peak of one episode and the available RAM
+    (on this machine: every episode of a tiny plan); else the flag."""
+    mc = wm.derive(WMConfig(variant="la", **SMALL), {"img_size": 32})
+    model, cfg = WorldModel(mc).eval(), plan.PlanConfig(run="r", num_samples=300)
+    assert plan.auto_batch(plan.PlanConfig(run="r", num_samples=8, topk=2), model, 7, CPU) == 7
+    assert plan.auto_batch(plan.PlanConfig(run="r", batch_episodes=3), model, 7, CPU) == 3
+    per_episode = plan.episode_memory(mc, cfg)[1]
+    monkeypatch.setattr(dino, "available_ram", lambda: 10 * per_episode)
+    assert plan.auto_batch(cfg, model, 100, CPU) == 5  # half of the free memory
+    assert plan.auto_batch(plan.PlanConfig(run="r", batch_episodes=7), model, 100, CPU) == 7
+    monkeypatch.setattr(dino, "available_ram", lambda: per_episode)
+    user_error(plan.auto_batch, cfg, model, 100, CPU, names=["--num-samples"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    r = subprocess.run(["bash", str(HERE / "reproduce.sh"), "gpu-check", str(tmp_path / "g")], capture_output=True,
+                       text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().count("\n") == 0 and "no CUDA device" in r.stdout
+    assert not (tmp_path / "g").exists()
+
+
+# ---- policy.py (GCBC, GC-IQL): goal sampling, the success test as reward, IQL's targets, train -> eval, refusals -----
+@pytest.fixture(scope="module")
+def policy_data(tmp_path_factory):
+    """6 episodes x 41 frames at 28 px (4 train, 2 val), with a random 4 x 384 'DINOv2' cache in dino.py's format."""
+    collect(root := tmp_path_factory.mktemp("policy") / "data", episodes=6, steps=40, img_size=28, seed=0,
+            val_fraction=1 / 3)
+    rng, head = np.random.default_rng(0), dino.cache_header(root, "dinov2_vits14", 28, "random")
+    for split in ("train", "val"):
+        n = data.load_meta(root)["splits"][split]["frames"]
+        np.save(root / split / "features.npy", rng.normal(0, 1, (n, 4, 384)).astype(np.float16))  # (F, P, D)
+        (root / split / "features.json").write_text(json.dumps({**head, "frames": n, "done": n}))
+    return root
+
+
+def tiny_policy(root, out, **kw):
+    return policy.TrainConfig(data=str(root), out=str(out), steps=6, batch_size=8, hidden=16, layers=1, log_every=3,
+                              device="cpu", **kw)
+
+
+def policy_eval(folder, out, **kw):
+    return policy.evaluate_policy(policy.EvalConfig(**{**dict(policy=str(folder), out=str(out), episodes=2,
+                                                              ceiling_episodes=0, videos=0, device="cpu"), **kw}))
+
+
+def test_policy_goal_sampling_stays_in_the_episode(policy_data):
+    end = policy.episode_ends(policy_data, "train")  # (F,)
+    rng, t = np.random.default_rng(0), np.arange(0, len(end) - 30, 3)
+    t = t[t + 29 <= end[t]]  # window starts: a chunk fits
+    assert (policy.actor_goals(rng, t, end, 25) == t + 25).all()
+    g = policy.actor_goals(rng, t, end, 0)  # uniform future (swm)
+    assert ((g > t) & (g <= end[t])).all()
+    cfg, tt = tiny_policy(policy_data, "unused"), np.repeat(t, 200)
+    g = policy.value_goals(rng, tt, end, cfg)
+    assert np.mean(g == tt) == pytest.approx(cfg.p_current, abs=0.03)
+    assert 0 < np.mean(end[g] != end[tt]) <= cfg.p_random  # only random goals leave the episode
+    g = policy.value_goals(rng, tt, end, replace(cfg, p_random=0.0, p_future=0.8))
+    assert ((g >= tt) & (g <= end[tt]) & (((g - tt) % 5 == 0) | (g == end[tt]))).all()  # whole macro steps ahead
+
+
+def test_policy_reached_is_the_success_test():
+    rng = np.random.default_rng(1)
+    s = rng.uniform(0, 512, (400, 7))
+    g = s + rng.normal(0, 12, (400, 7)) * [1, 1, 1, 1, 0.02, 1, 1]  # near pairs: both verdicts occur
+    g[:, 4] += 2 * np.pi * rng.integers(-1, 2, 400)  # angles that differ by whole turns
+    want = np.array([is_success(a, b) for a, b in zip(g, s)])
+    got = policy.reached(torch.tensor(s), torch.tensor(g)).numpy()
+    assert 0 < want.mean() < 1 and (got == want).all()
+
+
+def test_policy_iql_targets_and_expectile(policy_data):
+    """At the goal the Bellman target is 0 (reward 0, episode over); the value loss is the tau-expectile loss."""
+    cfg = tiny_policy(policy_data, "unused", algo="iql")
+    mc = wm.derive(WMConfig(tokens="state"), data.load_meta(policy_data))
+    torch.manual_seed(0)
+    nets = policy.build(cfg, mc)
+    s = torch.tensor(data.load_split(policy_data, "train")["states"][:8], dtype=torch.float32)  # (B, 7)
+    z, a0 = wm.state_tokens(torch.stack([s, s], 1)), torch.randn(8, mc.action_dim)  # (B, 2, 1, 12), (B, A)
+    with torch.no_grad():
+        nets["critic"].mlp[-1].weight.zero_(), nets["critic"].mlp[-1].bias.fill_(-3.0)  # Q = -3 everywhere
+    _, critic_loss, w, _ = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)  # g = s
+    assert critic_loss.item() == pytest.approx(9.0)  # (Q - 0)^2
+    assert w.shape == (8,) and (w <= policy.AWR_CLIP).all()
+
+
+@pytest.mark.parametrize("algo,goal_steps", [("gcbc", 25), ("iql", 25), ("gcbc", 0)])
+def test_policy_train_and_eval_state_tokens(policy_data, tmp_path, algo, goal_steps):
+    folder = tmp_path / f"{algo}{goal_steps}"
+    assert policy.train(tiny_policy(policy_data, folder, algo=algo, goal_steps=goal_steps)) > 0
+    assert policy.train(tiny_policy(policy_data, folder, algo=algo, goal_steps=goal_steps)) is None  # the same: no-op
+    ck = data.load_pt(folder / "policy.pt", "")  # plain tensors and strings (weights_only)
+    assert ck["tokens"] == "state" and ("critic" in ck) == (algo == "iql")
+    for protocol, n in (("open-loop", 3), ("mpc", 2)):
+        out = tmp_path / "results" / f"{folder.name}-{protocol}.json"
+        res = policy_eval(folder, out, episodes=n, protocol=protocol)
+        r = json.loads(out.read_text())
+        assert r == json.loads(json.dumps(res)) and len(r["successes"]) == r["episodes"] == n
+        assert (r["planner"], r["variant"], r["tokens"], r["run"]) == (algo, algo, "state", str(folder))
+        assert r["protocol"] == protocol and 0 <= r["success_rate"] <= 1 and len(r["ci95"]) == 2
+        assert set(r["reference"]) >= {"random", "replay", "ceiling", "ceiling_episodes"}
+        assert r["budget"] == (50 if protocol == "mpc" else 25)
+        # chunk-end goals run whole chunks; uniform-future goals re-query every macro step under mpc
+        assert r["mpc_execute"] == (1 if protocol == "mpc" and goal_steps == 0 else 5)
+
+
+def test_policy_on_a_dinov2_feature_cache(policy_data, tmp_path, cached_dino):
+    """The dinov2 token source trains from the feature cache and evaluates with the (random) encoder on frames."""
+    policy.train(tiny_policy(policy_data, tmp_path / "p", tokens="dinov2", dino_size=28, dino_weights="random",
+                             patch_dim=2))
+    r = policy_eval(tmp_path / "p", tmp_path / "r.json")
+    assert r["tokens"] == "dinov2" and r["episodes"] == 2
+
+
+def test_policy_refuses_another_token_source_or_dataset(policy_data, tmp_path):
+    """Each refusal names the flag and both sides: token sources, or the datasets' fingerprints."""
+    policy.train(tiny_policy(policy_data, p := tmp_path / "p"))
+    before = (p / "policy.pt").read_bytes()
+    other = write_dataset(tmp_path / "other", [31, 31], img_size=28)
+    fp, theirs = data.load_meta(other)["fingerprint"], data.load_meta(policy_data)["fingerprint"]
+    user_error(policy_eval, p, tmp_path / "r.json", tokens="dinov2", names=["--tokens", "dinov2", "state"])
+    user_error(policy_eval, p, tmp_path / "r.json", data=str(other), names=["--data", fp, theirs, "state"])
+    user_error(policy.train, tiny_policy(policy_data, p, tokens="dinov2"), names=["--tokens", "dinov2", "state"])
+    user_error(policy.train, tiny_policy(other, p), names=["--data", other, fp, theirs])
+    user_error(tiny_policy, policy_data, tmp_path / "q", p_random=0.5, names=["--p-*"])  # weights that do not sum to 1
+    assert not (tmp_path / "r.json").exists() and (p / "policy.pt").read_bytes() == before
+
+
+# ---- the jepa token source: SIGReg and VCReg known answers, the encoder, collapse statistics, a jepa run end to end --
+def sigreg_of_zero(B):
+    """SIGReg of B identical rows at 0, from its definition: B * sum_k w_k phi_k (1 - phi_k)^2."""
+    t = torch.linspace(0, 3, wm.SIGREG_KNOTS, dtype=torch.float64)
+    w = torch.full_like(t, 6 / (wm.SIGREG_KNOTS - 1))
+    w[[0, -1]] /= 2
+    phi = torch.exp(-t ** 2 / 2)
+    return B * (w * phi * (1 - phi) ** 2).sum().item()
+
+
+def test_sigreg_known_answers():
+    """A standard normal batch scores ~1.06 whatever B (the integral of phi (1 - phi^2) over [-3, 3], the statistic's
+    expectation); B rows at one point score B * 0.41 (LeWM's Push-T batch 128: ~52); a shrunk batch lies between."""
+    torch.manual_seed(0)
+    gauss = wm.sigreg(torch.randn(2048, 2, 16)).item()
+    expect = math.sqrt(2 * math.pi) * (math.erf(3 / math.sqrt(2)) - math.erf(3 * math.sqrt(1.5)) / math.sqrt(3))
+    assert abs(gauss - expect) < 0.25, (gauss, expect)
+    assert abs(wm.sigreg(torch.zeros(128, 2, 16)).item() - sigreg_of_zero(128)) < 1e-3
+    assert 50 < sigreg_of_zero(128) < 53
+    assert gauss < wm.sigreg(0.3 * torch.randn(2048, 2, 16)).item() < sigreg_of_zero(2048)
+    # The gradient that rescues a shrunk batch, and the one that vanishes at a collapsed one (why the encoder ends in
+    # a BatchNorm): d SIGReg / d scale is large at 0.3 and zero at 0.
+    s, z = torch.tensor([0.3, 0.0], requires_grad=True), torch.randn(512, 1, 16)
+    (wm.sigreg(s[0] * z) + wm.sigreg(s[1] * z)).backward()
+    assert s.grad[0] < -10 and s.grad[1].abs() < 1e-6
+
+
+def test_vcreg_known_answers():
+    """PLDM's terms: ~0 on a standard normal batch; std hinge 1 - sqrt(1e-4) = 0.99 on a collapsed one; the covariance
+    term is 1 when all dims are the same unit-variance variable (every off-diagonal entry 1)."""
+    torch.manual_seed(0)
+    std, cov = wm.var_cov(torch.randn(2, 4096, 8))
+    assert std < 0.02 and cov < 0.01
+    std, cov = wm.var_cov(torch.zeros(2, 64, 8))
+    assert abs(std - 0.99) < 1e-6 and cov == 0
+    std, cov = wm.var_cov(torch.randn(1, 4096, 1).expand(-1, -1, 8))
+    assert std < 0.02 and abs(cov - 1) < 0.1
+    mc = WMConfig(tokens="jepa", jepa_reg="vcreg", jepa_temp_sim=0.0)
+    assert abs(wm.vcreg(torch.zeros(64, 2, 8), mc).item() - 18 * 0.99) < 1e-4  # weighted: jepa_std * hinge
+
+
+def test_jepa_encoder_shapes_and_gradient():
+    """uint8 frames (B, T, S, S, 3) -> (B, T, 1, D); the final BatchNorm makes every dim's batch std 1 in training."""
+    enc = wm.JEPAEncoder(img_size=32, dim=16, width=4)
+    z = enc(torch.randint(0, 256, (6, 2, 32, 32, 3), dtype=torch.uint8))
+    assert z.shape == (6, 2, 1, 16)
+    assert torch.allclose(z.flatten(0, 2).std(0, unbiased=False), torch.ones(16), atol=1e-2)
+    z.square().sum().backward()
+    assert enc.convs[0].weight.grad.abs().sum() > 0
+
+
+def test_token_stats_and_probe():
+    """Isotropic tokens: effective rank ~D, not collapsed; constant tokens: collapsed, rank 1; a probe reads a linear
+    code of the state exactly and a random code not at all."""
+    torch.manual_seed(0)
+    st = wm.token_stats(torch.randn(4000, 1, 8))
+    assert not st["collapsed"] and st["effective_rank"] > 7.8
+    st = wm.token_stats(torch.full((100, 1, 8), 3.0) + 1e-5 * torch.randn(100, 1, 8))
+    assert st["collapsed"] and st["token_std_median"] < wm.COLLAPSE_STD
+    y = wm.probe_targets(torch.rand(400, 7) * torch.tensor([512, 512, 512, 512, 6.28, 1, 1]))  # (400, 6)
+    z = (y @ torch.randn(6, 10, dtype=torch.float64))[:, None]  # (400, 1, 10) a linear code
+    assert min(wm.probe_r2(z[:200], y[:200], z[200:], y[200:]).values()) > 0.999
+    assert max(wm.probe_r2(torch.randn(200, 1, 10), y[:200], torch.randn(200, 1, 10), y[200:]).values()) < 0.2
+
+
+def test_training_log_flags_a_collapsed_encoder(capsys):
+    """train.py's validation reports collapsed = True and warns when every frame has (nearly) the same token."""
+    z, state = torch.full((64, 1, 8), 0.5) + 1e-6 * torch.randn(64, 1, 8), torch.rand(64, 7)
+    assert train.jepa_metrics(z, state)["collapsed"]
+    assert "collapsed" in capsys.readouterr().out
+    assert not train.jepa_metrics(torch.randn(64, 1, 8), state)["collapsed"]
+
+
+JEPA = dict(tokens="jepa", depth=1, heads=2, dim_head=8, mlp_dim=32, dropout=0.0, jepa_dim=16, jepa_width=4)
+
+
+@pytest.fixture(scope="module")
+def jepa_run(tmp_path_factory):
+    """A tiny jepa baseline run on 32-px frames (a few seconds) -> the folder of data/ and run/."""
+    collect(root := tmp_path_factory.mktemp("jepa") / "data", episodes=12, steps=40, img_size=32, seed=0,
+            val_fraction=0.1)
+    raw = train.main(train.TrainConfig(data=str(root), out=str(root.parent / "run"), steps=4, batch_size=16,
+                                       eval_every=4, val_batches=2, log_every=2, num_workers=0),
+                     WMConfig(**JEPA, jepa_idm=1.0))
+    assert raw.encoder is not None
+    return root.parent
+
+
+tiny_jepa_plan = functools.partial(tiny_plan, episodes=2, opt_steps=1, ceiling_episodes=0, videos=0)
+
+
+def test_jepa_run_trains_and_plans(jepa_run):
+    """train.py logs the regulariser and the collapse statistics; plan.py writes tokens "jepa" and the statistics;
+    eval.py reports the probes and the exploitation gap."""
+    run = jepa_run / "run"
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any("reg_loss" in r and "idm_loss" in r for r in rows)
+    assert any("token_std_median" in r and "probe_agent" in r for r in rows)
+    res = plan.main(tiny_jepa_plan(run, jepa_run / "res.json", allow_collapsed=True))
+    assert res["tokens"] == "jepa" and "token_std_median" in res["token_stats"]
+    metrics, _ = evaluate.main(evaluate.EvalConfig(run=[str(run)], out=str(jepa_run / "m.json"), windows=16,
+                                                   probe_windows=32, batch_size=16, gap_tasks=3, workers=0))
+    m = next(iter(metrics.values()))
+    assert {"probe_agent", "effective_rank", "collapsed", "gap_cost_plan", "gap_plan_cheaper"} <= set(m)
+
+
+def test_plan_refuses_a_collapsed_encoder(jepa_run):
+    """Zero the projector's last layer: every frame maps to one token, and plan.py names the run and the way out."""
+    ckpt, run = torch.load(jepa_run / "run" / "ckpt.pt", weights_only=True), jepa_run / "collapsed"
+    for k in ("encoder.projector.4.weight", "encoder.projector.4.bias"):
+        ckpt["model"][k].zero_()
+    run.mkdir()
+    torch.save(ckpt, run / "ckpt.pt")
+    plan_cfg = functools.partial(tiny_jepa_plan, run, jepa_run / "r.json", data=str(jepa_run / "data"))
+    user_error(plan.main, plan_cfg(), names=[run, "--allow-collapsed"])
+    assert not (jepa_run / "r.json").exists()
+    assert plan.main(plan_cfg(allow_collapsed=True))["token_stats"]["collapsed"]
+
+
+def test_vq_on_jepa_tokens_trains_decodes_and_plans(jepa_run, tmp_path):
+    """The IDM, VQ, decoder and categorical planner see only tokens: a vq run on jepa tokens goes end to end. The
+    label-using IDM term is refused outside baseline."""
+    user_error(WMConfig, tokens="jepa", variant="la", jepa_idm=1.0, names=["--jepa-idm"])
+    train.main(train.TrainConfig(data=str(jepa_run / "data"), out=str(run := tmp_path / "vq"), steps=3, batch_size=16,
+                                 eval_every=3, val_batches=1, stats_batches=1, log_every=3, num_workers=0),
+               WMConfig(**JEPA, variant="vq", idm_depth=1, idm_heads=2, idm_dim=16, idm_mlp_dim=32, num_codes=4))
+    decode.main(tiny_decode(run, max_epochs=1, code_states=4, device="auto"))
+    res = plan.main(tiny_jepa_plan(run, tmp_path / "vq.json", allow_collapsed=True))
+    assert res["tokens"] == "jepa" and res["planner"] == "cem_categorical"
+
+
+# ---- the method end to end (state tokens): decoded IDM latents replay the recording, la plans from its own prior ----
+@pytest.fixture(scope="module")
+def la_run(tmp_path_factory):
+    """A small la run on state tokens with its action decoder: ~30 s on one core."""
+    collect(root := tmp_path_factory.mktemp("method") / "data", episodes=300, steps=100, img_size=224, seed=0,
+            val_fraction=0.1)
+    train.main(train.TrainConfig(data=str(root), out=str(root.parent / "la"), steps=600, batch_size=128,
+                                 lr_predictor=2e-3, lr_action=2e-3, lr_idm=2e-3, eval_every=600, val_batches=4,
+                                 stats_batches=8, log_every=300),
+               WMConfig(variant="la", tokens="state", depth=2, heads=4, dim_head=32, mlp_dim=256, dropout=0.0,
+                        idm_depth=1, idm_heads=4, idm_dim=64, idm_mlp_dim=128))
+    decode.main(DecodeConfig(run=str(root.parent / "la"), pairs=8000, val_pairs=1000))
+    return root.parent / "la"
+
+
+def test_method_decoded_latents_replay_the_recorded_transitions(la_run):
+    """The IDM's latents of the 5 recorded transitions of a task, decoded by the planner's own decoding path
+    (plan.decode_plan: step h from frame h) and executed in the simulator, must retrace the recording: the final
+    error drops well below the start error. Decoding step h from frame h+1, or a decoder trained on the next macro
+    step's action, leaves it near the start error."""
+    model, ckpt, root = wm.load_run(la_run)
+    decoder, stats = decode.load_decoder(la_run, ckpt, "cpu"), ckpt["stats"]
+    tasks, split = plan.make_tasks(root, "val", "open-loop", 60, 0, 64), data.load_split(root, "val")
+    g = split["starts"][tasks["episode"]] + tasks["step"]  # (n,) global start frames
+    z = wm.state_tokens(split["states"][g[:, None] + 5 * np.arange(6)])  # (n, 6, 1, 12) recorded macro steps
+    with torch.no_grad():
+        pairs = torch.stack([z[:, :-1], z[:, 1:]], 2).flatten(0, 1)  # (n*5, 2, 1, 12)
+        latents = model.conditioning(pairs)["latent"][:, 0].view(len(g), 5, -1)  # (n, 5, L)
+        a = plan.decode_plan(model, decoder, z[:, 0], latents)  # (n, 5, A)
+    acts = data.macro_to_env(a.numpy(), stats["action_mean"], stats["action_std"])  # (n, 25, 2)
+    start, final = [], []
+    for s0, goal, act in zip(tasks["start_state"], tasks["goal_state"], acts):
+        (env := PushT()).place(s0)
+        start.append(plan.distances(goal, env.get_state())[0])
+        rollout(env, act)
+        final.append(plan.distances(goal, env.get_state())[0])
+    assert np.mean(final) < 0.6 * np.mean(start), (np.mean(final), np.mean(start))
+
+
+def test_method_la_planning_starts_from_the_runs_latent_prior(la_run, tmp_path, monkeypatch):
+    """plan.py's Gaussian CEM over la latents starts from the IDM's own latent mean and std stored with the run,
+    which differ from N(0, 1) (the seed's mis-scaled start)."""
+    seen, cem_gaussian = [], plan.cem_gaussian
+
+    def spy(cost_fn, mu, sigma, *args, **kw):
+        seen.append((mu[0, 0].clone(), sigma[0, 0].clone()))
+        return cem_gaussian(cost_fn, mu, sigma, *args, **kw)
+    monkeypatch.setattr(plan, "cem_gaussian", spy)
+    plan.main(plan.PlanConfig(run=str(la_run), out=str(tmp_path / "r.json"), episodes=2, num_samples=16, topk=4,
+                              opt_steps=1, ceiling_episodes=0, videos=0))
+    stats = wm.load_run(la_run)[1]["stats"]
+    mean, std = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])
+    assert seen and (mean.abs().max() > 0.2 or (std - 1).abs().max() > 0.2)  # the prior is not N(0, 1) here
+    for mu, sigma in seen:
+        torch.testing.assert_close(mu, mean), torch.testing.assert_close(sigma, std)
+
+
+# ---- GPU only (skipped without CUDA): bf16 encoder vs fp32, compiled vs eager world model, auto_batch fits ----------
 @CUDA
 def test_gpu_bf16_encoder_matches_fp32(monkeypatch):
-    """DINOv2 under the stages' bf16 autocast vs an fp32 reference with TF32 off, on Push-T frames."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding is a convolution
+    """DINOv2 on Push-T frames under data.setup's precision: bf16 autocast by default, against --dtype float32 (fp32
+    with TF32 off) as the reference."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)  # restored
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)  # (conv patch embedding)
     model = dino.load_dinov2("dinov2_vits14", "random", device="cuda")
     rng = np.random.default_rng(0)
     states = np.concatenate([rng.uniform(100, 400, (8, 4)), rng.uniform(0, 6, (8, 1)), np.zeros((8, 2))], 1)
     frames = torch.as_tensor(data.render_batch(states, 224))  # (B, S, S, 3)
-    with torch.no_grad():
+    with torch.no_grad(), data.setup("cuda", 0, "float32")[1]:
         ref = model.forward_features(dino.preprocess(frames.cuda(), 196))["x_norm_patchtokens"]  # (B, P, D) fp32
-    with torch.autocast("cuda", torch.bfloat16):
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    with data.setup("cuda", 0, "bfloat16")[1]:
         z = dino.encode(model, frames, 196)  # (B, P, D)
-    assert z.dtype == torch.float32 and z.shape == ref.shape == (8, 196, 384)
+    assert z.dtype == torch.float32 and z.shape == ref.shape == (8, 196, 384) and not torch.equal(z, ref)
     assert F.cosine_similarity(z, ref, dim=-1).min() > 0.999 and (z - ref).norm() / ref.norm() < 1e-2
 
 
@@ -1622,3 +2017,15 @@ def test_gpu_compiled_world_model_matches_eager(monkeypatch):
         want = plan.rollout_cost(eager, z0, zg, codes, p0, pg, 1.0, "all")  # (E, N)
         got = torch.compile(plan.rollout_cost, dynamic=False)(eager, z0, zg, codes, p0, pg, 1.0, "all")
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@CUDA
+def test_gpu_auto_batch_fits_the_seed_sizes():
+    """auto_batch at 300 samples, horizon 5, 196 tokens: the chosen E runs without running out of memory."""
+    mc = wm.derive(WMConfig(variant="vq"), {"img_size": 224})
+    model, cfg, device = WorldModel(mc).cuda().eval(), plan.PlanConfig(run="r"), torch.device("cuda")
+    z, codes = plan.probe(mc, cfg, plan.auto_batch(cfg, model, 100, device), device)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        plan.rollout_cost(model, z, z, codes)
+    assert torch.cuda.max_memory_allocated() < torch.cuda.get_device_properties(0).total_memory

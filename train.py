@@ -122,7 +122,7 @@ def resume(cfg, mc, given):
     path = Path(cfg.out) / "ckpt.pt"
     if not path.exists():
         return cfg, mc, None
-    ckpt = data.load_pt(path, f"delete it to start over, or choose another --out")
+    ckpt = data.load_pt(path, "delete it to start over, or choose another --out")
     require(ckpt.get("format") == CKPT_FORMAT, f"{path}: format {ckpt.get('format')!r}, this train.py writes "
                                                f"{CKPT_FORMAT!r}; choose another --out")
     cfg, mc = data.merge_resume(path, given, (cfg, ckpt["train_config"], RUNTIME), (mc, ckpt["model_config"], ()))
@@ -131,6 +131,15 @@ def resume(cfg, mc, given):
     require(fp == ckpt["data"]["fingerprint"], f"--data {cfg.data} (fingerprint {fp}) is not the dataset {path} was "
                                                f"trained on ({ckpt['data']['root']}, {ckpt['data']['fingerprint']})")
     return cfg, mc, ckpt
+
+
+def open_run(cfg, mc, given):
+    """resume(), then the dataset's meta and the model sizes it implies (wm.derive) -> (cfg, mc, ckpt, meta)."""
+    cfg, mc, ckpt = resume(cfg, mc, given)
+    meta = data.load_meta(cfg.data)
+    mc = wm.derive(mc, meta)
+    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, no_features=not cfg.features)
+    return cfg, mc, ckpt, meta
 
 
 def make_optimizer(raw, cfg):
@@ -211,6 +220,12 @@ def latent_stats(model, loader, input_of, ctx):
     return {"latent_mean": x.mean(0).tolist(), "latent_std": x.std(0).tolist(), "latent_count": x.shape[0]}
 
 
+def loss_parts(mc):
+    """The names of the losses a run logs (model outputs), in log order."""
+    return ["loss", "pred_loss", "visual_loss"] + (["commit_loss"] if mc.variant == "vq" else []) + (
+        ["reg_loss"] if mc.tokens == "jepa" else []) + (["idm_loss"] if mc.jepa_idm else [])
+
+
 def log_line(step, names, values, dt, cfg, mc, world, device):
     """One fixed-format log row and line: step | loss parts | grad norm | lr | ms/step | samples/s [| GPU]."""
     row = {"step": step, **dict(zip(names, values)), "lr": lr_factor(step - 1, cfg) * cfg.lr_predictor,
@@ -230,7 +245,10 @@ def make_loaders(cfg, mc, device, start, rank, world):
     ds = {s: wm.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features) for s in ("train", "val")}
     workers = cfg.num_workers
     order = train_order(len(ds["train"]), cfg.seed, start * cfg.batch_size * world, rank, world)
-    fixed = lambda d, n: data.loader(d, cfg.batch_size, fixed_subset(len(d), n * cfg.batch_size), workers, device)  # noqa: E731
+
+    def fixed(d, n):  # the same n batches at every evaluation
+        return data.loader(d, cfg.batch_size, fixed_subset(len(d), n * cfg.batch_size), workers, device)
+
     train_loader = data.loader(ds["train"], cfg.batch_size, order, workers, device, drop_last=True)
     print(f"windows: train {len(ds['train'])}, val {len(ds['val'])} | tokens: {mc.tokens} (P {mc.num_patches}, "
           f"D {mc.visual_dim}; {'feature cache' if ds['train'].features is not None else 'computed per batch'}) | "
@@ -302,7 +320,8 @@ def dry_run(cfg, mc, ckpt):
     weights = 12 * params + (4 * sum(t.numel() for t in encoder.parameters()) if encoder else 0)  # + AdamW moments
     # disk: ckpt.pt holds weights + AdamW (12 B per parameter), twice while an atomic write replaces it
     dino.report(f"train-{mc.variant}", (cfg.steps - start) * (step + enc) + evals * per_eval,
-                weights + max(peak, enc_peak), 24 * params, cfg.dtype, flag="lower --batch-size (the seed's is 64) or use a GPU with more memory")
+                weights + max(peak, enc_peak), 24 * params, cfg.dtype,
+                flag="lower --batch-size (the seed's is 64) or use a GPU with more memory")
 
 
 def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
@@ -313,10 +332,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
     ddp = "WORLD_SIZE" in os.environ  # launched by torchrun: DDP even for one process (NCCL path of gpu-check)
     run, main_proc = Path(cfg.out), rank == 0
     with data.locked(run) if main_proc else contextlib.nullcontext():
-        cfg, mc, ckpt = resume(cfg, mc or WMConfig(), given)
-        meta = data.load_meta(cfg.data)
-        mc = wm.derive(mc, meta)
-        wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, no_features=not cfg.features)
+        cfg, mc, ckpt, meta = open_run(cfg, mc or WMConfig(), given)
         device, ctx = data.setup(cfg.device, cfg.seed, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
         if ddp:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -325,13 +341,12 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         start = ckpt["step"] if ckpt else 0
         train_loader, val_loader, stats_loader, input_of = make_loaders(cfg, mc, device, start, rank, world)
         raw, model, opt = build(cfg, mc, ckpt, device, ddp)
-        stats = ckpt["stats"] if ckpt else {k: meta[k] for k in ("action_mean", "action_std", "proprio_mean", "proprio_std")}
+        stats = ckpt["stats"] if ckpt else data.train_stats(meta)
         data.atomic_write(run / "config.json", {"train": asdict(cfg), "model": asdict(mc)}) if main_proc else None
-        log = run_logger(run, cfg, mc) if main_proc else (lambda row: None)
+        log = run_logger(run, cfg, mc) if main_proc else (lambda *row: None)
 
         # --- the loop
-        parts = ["loss", "pred_loss", "visual_loss"] + (["commit_loss"] if mc.variant == "vq" else []) + (
-            ["reg_loss"] if mc.tokens == "jepa" else []) + (["idm_loss"] if mc.jepa_idm else [])
+        parts = loss_parts(mc)
         first_bad = torch.full((len(parts),), -1, device=device)  # first step at which each part was non-finite
         it, t0, t_step = iter(train_loader), time.perf_counter(), start
         bar = tqdm(total=cfg.steps, initial=start, disable=None if main_proc else True, unit="step")
@@ -345,7 +360,6 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                     stats.update(latent_stats(raw, stats_loader, input_of, ctx) if mc.variant != "baseline" else {})
                     save(run, raw, opt, step, cfg, mc, stats, meta, device)
                     log({"step": step, **metrics})
-                    bar.write(f"step {step:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 if ddp:
                     dist.barrier()
                 t0, t_step = time.perf_counter(), step  # validation is not part of the throughput
@@ -373,8 +387,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                 values = vals.tolist()  # host sync point: the only one per log interval
                 check_finite(first_bad, parts, run / "ckpt.pt")
                 dt = (time.perf_counter() - t0) / max(1, step + 1 - t_step)
-                row, line = log_line(step + 1, parts + ["grad_norm"], values, dt, cfg, mc, world, device)
-                bar.write(line), log(row)
+                log(*log_line(step + 1, parts + ["grad_norm"], values, dt, cfg, mc, world, device))
                 t0, t_step = time.perf_counter(), step + 1
         bar.close()
         if ddp:
@@ -391,18 +404,22 @@ def save(run, raw, opt, step, cfg, mc, stats, meta, device):
     data.atomic_write(run / "ckpt.pt", {
         "format": CKPT_FORMAT, "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
         "model_config": asdict(mc), "train_config": asdict(cfg), "stats": stats, "rng": rng,
-        "data": {"root": str(root), "relative": os.path.relpath(root, run.resolve()), "fingerprint": meta["fingerprint"]},
+        "data": {"root": str(root), "relative": os.path.relpath(root, run.resolve()),
+                 "fingerprint": meta["fingerprint"]},
         "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
 
 
 def run_logger(run, cfg, mc):
-    """log(row): one JSON line in RUN/log.jsonl (and wandb with --wandb)."""
+    """log(row, line=None): one JSON line in RUN/log.jsonl (and wandb with --wandb), and the line on the console
+    (default: the row as "step N | name value | ...")."""
     wb = None
     if cfg.wandb:
         import wandb  # optional dependency, imported only when asked for
         wb = wandb.init(project="dinowm-latent-actions", name=run.name, config={**asdict(cfg), **asdict(mc)})
 
-    def log(row):
+    def log(row, line=None):
+        tqdm.write(line or f"step {row['step']:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                                    if k != "step"))
         with open(run / "log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if wb is not None:

@@ -24,21 +24,22 @@ import torch.nn.functional as F
 
 import data
 import dino
-from data import UserError, require
+from data import require
 
 
 @dataclass
 class WMConfig:
     variant: Literal["baseline", "la", "vq"] = "baseline"  # conditioning: action labels, IDM latents, or IDM + VQ codes
-    tokens: Literal["state", "dinov2", "jepa"] = "dinov2"  # token source: simulator state, frozen DINOv2, trained pixels
+    tokens: Literal["state", "dinov2", "jepa"] = "dinov2"  # source: simulator state, frozen DINOv2, trained pixels
     dino_name: str = "dinov2_vits14"  # frozen encoder for --tokens dinov2; DINO-WM conf/encoder/dino.yaml ViT-S/14
     dino_size: int = 196  # encoder input side in px (224 resized to 196 -> 14x14 patches, DINO-WM)
     img_size: int = 0  # render size in px for pixel tokens, 0 = the dataset's img_size
     num_hist: int = 1  # context frames seen by the predictor; seed 1, DINO-WM 3
     frameskip: int = 5  # env steps per macro step; DINO-WM and seed 5
-    action_dim: int = field(default=10, metadata={"derived": True})  # A, macro-action width = 2 * frameskip (train.py derives it)
-    visual_dim: int = field(default=384, metadata={"derived": True})  # D, token width (DINOv2 ViT-S/14: 384; state: 12; train.py derives it)
-    num_patches: int = field(default=196, metadata={"derived": True})  # P, tokens per frame ((196 px / 14)^2 for DINOv2, 1 for state; train.py derives it)
+    # derived from the dataset and token source by derive() (train.py):
+    action_dim: int = field(default=10, metadata={"derived": True})  # A, macro-action width = 2 * frameskip
+    visual_dim: int = field(default=384, metadata={"derived": True})  # D, token width (DINOv2 ViT-S/14 384, state 12)
+    num_patches: int = field(default=196, metadata={"derived": True})  # P, tokens per frame (DINOv2 14^2, state 1)
     cond_dim: int = 32  # C, per-frame conditioning width; seed 32, DINO-WM's action embedding 10
     proprio: bool = False  # DINO-WM's proprio channels (Linear(4 -> proprio_dim) tiled); the seed drops them
     proprio_dim: int = 10  # proprio embedding width; DINO-WM 10
@@ -72,7 +73,8 @@ class WMConfig:
         data.check_choices(self)
         require(min(self.num_hist, self.frameskip, self.cond_dim, self.depth, self.heads, self.dim_head, self.mlp_dim,
                     self.idm_depth, self.idm_heads, self.idm_mlp_dim, self.latent_dim, self.num_codes) >= 1,
-                "model sizes (--num-hist, --depth, --heads, --cond-dim, --idm-*, --latent-dim, --num-codes ...) must be >= 1")
+                "model sizes (--num-hist, --depth, --heads, --cond-dim, --idm-*, --latent-dim, --num-codes ...) "
+                "must be >= 1")
         require(self.idm_dim % self.idm_heads == 0, f"--idm-dim {self.idm_dim} must be a multiple of --idm-heads")
         require(0 <= self.dropout < 1 and 0 < self.ema_decay < 1 and self.commitment >= 0,
                 "--dropout in [0, 1), --ema-decay in (0, 1), --commitment >= 0")
@@ -85,7 +87,7 @@ class WMConfig:
                 self.jepa_temp_sim, self.jepa_temp_std, self.jepa_temp_cov) >= 0,
                 "--jepa-dim and --jepa-width must be >= 2, the --jepa-* loss weights >= 0")
         require(self.jepa_idm == 0 or (self.tokens == "jepa" and self.variant == "baseline"), f"--jepa-idm "
-                f"{self.jepa_idm} trains the jepa encoder on action labels: baseline runs only (la/vq learn without them)")
+                f"{self.jepa_idm} trains the jepa encoder on action labels: baseline runs only (la/vq learn without)")
 
 
 # Shape legend: B batch, T frames, P tokens per frame, D token width, A macro action, C conditioning, L latent action,
@@ -283,8 +285,8 @@ class IDM(nn.Module):
     """Inverse dynamics model: AdaWorld's latent-action encoder (models/lam.py) without its decoder.
 
     Default depth 4 instead of the seed's 12: at 12 x 384 the IDM costs ~23.7 GFLOPs per pair, 2.6x the
-    predictor's ~9 (both counted from the layer sizes), although it only has to read the agent's displacement between two
-    frames. Every block already mixes the two frames (temporal attention) after a full spatial attention,
+    predictor's ~9 (both counted from the layer sizes), although it only has to read the agent's displacement
+    between two frames. Every block already mixes the two frames (temporal attention) after a full spatial attention,
     so 4 rounds of cross-frame exchange suffice to locate the agent and compare; that makes the IDM cost ~7.9
     GFLOPs, below the predictor, and speeds a training step ~1.9x. TODO: ablate 4 vs 12 on GPU
     (`--idm-depth 12` restores the seed).
@@ -433,7 +435,7 @@ class WorldModel(nn.Module):
                                       cfg.heads, cfg.dim_head, cfg.mlp_dim, cfg.dropout)
 
     def encode(self, x):
-        """What make_input gives -> tokens (B, T, P, D): the jepa encoder on frames; other sources are tokens already."""
+        """What make_input gives -> tokens (B, T, P, D): the jepa encoder on frames; other sources are tokens."""
         return x if self.encoder is None else self.encoder(x)
 
     def embed_proprio(self, p):
@@ -534,8 +536,9 @@ def _diagnostic_predictions(model, z, action, proprio, perms):
 
 
 def swap_score(model, z, action=None, proprio=None, num_perms=8, generator=None):
-    """Information-bypass score (the seed's collapse check): fraction of (i, perm) where sample i, conditioned on A[perm(i)],
-    lands closer to target perm(i) than to its own (margin 1e-3 * median distance). High (> 0.65) = shortcut."""
+    """Information-bypass score (the seed's collapse check): fraction of (i, perm) where sample i, conditioned on
+    A[perm(i)], lands closer to target perm(i) than to its own (margin 1e-3 * median distance). High (> 0.65) =
+    shortcut."""
     B = z.shape[0]
     perms = [torch.randperm(B, generator=generator).to(z.device) for _ in range(num_perms)]
     preds, tgt = _diagnostic_predictions(model, z, action, proprio, perms)
@@ -631,7 +634,8 @@ def make_input(mc, device, dino_weights=None):
     dinov2: the cached features, or DINOv2 on the frames now; jepa: the frames themselves (its encoder is trained)."""
     encoder = None
     require(mc.tokens != "dinov2" or dino_weights in (None, "", "random") or Path(dino_weights).is_file(),
-            f"--dino-weights {dino_weights}: no such file; pass an official {dino.weights_file(mc.dino_name)} or random")
+            f"--dino-weights {dino_weights}: no such file; pass an official {dino.weights_file(mc.dino_name)} "
+            "or random")
 
     def input_of(batch):
         nonlocal encoder
