@@ -53,38 +53,47 @@ join() { for p in "${pids[@]}"; do wait "$p"; done; pids=(); }  # a failed stage
 STATE_MODEL=(--tokens state --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --idm-depth 2 --idm-heads 4
              --idm-dim 64 --idm-mlp-dim 128 --batch-size 256 --lr-predictor 1e-3 --lr-action 1e-3 --lr-idm 1e-3
              --schedule cosine --val-batches 8 --stats-batches 20 --log-every 500 --eval-every 2000)
-state_pipeline() {  # DIR DATA: train (two at a time), decode, plan, the policies, eval; sizes from the arrays below
-  local dir=$1 data=$2 v a
-  local open=(--protocol open-loop --episodes ${N[0]} --ceiling-episodes ${N[1]} --opt-steps 10)
-  local mpc=(--protocol mpc --episodes ${N[2]} --ceiling-episodes ${N[3]} --opt-steps 10)
-  background train-baseline $PY train.py --data "$data" --variant baseline --out "$dir/baseline" --steps ${STEPS[0]} "${STATE_MODEL[@]}"
+state_pipeline() {  # DIR DATA: two lanes of stages at a time, one core each; sizes from the arrays below
+  local dir=$1 data=$2 v
+  open=(--protocol open-loop --episodes ${N[0]} --ceiling-episodes ${N[1]} --opt-steps 10)
+  mpc=(--protocol mpc --episodes ${N[2]} --ceiling-episodes ${N[3]} --opt-steps 10)
+  background train-baseline $PY train.py --data "$data" --variant baseline --out "$dir/baseline" --steps ${STEPS[0]} \
+    "${STATE_MODEL[@]}"
   background train-la $PY train.py --data "$data" --variant la --out "$dir/la" --steps ${STEPS[1]} "${STATE_MODEL[@]}"
   join
-  background train-vq $PY train.py --data "$data" --variant vq --out "$dir/vq" --steps ${STEPS[1]} "${STATE_MODEL[@]}"
-  background decode-la $PY decode.py --run "$dir/la" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
+  plans baseline "$dir"  # both cores: computes the ceilings (simulator as the planner's model), cached for the rest
+  background lane-vq lane_vq "$dir" "$data"
+  background lane-la-policies lane_la_policies "$dir" "$data"
   join
-  background decode-vq $PY decode.py --run "$dir/vq" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
-  background train-gcbc $PY policy.py train --algo gcbc --data "$data" --tokens state --out "$dir/gcbc" --steps ${STEPS[3]}
-  join
-  background train-iql $PY policy.py train --algo iql --data "$data" --tokens state --out "$dir/iql" --steps ${STEPS[4]}
-  for v in baseline la vq; do  # the ceiling (simulator as the planner's model) is computed once and cached
-    stage "plan-$v-open-loop" $PY plan.py --run "$dir/$v" "${open[@]}" --out "$dir/results/$v-open-loop.json"
-    stage "plan-$v-mpc" $PY plan.py --run "$dir/$v" "${mpc[@]}" --out "$dir/results/$v-mpc.json"
-  done
-  join
-  for a in gcbc iql; do
-    stage "policy-$a-open-loop" $PY policy.py eval --policy "$dir/$a" "${open[@]}" --out "$dir/results/$a-open-loop.json"
-    stage "policy-$a-mpc" $PY policy.py eval --policy "$dir/$a" "${mpc[@]}" --out "$dir/results/$a-mpc.json"
-  done
   rm -f "$OUT/.done/eval"  # the table is cheap to rebuild and should reflect every result present
   stage eval $PY eval.py --run "$dir/baseline" "$dir/la" "$dir/vq" --results "$dir"/results/*.json \
     --out "$dir/metrics.json" --windows 600 --probe-windows 5000
 }
+plans() {  # VARIANT DIR: plan.py under both protocols
+  stage "plan-$1-open-loop" $PY plan.py --run "$2/$1" "${open[@]}" --out "$2/results/$1-open-loop.json"
+  stage "plan-$1-mpc" $PY plan.py --run "$2/$1" "${mpc[@]}" --out "$2/results/$1-mpc.json"
+}
+lane_vq() {  # DIR DATA
+  stage train-vq $PY train.py --data "$2" --variant vq --out "$1/vq" --steps ${STEPS[1]} "${STATE_MODEL[@]}"
+  stage decode-vq $PY decode.py --run "$1/vq" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
+  plans vq "$1"
+}
+lane_la_policies() {  # DIR DATA
+  stage decode-la $PY decode.py --run "$1/la" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
+  plans la "$1"
+  local a i=3
+  for a in gcbc iql; do
+    stage "train-$a" $PY policy.py train --algo $a --data "$2" --tokens state --out "$1/$a" --steps ${STEPS[i++]}
+    stage "policy-$a-open-loop" $PY policy.py eval --policy "$1/$a" "${open[@]}" --out "$1/results/$a-open-loop.json"
+    stage "policy-$a-mpc" $PY policy.py eval --policy "$1/$a" "${mpc[@]}" --out "$1/results/$a-mpc.json"
+  done
+}
 
 if [ "$mode" = quick ] || [ "$mode" = state ]; then
   DATA=${DATA:-$OUT/data}
-  if [ "$mode" = quick ]; then  # steps: baseline, la/vq, decoder pairs, gcbc, iql | tasks: open, its ceiling, mpc, its ceiling
-    EPISODES=600 STEPS=(3000 1600 20000 4000 2500) N=(50 8 50 4)
+  # steps: baseline, la/vq, decoder pairs, gcbc, iql | tasks: open loop, its ceiling, mpc, its ceiling
+  if [ "$mode" = quick ]; then
+    EPISODES=600 STEPS=(3000 1200 20000 3000 1200) N=(50 4 30 2)
   else
     EPISODES=2000 STEPS=(12000 12000 100000 8000 8000) N=(100 20 50 10)
   fi
@@ -114,6 +123,7 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps 
   TARGET=3600  # GPU-seconds the whole seed table should take on one H200
   TRAIN=(--data "$DATA" --tokens dinov2 ${W:+--dino-weights "$W"})
   PLANS=("open-loop 10" "mpc 30")  # protocol, CEM iterations: the seed's open loop ran 10, stable-worldmodel's mpc 30
+  POLICY_STEPS=20000  # GCBC and IQL (policy.py) on the same DINOv2 tokens
 
   dry() {  # dry NAME COMMAND...: the command's --dry-run in the background, output in OUT/plan/NAME.{txt,rc}
     local name=$1; shift
@@ -153,6 +163,8 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps 
       [ "$(cat "$OUT/plan/$name.rc")" = 0 ] || bad=1
     done
     [ $bad = 0 ] || { echo "error: a stage above does not fit (its error names the flag that changes it)" >&2; exit 2; }
+    echo "  gcbc, iql: MLPs over 196 x 16 projected patches, ${POLICY_STEPS} steps each (not FLOP-counted; DINOv2 runs" \
+         "on their batches' frames when there is no cache)"
     echo "  eval: ~15k frames through DINOv2 and forward passes over 600 + 600 + 5000 windows: well under a minute"
     echo "stage                      GPU-s  GPU memory  disk   (plan: auto_batch fills half the GPU by design)"
     for name in encode "${stages[@]}"; do cat "$OUT/plan/$name.txt" 2>/dev/null || true; done |
@@ -179,6 +191,13 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps 
   for v in baseline la vq; do for p in "${PLANS[@]}"; do set -- $p
     stage "plan-$v-$1" $PY plan.py --run "$OUT/$v" --protocol $1 --opt-steps $2 --out "$OUT/results/$v-$1.json"
   done; done
+  for a in gcbc iql; do
+    stage "train-$a" $PY policy.py train --algo $a "${TRAIN[@]}" --out "$OUT/$a" --steps $POLICY_STEPS
+    for p in "${PLANS[@]}"; do set -- $p
+      stage "policy-$a-$1" $PY policy.py eval --policy "$OUT/$a" --protocol $1 --opt-steps $2 \
+        --out "$OUT/results/$a-$1.json"
+    done
+  done
   rm -f "$OUT/.done/eval"
   stage eval $PY eval.py --run "$OUT/baseline" "$OUT/la" "$OUT/vq" --results "$OUT"/results/*.json \
     --out "$OUT/metrics.json"
@@ -239,8 +258,8 @@ if [ "$mode" = quick ]; then  # the pixel path: DINOv2 (random weights unless gi
   OUT=$P stage collect $PY data.py collect --out "$P/data" --episodes 24 --steps 60 --img-size 64
   OUT=$P stage encode $PY dino.py encode --data "$P/data" --size 56 --dino-weights "$W"
   for v in baseline vq; do
-    OUT=$P stage "train-$v" $PY train.py --data "$P/data" --variant "$v" --out "$P/$v" --dino-size 56 --dino-weights "$W" \
-      --steps 60 --batch-size 16 --eval-every 60 --log-every 20 --val-batches 2 --stats-batches 2 --depth 2 --heads 4 \
+    OUT=$P stage "train-$v" $PY train.py --data "$P/data" --variant "$v" --out "$P/$v" --dino-size 56 \
+      --dino-weights "$W" --steps 60 --batch-size 16 --eval-every 60 --log-every 20 --val-batches 2 --stats-batches 2 --depth 2 --heads 4 \
       --dim-head 32 --mlp-dim 256 --idm-depth 1 --idm-heads 4 --idm-dim 128 --idm-mlp-dim 256 --num-workers 0
   done
   OUT=$P stage decode-vq $PY decode.py --run "$P/vq" --pairs 400 --val-pairs 100 --max-epochs 5
@@ -255,7 +274,8 @@ fi
 
 echo
 echo "wall-clock per stage (this invocation; background stages ran two at a time, one core each):"
-cat "$OUT/.timings" "${P:-/dev/null}/.timings" 2>/dev/null | while read -r name s; do printf '  %-24s %6s s\n' "$name" "$s"; done
+cat "$OUT/.timings" "${P:-/dev/null}/.timings" 2>/dev/null |
+  while read -r name s; do printf '  %-24s %6s s\n' "$name" "$s"; done
 if [ "$mode" = quick ]; then
   echo "State tokens ($OUT/metrics*.json, results/): the method, learned in minutes. Pixels ($OUT/pixels/): a smoke run"
   echo "of the DINOv2 path with ${W:-random} weights: its numbers say only that every stage runs."
