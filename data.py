@@ -880,7 +880,10 @@ def locked(folder):
     this call created is removed again when the block fails before writing anything else into it."""
     folder = Path(folder)
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {folder}: cannot create it ({e.strerror}); choose another --out") from None
     try:
         with open(folder / ".lock", "w") as f:
             try:

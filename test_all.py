@@ -502,6 +502,12 @@ def test_a_locked_folder_refuses_a_second_holder(tmp_path):
         pass
 
 
+def test_a_run_folder_that_is_a_file_is_refused_and_kept(tmp_path):
+    (tmp_path / "run").write_text("notes")
+    user_error(data.locked(tmp_path / "run").__enter__, names=["--out", tmp_path / "run"])
+    assert (tmp_path / "run").read_text() == "notes"
+
+
 def test_writes_are_atomic_and_write_errors_name_the_file(tmp_path):
     data.atomic_write(path := tmp_path / "a.json", {"x": 1})
 
