@@ -153,11 +153,17 @@ def render_state(state, img_size=224):
     return canvas if img_size == WORLD else cv2.resize(canvas, (img_size, img_size), interpolation=cv2.INTER_LINEAR)
 
 
+def distances(goal, state):
+    """The success test's two terms: ||d[agent_xy, block_xy]|| in px, |d angle| wrapped to [0, pi]."""
+    g, s = np.asarray(goal, np.float64), np.asarray(state, np.float64)
+    d = abs(g[4] - s[4]) % (2 * math.pi)  # mod 2 pi first: also right for unwrapped angles
+    return float(np.linalg.norm(g[:4] - s[:4])), float(min(d, 2 * math.pi - d))
+
+
 def is_success(goal_state, state):
     """DINO-WM's eval_state: joint agent+block position error < 20 px and block angle error < pi/9 (pusht_env.py)."""
-    g, s = np.asarray(goal_state, np.float64), np.asarray(state, np.float64)
-    d = abs(g[4] - s[4]) % (2 * math.pi)  # mod 2 pi first: also right for unwrapped angles
-    return bool(np.linalg.norm(g[:4] - s[:4]) < 20 and min(d, 2 * math.pi - d) < math.pi / 9)
+    pos, ang = distances(goal_state, state)
+    return pos < 20 and ang < math.pi / 9
 
 
 class PushT:

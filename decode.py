@@ -293,16 +293,15 @@ def main(cfg: DecodeConfig):
     if cfg.dry_run:
         return dry_run(cfg)
     device, ctx = data.setup(cfg.device, cfg.seed)
-    model, ckpt, root = wm.load_run(cfg.run, device, cfg.data)
+    model, ckpt, root = wm.load_run(cfg.run, device, cfg.data, cfg.dino_weights)
     mc, run = model.cfg, Path(cfg.run)
-    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights)
     if mc.variant == "baseline":
         print(f"{run}: variant baseline plans real actions; there is no latent action to decode. Nothing written.")
         return None
     gen = torch.Generator().manual_seed(cfg.seed)
     with data.locked(run):
         # --- data: labelled pairs from the frozen world model, split by episode through the dataset's splits
-        weights = cfg.dino_weights or ckpt["train_config"]["dino_weights"] or None
+        weights = wm.run_dino_weights(ckpt, cfg.dino_weights)
         input_of = wm.make_input(mc, device, weights)
         ds = {s: wm.windows(mc, root, s, 2, weights) for s in ("train", "val")}
         n_train, n_val = min(cfg.pairs, len(ds["train"])), min(cfg.val_pairs, len(ds["val"]))

@@ -131,10 +131,9 @@ def rollout_mse(model, z, action=None, proprio=None):
 @torch.no_grad()
 def evaluate_run(run, cfg, device):
     """All metrics of one run -> dict for METRICS.json."""
-    model, ckpt, root = wm.load_run(run, device, cfg.data)
+    model, ckpt, root = wm.load_run(run, device, cfg.data, cfg.dino_weights)
     mc, H, name = model.cfg, cfg.horizon, Path(run).name
-    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights)
-    weights = cfg.dino_weights or ckpt["train_config"]["dino_weights"] or None
+    weights = wm.run_dino_weights(ckpt, cfg.dino_weights)
     input_of, gen = wm.make_input(mc, device, weights), torch.Generator().manual_seed(cfg.seed)
     unpack = lambda b: (model.encode(input_of(b)), b["action"].to(device),  # noqa: E731
                         b["proprio"].to(device) if mc.proprio else None)

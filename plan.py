@@ -31,7 +31,7 @@ from tqdm import tqdm
 import data
 import dino
 import wm
-from data import PushT, UserError, is_success, load_split, macro_to_env, render_state, require
+from data import PushT, UserError, distances, is_success, load_split, macro_to_env, render_state, require
 from decode import load_decoder, run_config
 
 
@@ -118,12 +118,6 @@ def wilson(k, n, z=1.96):
     p, zz = k / n, z * z / n
     centre, half = (p + zz / 2) / (1 + zz), z * math.sqrt(p * (1 - p) / n + zz / (4 * n)) / (1 + zz)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def distances(goal, state):
-    """The success test's two terms: ||d[agent_xy, block_xy]|| in px, |d angle| wrapped to [0, pi]."""
-    d = abs(goal[4] - state[4]) % (2 * math.pi)
-    return float(np.linalg.norm(goal[:4] - state[:4])), float(min(d, 2 * math.pi - d))
 
 
 def proprio_of(states, stats, device):
@@ -576,12 +570,12 @@ def main(cfg: PlanConfig):
     t_start = time.perf_counter()
     device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
     data.writable(cfg.out, "--out")
-    model, ckpt, root = wm.load_run(cfg.run, device, cfg.data)
+    model, ckpt, root = wm.load_run(cfg.run, device, cfg.data, cfg.dino_weights)
     mc, stats, H = model.cfg, ckpt["stats"], cfg.horizon
-    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights)
+    img = mc.img_size or 224  # goal frames and videos (a state run has no image size of its own)
     planner = planner_of(cfg, mc)
     decoder = load_decoder(cfg.run, ckpt, device) if mc.variant != "baseline" else None
-    input_of = wm.make_input(mc, device, cfg.dino_weights or ckpt["train_config"]["dino_weights"] or None)
+    input_of = wm.make_input(mc, device, wm.run_dino_weights(ckpt, cfg.dino_weights))
     n, every_step = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol], cfg.protocol == "mpc"
     budget = MPC_BUDGET if every_step else H * mc.frameskip  # open loop: one plan, executed whole
     E = auto_batch(cfg, model, n, device)
@@ -589,10 +583,10 @@ def main(cfg: PlanConfig):
           f"steps | split {cfg.split} of {root}")
 
     # --- the tasks, and the reference rows on the same tasks
-    tasks = make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, mc.img_size or 224)
+    tasks = make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, img)
     collapse = refuse_collapsed(model, input_of, tasks, cfg.run, cfg.allow_collapsed)  # jepa runs only
-    ref = {**references(tasks, stats, budget, every_step, mc.img_size or 224, cfg.seed),
-           **ceiling(tasks, cfg, stats, budget, every_step, mc.img_size or 224, Path(cfg.out).parent / "ceiling")}
+    ref = {**references(tasks, stats, budget, every_step, img, cfg.seed),
+           **ceiling(tasks, cfg, stats, budget, every_step, img, Path(cfg.out).parent / "ceiling")}
 
     # --- solve: encode the current frames once, plan (E*N rollouts per iteration), decode to px actions
     mu0, sigma0 = plan_prior(mc, cfg.la_prior, cfg.var_scale, H, stats, device)
@@ -623,7 +617,7 @@ def main(cfg: PlanConfig):
         t0 = time.perf_counter()
         policy_for(np.arange(min(E, n)))(tasks["start_state"][:min(E, n)])
         print(f"compiled rollout_cost in {time.perf_counter() - t0:.1f} s")
-    res = evaluate(tasks, policy_for, E, budget, every_step, mc.img_size or 224, cfg.out, cfg.videos)
+    res = evaluate(tasks, policy_for, E, budget, every_step, img, cfg.out, cfg.videos)
 
     # --- write RESULTS.json and the one-line summary
     results = results_json(cfg, tasks, res, planner, mc.variant, mc.tokens, ref, dict(

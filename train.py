@@ -60,7 +60,6 @@ class TrainConfig:
     features: bool = True  # dinov2: read the dino.py feature cache when present and matching (same tokens)
     compile: bool = True  # torch.compile the predictor and IDM (CUDA only; ignored on CPU)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA precision: bf16 autocast, or fp32 everywhere (TF32 off)
-    wandb: bool = False  # also log to Weights & Biases (imported only when set)
     dry_run: bool = False  # print this run's FLOPs, GPU time, memory and disk (counted on meta tensors) and exit
 
     def __post_init__(self):
@@ -78,7 +77,7 @@ class TrainConfig:
 # Shape legend: B batch, T = num_hist + 1 frames, P tokens per frame, D token width, A macro action, C cond, L latent.
 # Settings that may change when a run resumes, the folder's own path included (a run may be moved or renamed);
 # everything else is what the run *is* and must match.
-RUNTIME = ("out", "steps", "data", "device", "num_workers", "compile", "log_every", "wandb", "features", "eval_every",
+RUNTIME = ("out", "steps", "data", "device", "num_workers", "compile", "log_every", "features", "eval_every",
            "dry_run")
 
 
@@ -131,6 +130,20 @@ def resume(cfg, mc, given):
     require(fp == ckpt["data"]["fingerprint"], f"--data {cfg.data} (fingerprint {fp}) is not the dataset {path} was "
                                                f"trained on ({ckpt['data']['root']}, {ckpt['data']['fingerprint']})")
     return cfg, mc, ckpt
+
+
+def train_step(model, raw, opt, batch, input_of, step, cfg, ctx, parts, device):
+    """One optimiser step on a batch of windows -> the logged loss parts and the gradient norm (len(parts) + 1,),
+    left on the device (no host sync). model: the DDP/compiled wrapper that runs, raw: the module it wraps."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * lr_factor(step, cfg)
+    with ctx:
+        out = model(input_of(batch), batch["action"].to(device), batch["proprio"].to(device))
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or math.inf)
+    opt.step()
+    return torch.stack([out[k].detach().float() for k in parts] + [gnorm.float()])
 
 
 def open_run(cfg, mc, given):
@@ -343,7 +356,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         raw, model, opt = build(cfg, mc, ckpt, device, ddp)
         stats = ckpt["stats"] if ckpt else data.train_stats(meta)
         data.atomic_write(run / "config.json", {"train": asdict(cfg), "model": asdict(mc)}) if main_proc else None
-        log = run_logger(run, cfg, mc) if main_proc else (lambda *row: None)
+        log = run_logger(run) if main_proc else (lambda *row: None)
 
         # --- the loop
         parts = loss_parts(mc)
@@ -366,16 +379,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
             if last:
                 break
             # train step
-            batch = next(it)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(step, cfg)
-            with ctx:
-                out = model(input_of(batch), batch["action"].to(device), batch["proprio"].to(device))
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or math.inf)
-            opt.step()
-            vals = torch.stack([out[k].detach().float() for k in parts] + [gnorm.float()])  # stays on the device
+            vals = train_step(model, raw, opt, next(it), input_of, step, cfg, ctx, parts, device)
             first_bad = torch.where(~torch.isfinite(vals[:-1]) & (first_bad < 0), step, first_bad)
             bar.update(1)
             if device.type == "cuda" and step == start and main_proc:
@@ -384,10 +388,9 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                 t0, t_step = time.perf_counter(), step + 1
             # logging
             if (step + 1) % cfg.log_every == 0 and main_proc:
-                values = vals.tolist()  # host sync point: the only one per log interval
-                check_finite(first_bad, parts, run / "ckpt.pt")
+                check_finite(first_bad, parts, run / "ckpt.pt")  # host sync point: the only one per log interval
                 dt = (time.perf_counter() - t0) / max(1, step + 1 - t_step)
-                log(*log_line(step + 1, parts + ["grad_norm"], values, dt, cfg, mc, world, device))
+                log(*log_line(step + 1, parts + ["grad_norm"], vals.tolist(), dt, cfg, mc, world, device))
                 t0, t_step = time.perf_counter(), step + 1
         bar.close()
         if ddp:
@@ -409,21 +412,14 @@ def save(run, raw, opt, step, cfg, mc, stats, meta, device):
         "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
 
 
-def run_logger(run, cfg, mc):
-    """log(row, line=None): one JSON line in RUN/log.jsonl (and wandb with --wandb), and the line on the console
-    (default: the row as "step N | name value | ...")."""
-    wb = None
-    if cfg.wandb:
-        import wandb  # optional dependency, imported only when asked for
-        wb = wandb.init(project="dinowm-latent-actions", name=run.name, config={**asdict(cfg), **asdict(mc)})
-
+def run_logger(run):
+    """log(row, line=None): one JSON line in RUN/log.jsonl, and the line on the console (default: the row as
+    "step N | name value | ...")."""
     def log(row, line=None):
         tqdm.write(line or f"step {row['step']:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                                     if k != "step"))
         with open(run / "log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if wb is not None:
-            wb.log(row, step=row["step"])
     return log
 
 

@@ -621,6 +621,11 @@ def refuse_pixel_flags(mc, **flags):
                                                "uses state tokens: drop them")
 
 
+def run_dino_weights(ckpt, flag=""):
+    """The DINOv2 weights a stage uses for a run: its --dino-weights flag, else the run's own (None = official)."""
+    return flag or ckpt["train_config"]["dino_weights"] or None
+
+
 def windows(mc, root, split, num_frames, dino_weights=None, features=True):
     """A run's WindowDataset: states only for state tokens; for dinov2 the feature cache when one matches (written by
     `dino.py encode` with the same encoder, size, weights and dataset), else frames."""
@@ -659,15 +664,17 @@ def batch_of_states(states, mc):
     return batch
 
 
-def load_run(run, device="cpu", data_dir=""):
+def load_run(run, device="cpu", data_dir="", dino_weights=None):
     """RUN/ckpt.pt -> (WorldModel in eval mode on device, checkpoint dict, dataset root). The dataset is --data when
     given, else the stored path relative to the run folder (runs moved with their data), else the stored absolute
-    path; it must have the fingerprint the run was trained on."""
+    path; it must have the fingerprint the run was trained on. dino_weights: the stage's --dino-weights flag, which
+    a state-token run refuses."""
     run = Path(run)
     ckpt = data.load_pt(run / "ckpt.pt", f"train a model into {run} with `python train.py --out {run} ...`")
     require(ckpt.get("format") == CKPT_FORMAT, f"{run}/ckpt.pt: format {ckpt.get('format')!r}, this wm.py reads "
                                                 f"{CKPT_FORMAT!r}; retrain it with this code")
     mc = WMConfig(**ckpt["model_config"])
+    refuse_pixel_flags(mc, dino_weights=dino_weights)
     root = data.dataset_of(run, ckpt["data"], data_dir, f"{mc.tokens}-token run")
     model = WorldModel(mc).to(device)
     model.load_state_dict(ckpt["model"])
