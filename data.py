@@ -571,7 +571,8 @@ class WindowDataset(torch.utils.data.Dataset):
       after frame k, time-major (x0, y0, x1, y1, ...), z-scored with meta's stats (the last row leads past the
       window and is unused); proprio float32 (B, T, 4) z-scored; index int64 (B,) = global frame index of frame 0;
       with pixels=True also obs uint8 (B, T, S, S, 3), rendered from states (or read from frames.npy if it has
-      img_size), or feat float16 (B, T, P, D) when a feature cache is given instead."""
+      img_size), or feat (B, T, P, D) when features are given instead: float16 rows of a feature cache, or float32
+      from a dino.FeatureStore (already on its device)."""
 
     def __init__(self, root, split, num_frames=2, frameskip=5, pixels=False, img_size=None, features=None):
         self.meta, d = load_meta(root), load_split(root, split)
@@ -606,8 +607,8 @@ class WindowDataset(torch.utils.data.Dataset):
         B, T = idx.shape
         batch = dict(state=torch.from_numpy(self.states[idx]), proprio=torch.from_numpy(self.proprio[idx]),
                      action=torch.from_numpy(self.actions[span].reshape(B, T, -1)), index=torch.from_numpy(g))
-        if self.features is not None:
-            batch["feat"] = torch.from_numpy(self.features[idx.ravel()]).view(B, T, *self.features.shape[1:])
+        if self.features is not None:  # NumPy rows of the disk cache, or torch rows of a dino.FeatureStore
+            batch["feat"] = torch.as_tensor(self.features[idx.ravel()]).view(B, T, *self.features.shape[1:])
         elif self.pixels and self.frames is not None:
             batch["obs"] = torch.from_numpy(self.frames[idx.ravel()]).view(B, T, *self.frames.shape[1:])
         elif self.pixels:
@@ -621,11 +622,13 @@ class WindowDataset(torch.utils.data.Dataset):
 def loader(ds, batch_size, sampler, workers=-1, device="cpu", drop_last=False):
     """DataLoader over a WindowDataset that fetches whole batches (__getitems__), in the order of sampler (any
     iterable of window indices). workers: processes that render or read frames, -1 = one per CPU core; state-only
-    windows take none (a batch is one NumPy gather)."""
-    workers = 0 if not ds.pixels else os.cpu_count() if workers < 0 else workers
+    windows and features held in device memory take none (a batch is one gather in this process)."""
+    in_memory = ds.features is not None and not isinstance(ds.features, np.ndarray)  # a dino.FeatureStore
+    workers = 0 if not ds.pixels or in_memory else os.cpu_count() if workers < 0 else workers
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        collate_fn=_as_is, drop_last=drop_last, persistent_workers=workers > 0,
-                                       pin_memory=torch.device(device).type == "cuda", generator=torch.Generator())
+                                       pin_memory=torch.device(device).type == "cuda" and not in_memory,
+                                       generator=torch.Generator())
 
 
 def _as_is(batch):

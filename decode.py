@@ -266,7 +266,8 @@ def dry_run(cfg):
     with torch.device("meta"):  # conditioning as la: the VQ's fp32 block needs autocast, which meta lacks (~0 FLOPs)
         model = wm.WorldModel(replace(mc, variant="la"))
         decoder = ActionDecoder(D, mc.cond_dim, mc.action_dim, cfg.use_delta)
-        encoder = dino.DinoVisionTransformer(mc.dino_name) if mc.tokens == "dinov2" and not tc["features"] else None
+        per_pair = mc.tokens == "dinov2" and tc["features"] != "cache"  # decode reads the disk cache, if any
+        encoder = dino.DinoVisionTransformer(mc.dino_name) if per_pair else None
     z, frames = torch.zeros(B, 2, P, D, device="meta"), torch.zeros(2 * B, mc.img_size, mc.img_size, 3,
                                                                      dtype=torch.uint8, device="meta")
     x, lat = torch.zeros(cfg.batch_size, P, D, device="meta"), torch.zeros(cfg.batch_size, mc.cond_dim, device="meta")

@@ -7,6 +7,7 @@ Reads:  weights .pth (--dino-weights PATH, else <torch hub dir>/checkpoints/<off
         URL, downloaded once); for `encode`, a dataset DIR in data.py's layout.
 Writes: DIR/{split}/features.npy float16 (F, P, D) + features.json {name, size, weights, img_size, fingerprint,
         frames, dtype, done, images_per_s, peak_gpu_gb}: resumable; refused up front when the disk cannot hold it.
+        Where no disk can, train.py --features memory holds a FeatureStore instead: int8 in GPU memory, built at start.
 GPU:    python dino.py encode --data runs/full/data   (1.01M frames -> 152 GB of fp16 features; H200: not yet measured)
         python dino.py encode --data runs/full/data --dry-run   (sizes, free disk and RAM, estimated GPU time)
 CPU:    python dino.py encode --data runs/quick/data --dino-weights random --size 28
@@ -87,6 +88,7 @@ ARCHS = {  # name -> (width D, depth, heads of 64 dims, FFN); dinov2/hub/backbon
 }
 BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 DISK_RESERVE = 2 ** 30  # bytes a feature cache leaves free for checkpoints, logs and other writers
+STORE_SPARE = 8 * 2 ** 30  # bytes the in-memory store leaves free for training (the seed's la step peaks near 10 GB)
 # Dry runs (every stage's --dry-run): the GPU a recipe is planned for when none is visible, and the sustained rate
 # assumed for it. ASSUMPTION, not a measurement: ~30 % of the H200's 989 dense bf16 TFLOP/s (small 384-wide ViTs
 # rarely do better), ~60 % of its 67 fp32 TFLOP/s without TF32. `reproduce.sh gpu-check` measures the real rate.
@@ -374,7 +376,7 @@ def load_features(root, split, name="dinov2_vits14", size=196, weights=None, img
     if head["done"] != head["frames"]:
         return None  # encoding stopped part-way: `dino.py encode` resumes it
     fix = (f"rebuild it with `{encode_command(root, split, name, size, weights, img_size)}`, or train with "
-           "--no-features (DINOv2 on the fly)")
+           "--features off (DINOv2 on the fly)")
     problem = npy_problem(npy, head["frames"], (size // PATCH) ** 2)
     require(problem is None, f"{npy} is damaged: {problem}; {fix}")
     feats = np.load(npy, mmap_mode="r")  # (F, P, D)
@@ -419,7 +421,8 @@ def check_disk(root, plans):
     print(f"disk: the feature cache needs {need / 1e9:.1f} GB more, {free / 1e9:.1f} GB are free under {root}")
     require(need + DISK_RESERVE <= free, f"the feature cache needs {need / 1e9:.1f} GB more disk under {root}, only "
             f"{free / 1e9:.1f} GB are free (keeping {DISK_RESERVE / 2**30:.0f} GiB spare): free space, or skip the "
-            "cache and train with --no-features (DINOv2 then runs on every batch; train.py --dry-run says the cost)")
+            "cache and train with --features memory (int8 in GPU memory) or off (DINOv2 on every batch); train.py "
+            "--dry-run says the cost of each")
 
 
 def encode_split(model, cfg, split, plan, device, ctx):
@@ -434,25 +437,35 @@ def encode_split(model, cfg, split, plan, device, ctx):
     print(f"{split}: {F_} frames -> {npy} ({F_}, {P}, {D}) float16 = {F_ * P * D * 2 / 1e9:.2f} GB, {done} done before")
     if done == F_:
         return
-    spans = [(s, min(s + cfg.batch_size, F_)) for s in range(done, F_, cfg.batch_size)]
-    frames_of = partial(load_frames, root / split, data.load_split(root, split)["states"], head["img_size"])
-    workers = os.cpu_count() if cfg.workers < 0 else cfg.workers
-    loader = torch.utils.data.DataLoader(spans, batch_size=None, num_workers=workers, collate_fn=frames_of,
-                                         pin_memory=device.type == "cuda")  # rendering overlaps encoding
     t0 = time.perf_counter()
-    with tqdm(total=F_ - done, unit="img", desc=split, disable=None) as bar:
-        for (start, stop), frames in zip(spans, loader):
-            with ctx:  # bf16 autocast on CUDA unless --dtype float32
-                feats[start:stop] = encode(model, frames, cfg.size).half().cpu().numpy()  # (n, P, D)
-            feats.flush()  # on disk before the header claims them
-            data.atomic_write(js, {**head, "done": stop})
-            bar.update(stop - start)
+    for start, stop, z in encoded_chunks(model, root, split, head["img_size"], cfg.size, device, ctx, done,
+                                         cfg.batch_size, cfg.workers):
+        feats[start:stop] = z.half().cpu().numpy()  # (n, P, D)
+        feats.flush()  # on disk before the header claims them
+        data.atomic_write(js, {**head, "done": stop})
     seconds = time.perf_counter() - t0  # includes rendering or reading frames: what a user waits for
     speed = {"images_per_s": (F_ - done) / seconds, "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9
              if device.type == "cuda" else None}
     data.atomic_write(js, {**head, "done": F_, **speed})  # the measured speed, for `reproduce.sh gpu-check`
-    print(f"{split}: encoded {F_ - done} frames in {seconds:.1f} s: {speed['images_per_s']:.1f} images/s ({workers} "
-          f"loader workers)")
+    print(f"{split}: encoded {F_ - done} frames in {seconds:.1f} s: {speed['images_per_s']:.1f} images/s")
+
+
+def encoded_chunks(model, root, split, img_size, size, device, ctx, start=0, batch_size=256, workers=-1):
+    """Encode frames [start, F) of a split, batch_size at a time -> yields (start, stop, float32 (n, P, D) on the
+    device). `workers` loader processes (-1: one per CPU core) render or read the frames while the encoder runs."""
+    states = data.load_split(root, split)["states"]
+    spans = [(s, min(s + batch_size, len(states))) for s in range(start, len(states), batch_size)]
+    workers = os.cpu_count() if workers < 0 else workers
+    loader = torch.utils.data.DataLoader(spans, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                                         collate_fn=partial(load_frames, Path(root) / split, states, img_size),
+                                         generator=torch.Generator())  # leaves the global RNG (model init) alone
+    with tqdm(total=len(states) - start, unit="img", desc=f"encode {split} ({workers} loader workers)",
+              disable=None) as bar:
+        for (a, b), frames in zip(spans, loader):
+            with ctx:  # bf16 autocast on CUDA unless --dtype float32
+                z = encode(model, frames, size)
+            yield a, b, z
+            bar.update(b - a)
 
 
 def load_frames(split_dir, states, img_size, span):
@@ -462,6 +475,71 @@ def load_frames(split_dir, states, img_size, span):
     if frames is not None and frames.shape[1] == img_size:  # a path, not the memmap, travels to the workers
         return torch.from_numpy(np.array(frames[start:stop]))  # (n, S, S, 3), a writable copy
     return torch.from_numpy(np.stack([data.render_state(s, img_size) for s in states[start:stop]]))  # (n, S, S, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The in-memory store (train.py --features memory): every frame's features of a split in device memory as int8, for
+# datasets whose float16 cache no disk holds (the full run: 152 GB of float16; 77 GB of int8 fit one H200 next to
+# training). Each training process encodes every frame once instead of twice per window and epoch.
+
+class FeatureStore:
+    """(F, P, D) features as int8 codes with one scale per token, after dividing every channel by its RMS (so a few
+    large channels do not cost the others their precision): x ~= q * scale * channel_rms. put() quantises exact
+    features and measures the rounding error against them; store[idx] gives float32 (n, P, D) on the device."""
+
+    def __init__(self, frames, patches, dim, device):
+        self.q = torch.empty(frames, patches, dim, dtype=torch.int8, device=device)  # (F, P, D)
+        self.scale = torch.empty(frames, patches, 1, device=device)  # (F, P, 1)
+        self.channel, self.sq_error, self.sq_norm = None, 0.0, 0.0  # channel RMS (D,) from the first chunk
+
+    def put(self, start, x):
+        """Store exact features x float32 (n, P, D) as rows start..start+n."""
+        if self.channel is None:
+            self.channel = x.float().pow(2).mean((0, 1)).sqrt().clamp_min(1e-6)  # (D,)
+        y = x / self.channel
+        scale = y.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127  # (n, P, 1)
+        q = (y / scale).round().to(torch.int8)
+        self.q[start:start + len(x)], self.scale[start:start + len(x)] = q, scale
+        self.sq_error += (q * scale * self.channel - x).pow(2).sum().item()
+        self.sq_norm += x.pow(2).sum().item()
+
+    def __getitem__(self, idx):
+        idx = torch.as_tensor(idx, device=self.q.device)
+        return self.q[idx] * self.scale[idx] * self.channel  # (n, P, D) float32
+
+    def __len__(self):
+        return len(self.q)
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    @property
+    def nbytes(self):
+        return self.q.nbytes + self.scale.nbytes  # D + 4 bytes per token
+
+    @property
+    def error(self):
+        """Relative RMS rounding error of everything stored: ||stored - exact|| / ||exact||."""
+        return math.sqrt(self.sq_error / max(self.sq_norm, 1e-30))
+
+
+def feature_store(root, split, name, size, weights, img_size, device, ctx, workers=-1):
+    """Encode every frame of a split once into a FeatureStore on device (a fresh DINOv2, freed afterwards)."""
+    states, P, D = data.load_split(root, split)["states"], (size // PATCH) ** 2, ARCHS[name.removesuffix("_reg")][0]
+    need = len(states) * P * (D + 4)  # int8 codes + a float32 scale per token
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_ram()
+    require(need + STORE_SPARE <= free, f"--features memory: the {split} features of {root} need {need / 1e9:.1f} GB "
+            f"of {device.type} memory, {free / 1e9:.1f} GB are free (keeping {STORE_SPARE / 2**30:.0f} GiB for "
+            "training): --features cache (after `dino.py encode`) or off")
+    model = load_dinov2(name, weights, device)
+    store = FeatureStore(len(states), P, D, device)
+    for start, _, z in encoded_chunks(model, root, split, img_size or data.load_meta(root)["img_size"], size, device,
+                                      ctx, workers=workers):
+        store.put(start, z)
+    print(f"{split}: {len(store)} frames held in {device} memory as int8 ({store.nbytes / 1e9:.2f} GB"
+          f"); relative RMS error against the exact features {store.error:.2e}")
+    return store
 
 
 # ---------------------------------------------------------------------------------------------------------------------

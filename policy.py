@@ -64,6 +64,7 @@ class TrainConfig:
     dino_name: str = "dinov2_vits14"  # frozen encoder for --tokens dinov2; DINO-WM ViT-S/14
     dino_size: int = 196  # encoder input side in px (DINO-WM: 224 resized to 196, 14 x 14 patches)
     dino_weights: str = ""  # DINOv2 .pth, "" = the official file from the hub cache, random = tests only
+    features: Literal["cache", "memory", "off"] = "cache"  # dinov2 tokens: as train.py --features
     compile: bool = True  # torch.compile the networks on CUDA (never on CPU)
     bf16: bool = True  # bf16 autocast on CUDA; --no-bf16 = fp32 everywhere
 
@@ -112,7 +113,7 @@ class EvalConfig:
 # A macro-action width (2 x frameskip), H chunk length in macro actions, E episodes, V validation windows.
 # Frames are indexed globally within a split (a one-frame window's index is its frame's index).
 FORMAT = "dinowm-la-policy-v1"  # policy.pt "format"
-RUNTIME = ("out", "log_every", "device", "compile", "bf16")  # settings that are not the policy itself
+RUNTIME = ("out", "log_every", "device", "compile", "bf16", "features")  # settings that are not the policy itself
 AWR_CLIP = 100.0  # max AWR weight; OGBench gciql.py and stable-worldmodel gciql.py clip exp(beta * A) at 100
 
 
@@ -242,13 +243,13 @@ def train(cfg: TrainConfig):
     if existing(out / "policy.pt", cfg, meta["fingerprint"]):
         return None
     mc = wm.derive(wm.WMConfig(tokens=cfg.tokens, dino_name=cfg.dino_name, dino_size=cfg.dino_size), meta)
-    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights)
+    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
     device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
     print(asdict(cfg))
     H, A, rng = cfg.horizon, mc.action_dim, np.random.default_rng([cfg.seed, 1])
     ds, val = (data.WindowDataset(cfg.data, s, H + 1, mc.frameskip) for s in ("train", "val"))
-    frames, val_frames = (wm.windows(replace(mc, frameskip=1), cfg.data, s, 1, cfg.dino_weights)
-                          for s in ("train", "val"))
+    frames, val_frames = (wm.windows(replace(mc, frameskip=1), cfg.data, s, 1, cfg.dino_weights, cfg.features,
+                                     device, ctx) for s in ("train", "val"))
     end, val_end = episode_ends(cfg.data, "train"), episode_ends(cfg.data, "val")
     gen = torch.Generator().manual_seed(cfg.seed)
     order = (i for _ in itertools.count() for i in torch.randperm(len(ds), generator=gen).tolist())  # epoch after epoch
@@ -256,7 +257,7 @@ def train(cfg: TrainConfig):
     input_of = wm.make_input(mc, device, cfg.dino_weights or None)
     tokens = lambda d, idx: input_of(d.__getitems__(idx))[:, 0]  # noqa: E731  frames idx (B,) -> (B, P, D)
     print(f"{cfg.algo} on {mc.tokens} tokens (P {mc.num_patches}, D {mc.visual_dim}) | windows: train {len(ds)}, val "
-          f"{len(val)} | chunk {H} x {A} | {'feature cache' if frames.features is not None else 'no token cache'}")
+          f"{len(val)} | chunk {H} x {A} | features: {'none' if frames.features is None else cfg.features}")
 
     # --- networks, optimiser, and a fixed validation batch: the chunk MSE we log
     nets = {k: m.to(device) for k, m in build(cfg, mc).items()}

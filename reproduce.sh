@@ -11,8 +11,9 @@
 #   bash reproduce.sh gpu-check [OUT]        <= 5 min on one GPU: every CUDA path once, throughput -> OUT/gpu-check.json
 # Each finished stage leaves OUT/.done/<stage>; a re-run skips it, so an interrupted run picks up where it stopped.
 # Environment: DATA=DIR uses an existing dataset (e.g. `python data.py import-dinowm` output) instead of collecting;
-# DINO_WEIGHTS=PATH|random overrides the encoder of the pixel runs; FEATURES=auto|cache|off (full): the DINOv2 feature
-# cache, or DINOv2 on every training batch (auto: the cache when the disk can hold it).
+# DINO_WEIGHTS=PATH|random overrides the encoder of the pixel runs; FEATURES=auto|cache|memory|off (full): the DINOv2
+# features from the float16 disk cache, from an int8 copy every training process encodes into GPU memory, or DINOv2
+# on every batch (auto: the cache when the disk holds it, else memory when the GPU does, else off).
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=${1:-}
@@ -122,6 +123,9 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps 
   FRAMES=$((10000 * 101))  # what `data.py collect --episodes 10000 --steps 100` writes (only read before it exists)
   TARGET=3600  # GPU-seconds the whole seed table should take on one H200
   TRAIN=(--data "$DATA" --tokens dinov2 ${W:+--dino-weights "$W"})
+  SEED_STEPS=162000  # the seed: 10 epochs of its 10k-episode subset at batch 64
+  STEPS=${STEPS:-108000}  # two thirds of that, so that the seed table fits one GPU-hour (STEPS=162000: the seed's)
+  WM=(--steps $STEPS --eval-every 10000)  # validation + checkpoint every 10k steps instead of 2k (~8 % of la/vq)
   PLANS=("open-loop 10" "mpc 30")  # protocol, CEM iterations: the seed's open loop ran 10, stable-worldmodel's mpc 30
   POLICY_STEPS=20000  # GCBC and IQL (policy.py) on the same DINOv2 tokens
 
@@ -132,26 +136,38 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps 
   full_plan() {  # every stage's own --dry-run (counted FLOPs and memory, no weights, no data needed), then the verdict
     rm -rf "$OUT/plan"; mkdir -p "$OUT/plan"
     echo "== plan of \`reproduce.sh full\` in $OUT: estimates from FLOPs counted on the real modules, not measurements"
+    echo "recipe: the seed's (see README), except $STEPS world-model steps (the seed: $SEED_STEPS; STEPS=N sets it)," \
+         "IDM depth 4 (the seed: 12), validation every 10k steps"
     [ -f "$DATA/meta.json" ] && echo "collect: $DATA exists" ||
       echo "collect: 10000 episodes x 101 = $FRAMES frames into $DATA (CPU; ~65 MB of states, frames are rendered)"
-    FEAT=off
-    if [ "$FEATURES" != off ]; then
+    FEAT=$FEATURES
+    if [ "$FEATURES" = auto ] || [ "$FEATURES" = cache ]; then
       dry encode $PY dino.py encode --data "$DATA" --frames $FRAMES ${W:+--dino-weights "$W"}; wait
       grep -v "^{" "$OUT/plan/encode.txt" | sed 's/^/  /' || true
       if [ "$(cat "$OUT/plan/encode.rc")" = 0 ]; then FEAT=cache
       elif [ "$FEATURES" = cache ]; then
-        echo "error: FEATURES=cache, but the feature cache cannot be written (above); FEATURES=auto or off" \
-             "trains with DINOv2 on every batch instead" >&2; exit 2
+        echo "error: FEATURES=cache, but the feature cache cannot be written (above); FEATURES=auto, memory or off" \
+             "train without it" >&2; exit 2
+      else FEAT=memory; rm "$OUT/plan/encode.txt"  # no cache: its encode stage is not part of the plan
       fi
     fi
-    case "$FEAT-$FEATURES" in
-      cache-*) echo "feature mode: cache (FEATURES=$FEATURES; the disk holds it)" ;;
-      off-off) echo "feature mode: DINOv2 on every training batch (FEATURES=off)" ;;
-      *) echo "feature mode: DINOv2 on every training batch: \`dino.py encode\` refuses the cache (above)" ;;
+    train_plans() {
+      for v in baseline la vq; do
+        dry "train-$v" $PY train.py "${TRAIN[@]}" "${WM[@]}" --variant $v --out "$OUT/$v" --features $FEAT \
+          --frames $FRAMES
+      done; wait
+    }
+    train_plans
+    if [ $FEAT = memory ] && [ "$FEATURES" = auto ] && [ "$(cat "$OUT/plan/train-la.rc")" != 0 ]; then
+      echo "  GPU memory cannot hold the int8 features next to training: $(grep -h "^error" "$OUT/plan/train-la.txt")"
+      FEAT=off; train_plans
+    fi
+    case $FEAT in
+      cache) echo "feature mode: cache (FEATURES=$FEATURES; the disk holds it)" ;;
+      memory) echo "feature mode: memory (FEATURES=$FEATURES): each training process encodes every frame once into" \
+                   "int8 GPU memory and prints its error against the exact features (0.5 % with random weights)" ;;
+      off) echo "feature mode: DINOv2 on every training batch (FEATURES=$FEATURES)" ;;
     esac
-    NOFEAT=$([ $FEAT = cache ] || echo --no-features)
-    for v in baseline la vq; do dry "train-$v" $PY train.py "${TRAIN[@]}" --variant $v --out "$OUT/$v" $NOFEAT; done
-    wait
     for v in la vq; do dry "decode-$v" $PY decode.py --run "$OUT/$v"; done
     for v in baseline la vq; do for p in "${PLANS[@]}"; do set -- $p
       dry "plan-$v-$1" $PY plan.py --run "$OUT/$v" --protocol $1 --opt-steps $2 --out "$OUT/results/$v-$1.json"
@@ -163,19 +179,22 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps 
       [ "$(cat "$OUT/plan/$name.rc")" = 0 ] || bad=1
     done
     [ $bad = 0 ] || { echo "error: a stage above does not fit (its error names the flag that changes it)" >&2; exit 2; }
-    echo "  gcbc, iql: MLPs over 196 x 16 projected patches, ${POLICY_STEPS} steps each (not FLOP-counted; DINOv2 runs" \
-         "on their batches' frames when there is no cache)"
+    echo "  gcbc, iql: MLPs over 196 x 16 projected patches, ${POLICY_STEPS} steps each (not FLOP-counted; DINOv2: as" \
+         "training (feature mode $FEAT), beyond the seed table)"
     echo "  eval: ~15k frames through DINOv2 and forward passes over 600 + 600 + 5000 windows: well under a minute"
     echo "stage                      GPU-s  GPU memory  disk   (plan: auto_batch fills half the GPU by design)"
     for name in encode "${stages[@]}"; do cat "$OUT/plan/$name.txt" 2>/dev/null || true; done |
-      awk -v target=$TARGET '/^estimate /{sub(":", "", $2); s += $3; d += $9
+      awk -v target=$TARGET -v steps=$STEPS -v seed=$SEED_STEPS '/^estimate /{sub(":", "", $2); s += $3; d += $9
+                                          if ($2 ~ /^train-/) t += $3
                                           printf "  %-22s %7d %8.1f GB %5.1f GB\n", $2, $3, $5, $9}
         END {printf "total: %d GPU-s = %.2f GPU-h on one H200 at the assumed rate (target %.1f GPU-h: %s), %.0f GB " \
              "disk\n", s, s / 3600, target / 3600, s <= target ? "fits" : "OVER, see below", d
+             if (steps != seed) printf "  with the seed'"'"'s %d steps (STEPS=%d): ~%.2f GPU-h (training is linear " \
+             "in steps)\n", seed, seed, (s + t * (seed / steps - 1)) / 3600
              exit s > target}' && return
-    echo "Over the target. Nothing is changed silently; the levers, each a flag (the recipe is the seed's):"
-    echo "  - the feature cache (FEATURES=cache, needs the disk above): DINOv2 paid once per frame, not per batch"
-    echo "  - --idm-depth (la, vq): the IDM is about half of their world-model step; the seed's 12 costs 3x our 4"
+    echo "Over the target. Nothing is changed silently; the levers, each a flag:"
+    echo "  - FEATURES=cache or memory when it says off: DINOv2 paid once per frame, not twice per window"
+    echo "  - --idm-depth (la, vq): the IDM is 40 % of their world-model step; the seed's 12 costs 3.6x our 4"
     echo "  - --steps (linear): 162k = 10 epochs of the seed's 10k-episode subset"
     echo "  - mpc at --opt-steps 10 instead of 30 (the seed's open loop ran 10)"
   }
@@ -185,14 +204,16 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps 
   $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" ||
     { echo "error: reproduce.sh full needs a CUDA GPU; none is visible (\`state\`: the CPU table)" >&2; exit 2; }
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 10000 --steps 100
-  [ $FEAT = off ] || stage encode $PY dino.py encode --data "$DATA" ${W:+--dino-weights "$W"}
-  for v in baseline la vq; do stage "train-$v" $PY train.py "${TRAIN[@]}" --variant "$v" --out "$OUT/$v" $NOFEAT; done
+  [ $FEAT != cache ] || stage encode $PY dino.py encode --data "$DATA" ${W:+--dino-weights "$W"}
+  for v in baseline la vq; do
+    stage "train-$v" $PY train.py "${TRAIN[@]}" "${WM[@]}" --variant "$v" --out "$OUT/$v" --features $FEAT
+  done
   for v in la vq; do stage "decode-$v" $PY decode.py --run "$OUT/$v"; done
   for v in baseline la vq; do for p in "${PLANS[@]}"; do set -- $p
     stage "plan-$v-$1" $PY plan.py --run "$OUT/$v" --protocol $1 --opt-steps $2 --out "$OUT/results/$v-$1.json"
   done; done
   for a in gcbc iql; do
-    stage "train-$a" $PY policy.py train --algo $a "${TRAIN[@]}" --out "$OUT/$a" --steps $POLICY_STEPS
+    stage "train-$a" $PY policy.py train --algo $a "${TRAIN[@]}" --out "$OUT/$a" --steps $POLICY_STEPS --features $FEAT
     for p in "${PLANS[@]}"; do set -- $p
       stage "policy-$a-$1" $PY policy.py eval --policy "$OUT/$a" --protocol $1 --opt-steps $2 \
         --out "$OUT/results/$a-$1.json"
@@ -205,14 +226,15 @@ fi
 
 if [ "$mode" = gpu-check ]; then  # one short run of every CUDA path: bf16, compile, DDP over NCCL, encode, CEM
   W=${DINO_WEIGHTS:-random}  # the GPU box has no DINOv2 weights: speed only, the numbers mean nothing for quality
-  rm -rf "$OUT/.done" "$OUT/data" "$OUT/fast" "$OUT/ref" "$OUT/ddp"; mkdir -p "$OUT/.done"
+  rm -rf "$OUT/.done" "$OUT/data" "$OUT/fast" "$OUT/memory" "$OUT/ref" "$OUT/ddp"; mkdir -p "$OUT/.done"
   VQ=(--data "$OUT/data" --variant vq --tokens dinov2 --dino-weights "$W" --val-batches 1 --stats-batches 1
       --log-every 10)
   stage collect $PY data.py collect --out "$OUT/data" --episodes 64 --steps 100
   stage encode $PY dino.py encode --data "$OUT/data" --dino-weights "$W"  # bf16 autocast; images/s into features.json
   stage train-optimised $PY train.py "${VQ[@]}" --out "$OUT/fast" --steps 80 --eval-every 80  # bf16, compile, cache
-  stage train-reference $PY train.py "${VQ[@]}" --out "$OUT/ref" --steps 30 --eval-every 30 --no-compile --no-features \
-    --dtype float32
+  stage train-memory $PY train.py "${VQ[@]}" --out "$OUT/memory" --steps 60 --eval-every 60 --features memory
+  stage train-reference $PY train.py "${VQ[@]}" --out "$OUT/ref" --steps 30 --eval-every 30 --no-compile \
+    --features off --dtype float32
   stage ddp-nccl $PY -m torch.distributed.run --standalone --nproc_per_node 1 train.py "${VQ[@]}" --out "$OUT/ddp" \
     --steps 2 --eval-every 2 --no-compile
   stage decode $PY decode.py --run "$OUT/fast" --pairs 2000 --val-pairs 200 --max-epochs 2
@@ -230,14 +252,16 @@ def train(run):  # log intervals after the first (compile and warm-up excluded);
     keep = rows[1:] or rows
     return {"samples_per_s": sum(r["samples_per_s"] for r in keep) / len(keep), "peak_gpu_gb": rows[-1]["peak_mem_gb"],
             "world_model_tflops": sum(r["tflops"] for r in keep) / len(keep)}  # encoder excluded
-fast, ref, enc = train("fast"), train("ref"), json.loads((out / "data/train/features.json").read_text())
+fast, mem, ref = train("fast"), train("memory"), train("ref")
+enc = json.loads((out / "data/train/features.json").read_text())
 plans = {k: json.loads((out / f"plan-{k}.json").read_text()) for k in ("300x10", "300x30")}
 result = {
     "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "dino_weights": weights,
     "note": "DINOv2 weights are random unless dino_weights says otherwise: speed only; every CUDA path ran once "
             "(bf16 autocast, torch.compile of predictor, IDM and rollout_cost, DDP over NCCL via torchrun, encode)",
     "train_optimised": {**fast, "path": "vq, batch 64: bf16 autocast + torch.compile + feature cache"},
-    "train_reference": {**ref, "path": "vq, batch 64: --no-compile --no-features --dtype float32"},
+    "train_memory": {**mem, "path": "vq, batch 64: bf16 autocast + torch.compile + int8 features in GPU memory"},
+    "train_reference": {**ref, "path": "vq, batch 64: --no-compile --features off --dtype float32"},
     "train_speedup": fast["samples_per_s"] / ref["samples_per_s"],
     "encode": {"images_per_s": enc["images_per_s"], "peak_gpu_gb": enc["peak_gpu_gb"], "dtype": enc["dtype"],
                "note": "includes rendering the frames on the CPU loader workers"},
@@ -259,8 +283,9 @@ if [ "$mode" = quick ]; then  # the pixel path: DINOv2 (random weights unless gi
   OUT=$P stage encode $PY dino.py encode --data "$P/data" --size 56 --dino-weights "$W"
   for v in baseline vq; do
     OUT=$P stage "train-$v" $PY train.py --data "$P/data" --variant "$v" --out "$P/$v" --dino-size 56 \
-      --dino-weights "$W" --steps 60 --batch-size 16 --eval-every 60 --log-every 20 --val-batches 2 --stats-batches 2 --depth 2 --heads 4 \
-      --dim-head 32 --mlp-dim 256 --idm-depth 1 --idm-heads 4 --idm-dim 128 --idm-mlp-dim 256 --num-workers 0
+      --dino-weights "$W" --steps 60 --batch-size 16 --eval-every 60 --log-every 20 --val-batches 2 --stats-batches 2 \
+      --depth 2 --heads 4 --dim-head 32 --mlp-dim 256 --idm-depth 1 --idm-heads 4 --idm-dim 128 --idm-mlp-dim 256 \
+      --num-workers 0
   done
   OUT=$P stage decode-vq $PY decode.py --run "$P/vq" --pairs 400 --val-pairs 100 --max-epochs 5
   for v in baseline vq; do

@@ -845,6 +845,16 @@ def test_predictor_and_idm_outputs_do_not_see_later_frames():
     assert torch.allclose(u[:, :2], v[:, :2], atol=1e-5) and not torch.allclose(u[:, 2], v[:, 2])
 
 
+def test_idm_last_block_updates_only_the_prompt_token_exactly():
+    """The IDM's last block computes only the token it returns; the result equals running every block in full."""
+    torch.manual_seed(0)
+    idm, z = wm.IDM(16, 4, 16, 3, 2, 32).eval(), torch.randn(2, 3, 4, 16)  # (B, T, P, D)
+    x = idm.proj(torch.cat([idm.action_prompt.expand(2, 3, 1, -1), z], 2)) + idm.pos
+    for block in idm.blocks:
+        x = block(x)  # every token of every block
+    assert torch.allclose(idm(z), idm.head(x[:, :, 0]), atol=1e-5)
+
+
 def clustered(seed=0):
     """(64, 8) inputs around 4 well-separated centres, rows 0..3 one of each."""
     g = torch.Generator().manual_seed(seed)
@@ -1583,6 +1593,38 @@ def test_pixel_tokens_end_to_end(dataset, tmp_path, cached_dino):
     assert metrics["la"]["tokens"] == "dinov2" and math.isfinite(metrics["la"]["rollout_mse"])
 
 
+def test_features_in_memory_train_like_the_exact_ones(dataset, tmp_path, cached_dino, monkeypatch):
+    """--features memory (every frame encoded once, int8 on the device) gives the step-0 validation of DINOv2 run on
+    every batch (same weights, same val batches) to int8 precision, and trains; refused when memory is short."""
+    rows = {}
+    for features in ("off", "memory"):
+        cfg, mc = train_cfgs(dataset, tmp_path / features, "la", steps=2, eval_every=2, dino_weights="random",
+                             features=features)
+        train.main(cfg, replace(mc, tokens="dinov2", dino_size=28))
+        rows[features] = [json.loads(line) for line in open(tmp_path / features / "log.jsonl")]
+    first = {k: v[0]["val_latent_mse"] for k, v in rows.items()}
+    assert first["memory"] == pytest.approx(first["off"], rel=1e-2) and first["memory"] != first["off"]
+    assert math.isfinite(rows["memory"][-1]["val_latent_mse"])
+    monkeypatch.setattr(dino, "available_ram", lambda: 2 ** 30)  # 1 GiB: less than the spare training needs
+    cfg, mc = train_cfgs(dataset, tmp_path / "small", "la", dino_weights="random", features="memory")
+    user_error(train.main, cfg, replace(mc, tokens="dinov2", dino_size=28), names=["--features memory", "off"])
+    assert not (tmp_path / "small" / "ckpt.pt").exists()
+
+
+def test_feature_store_rounds_to_int8_per_token_after_channel_scaling():
+    """Rows come back in the order asked; the measured error is the true one, under 1 % although one channel is 100x
+    the others (one scale per token alone would lose ~13 %)."""
+    x = torch.randn(10, 6, 384, generator=torch.Generator().manual_seed(0))  # (F, P, D)
+    x[..., 7] *= 100
+    store = dino.FeatureStore(10, 6, 384, "cpu")
+    store.put(0, x[:4]), store.put(4, x[4:])
+    back = store[np.array([9, 0, 4])]
+    assert back.shape == (3, 6, 384) and len(store) == 10 and store.nbytes == 10 * 6 * (384 + 4)
+    err = ((store[np.arange(10)] - x).norm() / x.norm()).item()
+    assert store.error == pytest.approx(err, rel=1e-4) and err < 0.01
+    assert (back - x[[9, 0, 4]]).norm() < 0.01 * x[[9, 0, 4]].norm()  # these rows, in this order
+
+
 # ---- precision, fit, self-measurement: encode's dtype, the disk check, counted FLOPs, --dry-run, auto_batch ----------
 SMALL = {**SIZES, "dino_size": 28}  # a tiny world model over 4 DINOv2 patches
 
@@ -1604,7 +1646,7 @@ def test_encode_runs_in_the_callers_precision():
 def test_cache_refused_up_front_when_the_disk_is_small(tmp_path, monkeypatch, cached_dino):
     collect(root := tmp_path / "data", episodes=3, steps=7, img_size=32)
     monkeypatch.setattr(dino.shutil, "disk_usage", lambda path: type("U", (), {"free": 10_000})())
-    user_error(dino.main, encode_cfg(root), names=[root, "--no-features"])
+    user_error(dino.main, encode_cfg(root), names=[root, "--features memory"])
     assert not list(root.glob("*/features.*"))  # nothing written, nothing half-written
 
 
@@ -1634,7 +1676,7 @@ def test_dry_runs_plan_a_recipe_without_data(tmp_path, monkeypatch, capsys):
     What does not fit is refused, naming the flag that changes it."""
     run, missing = tmp_path / "vq", tmp_path / "not-collected"
     train.main(train.TrainConfig(data=str(missing), out=str(run), batch_size=4, steps=100, eval_every=50,
-                                 features=False, dry_run=True), WMConfig(variant="vq", **SMALL))
+                                 features="off", dry_run=True), WMConfig(variant="vq", **SMALL))
     assert json.loads((run / "config.json").read_text())["model"]["num_patches"] == 4
     plan.main(plan.PlanConfig(run=str(run), protocol="mpc", num_samples=20, topk=5, opt_steps=3, dry_run=True))
     decode.main(DecodeConfig(run=str(run), pairs=100, val_pairs=10, max_epochs=2, dry_run=True))
@@ -1642,14 +1684,18 @@ def test_dry_runs_plan_a_recipe_without_data(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     for stage in ("train-vq", "plan-vq-mpc", "decode-vq", "encode"):
         assert f"estimate {stage}: " in out
-    assert "DINOv2: on every batch (--no-features)" in out and "50 episodes x 2 solve(s)" in out
+    assert "DINOv2: on every batch (--features off)" in out and "50 episodes x 2 solve(s)" in out
+    memory = train.TrainConfig(data=str(missing), out=str(tmp_path / "m"), features="memory", dry_run=True)
+    user_error(train.main, memory, WMConfig(tokens="dinov2", **SMALL), names=[missing, "--frames"])
+    train.main(replace(memory, frames=1000), WMConfig(tokens="dinov2", **SMALL))
+    assert "DINOv2: 1,000 frames encoded once into 0.0 GB of int8 in GPU memory" in capsys.readouterr().out
     user_error(dino.main, dino.EncodeConfig(data=str(missing), dry_run=True), names=[missing, "--frames"])
     user_error(plan.main, plan.PlanConfig(run=str(tmp_path / "none"), dry_run=True),
                names=[tmp_path / "none" / "config.json"])
     monkeypatch.setattr(dino, "H200_BYTES", 2 ** 20)  # a 1 MiB "GPU"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     user_error(train.main, train.TrainConfig(data=str(tmp_path), out=str(tmp_path / "b"), batch_size=4,
-                                             features=False, dry_run=True), WMConfig(**SMALL),
+                                             features="off", dry_run=True), WMConfig(**SMALL),
                names=["train-baseline", "--batch-size"])
 
 

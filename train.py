@@ -1,14 +1,15 @@
 """Train the world model (baseline / la / vq, wm.py) on Push-T windows, from any token source (state, dinov2, jepa).
 
 Reads DIR (data.py layout; for --tokens dinov2 also DIR/{split}/features.npy from `dino.py encode` when it matches,
-else frames are rendered by loader workers and encoded every step). Writes RUN/ckpt.pt (raw weights, optimiser,
+else frames are rendered by loader workers and encoded every step; --features memory encodes every frame once, into
+GPU memory as int8, for datasets whose cache no disk holds). Writes RUN/ckpt.pt (raw weights, optimiser,
 step, configs, data stats and fingerprint, la/vq latent prior, RNG; atomic), RUN/config.json, RUN/log.jsonl.
 Re-running with the same --out resumes exactly: the run's settings win, flags given again must match (except
 runtime ones such as --steps, which may rise, --device or --num-workers). The run folder is locked while training.
 GPU:  python train.py --data runs/full/data --variant vq --out runs/full/vq     (DINOv2 tokens; H200: not yet measured)
       DINO-WM setting: --num-hist 3 --proprio --cond-dim 10 --batch-size 32 --lr-predictor 5e-4 --lr-action 5e-4
       multi-GPU: torchrun --standalone --nproc_per_node 4 train.py ... (batch-size is per GPU)
-      unoptimised reference for speed ratios: add --no-compile --no-features --dtype float32
+      unoptimised reference for speed ratios: add --no-compile --features off --dtype float32
 CPU:  python train.py --data runs/quick/data --variant la --out /tmp/la --tokens state --steps 2000 --batch-size 256
       --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --idm-depth 2 --idm-heads 4 --idm-dim 128 ...
       (the state-token sizes of `reproduce.sh quick`; ~45 steps/s on one core)
@@ -57,10 +58,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     seed: int = 0  # seeds model init, data order and dropout; seed 0 as upstream
     dino_weights: str = ""  # DINOv2 .pth, "" = official file from the hub cache, random = tests only
-    features: bool = True  # dinov2: read the dino.py feature cache when present and matching (same tokens)
+    features: Literal["cache", "memory", "off"] = "cache"  # dinov2: the dino.py cache when one matches (else DINOv2
+    # per batch); memory: every frame encoded once at start into device memory as int8; off: DINOv2 on every batch
     compile: bool = True  # torch.compile the predictor and IDM (CUDA only; ignored on CPU)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA precision: bf16 autocast, or fp32 everywhere (TF32 off)
     dry_run: bool = False  # print this run's FLOPs, GPU time, memory and disk (counted on meta tensors) and exit
+    frames: int = 0  # for --dry-run --features memory before the dataset exists: its frames (0 = count them in --data)
 
     def __post_init__(self):
         data.check_choices(self)
@@ -78,7 +81,7 @@ class TrainConfig:
 # Settings that may change when a run resumes, the folder's own path included (a run may be moved or renamed);
 # everything else is what the run *is* and must match.
 RUNTIME = ("out", "steps", "data", "device", "num_workers", "compile", "log_every", "features", "eval_every",
-           "dry_run")
+           "dry_run", "frames")
 
 
 def train_order(n, seed, start, rank=0, world=1):
@@ -112,7 +115,9 @@ def train_flops(mc):
     macs = mc.depth * tok * (4 * W * inner + 2 * W * mc.mlp_dim + 2 * tok * inner)  # full mask computed by SDPA
     if mc.variant != "baseline":
         d, S, T = mc.idm_dim, mc.num_patches + 1, mc.num_hist + 1
-        macs += T * S * (mc.visual_dim * d + mc.idm_depth * (8 * d * d + 2 * d * mc.idm_mlp_dim + 2 * (S + T) * d))
+        block = 8 * d * d + 2 * d * mc.idm_mlp_dim + 2 * (S + T) * d  # per token: spatial + temporal attention, FFN
+        # the last block: k, v of every token (spatial attention), the rest for the prompt token only (wm.IDM)
+        macs += T * S * (mc.visual_dim * d + (mc.idm_depth - 1) * block + 2 * d * d) + T * (block - 2 * d * d)
     return 3 * 2 * macs
 
 
@@ -151,7 +156,7 @@ def open_run(cfg, mc, given):
     cfg, mc, ckpt = resume(cfg, mc, given)
     meta = data.load_meta(cfg.data)
     mc = wm.derive(mc, meta)
-    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, no_features=not cfg.features)
+    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
     return cfg, mc, ckpt, meta
 
 
@@ -252,10 +257,11 @@ def log_line(step, names, values, dt, cfg, mc, world, device):
     return row, line
 
 
-def make_loaders(cfg, mc, device, start, rank, world):
+def make_loaders(cfg, mc, device, ctx, start, rank, world):
     """Windows of num_hist + 1 frames: the train stream (resumed at `start`), fixed val and latent-prior batches,
     and input_of(batch), the token source's frozen part (state features, the DINOv2 feature cache or encoder)."""
-    ds = {s: wm.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features) for s in ("train", "val")}
+    ds = {s: wm.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features, device, ctx)
+          for s in ("train", "val")}
     workers = cfg.num_workers
     order = train_order(len(ds["train"]), cfg.seed, start * cfg.batch_size * world, rank, world)
 
@@ -263,8 +269,10 @@ def make_loaders(cfg, mc, device, start, rank, world):
         return data.loader(d, cfg.batch_size, fixed_subset(len(d), n * cfg.batch_size), workers, device)
 
     train_loader = data.loader(ds["train"], cfg.batch_size, order, workers, device, drop_last=True)
+    source = "computed per batch" if ds["train"].features is None else "feature cache" if cfg.features == "cache" \
+        else "int8 features in device memory"
     print(f"windows: train {len(ds['train'])}, val {len(ds['val'])} | tokens: {mc.tokens} (P {mc.num_patches}, "
-          f"D {mc.visual_dim}; {'feature cache' if ds['train'].features is not None else 'computed per batch'}) | "
+          f"D {mc.visual_dim}; {source}) | "
           f"loader workers: {train_loader.num_workers}")
     return (train_loader, fixed(ds["val"], cfg.val_batches), fixed(ds["train"], cfg.stats_batches),
             wm.make_input(mc, device, cfg.dino_weights or None))
@@ -301,7 +309,11 @@ def dry_run(cfg, mc, ckpt):
     mc = wm.derive(mc, data.load_meta(root) if have else {"img_size": 224})  # no dataset yet: collect's 224 px
     found = have and dino.load_features(root, "train", mc.dino_name, mc.dino_size, cfg.dino_weights or None,
                                         mc.img_size) is not None
-    cached = cfg.features and (found or not have)  # no dataset yet: `dino.py encode` will make the cache first
+    cached = cfg.features == "cache" and (found or not have)  # no dataset yet: `dino.py encode` makes the cache first
+    memory = mc.tokens == "dinov2" and cfg.features == "memory"  # every frame encoded once, held as int8
+    count = sum(len(data.load_split(root, s)["states"]) for s in ("train", "val")) if have else cfg.frames
+    require(not memory or count, f"--features memory --dry-run: --data {root} does not exist yet; pass --frames N, "
+                                  "the frames it will hold")
     B, T, n = cfg.batch_size, mc.num_hist + 1, mc.num_hist
     with torch.device("meta"):  # the VQ's fp32 block needs autocast, which meta lacks; its 32-code argmin is ~0 FLOPs
         model = WorldModel(replace(mc, variant="la") if mc.variant == "vq" else mc)
@@ -315,26 +327,29 @@ def dry_run(cfg, mc, ckpt):
         obs, cond = model.observe(z, p)[:, :n], model.conditioning(z, a)["cond"][:, :n]
         fwd, pred, idm = (dino.measure(f)[0] for f in (lambda: model(z, a, p), lambda: model.predict(obs, cond),
                                                          lambda: model.conditioning(z, a)))
+    store = (count * enc / (B * T), count * mc.num_patches * (mc.visual_dim + 4)) if memory else (0, 0)
+    enc = 0 if memory else enc  # store: (FLOPs, bytes) of the int8 features, which replace DINOv2 on every batch
     per_eval = cfg.val_batches * (enc + fwd + la * (10 * pred + 2 * idm)) + la * cfg.stats_batches * (enc + idm)
     evals, params = (cfg.steps - start) // cfg.eval_every + 1, sum(t.numel() for t in model.parameters())
-    dinov2 = "none" if mc.tokens == "state" else ("feature cache" if cached else "on every batch (" + (
-        "no matching cache in --data" if cfg.features else "--no-features") + ")") + ", weights " + dino.weights_tag(
-        cfg.dino_weights or None, mc.dino_name)  # "...:missing": the run downloads them, or fails offline
+    dinov2 = "none" if mc.tokens == "state" else ("feature cache" if cached else f"{count:,} frames encoded once "
+        f"into {store[1] / 1e9:.1f} GB of int8 in GPU memory ({store[0] / 1e15:.1f} PFLOP)" if memory else
+        "on every batch (" + ("no matching cache in --data" if cfg.features == "cache" else "--features off") + ")"
+        ) + ", weights " + dino.weights_tag(cfg.dino_weights or None, mc.dino_name)  # "...:missing": not here yet
     print(f"train.py --dry-run: {mc.variant}, {mc.tokens} tokens (P {mc.num_patches}, D {mc.visual_dim}), batch {B}, "
           f"steps {start} -> {cfg.steps}; DINOv2: {dinov2}")
     print(f"  per step (counted): world model forward + backward {step / 1e12:.2f} TFLOP" + (
-        f" + DINOv2 on {B * T} frames {enc / 1e12:.2f} TFLOP" if encoder else "")
+        f" + DINOv2 on {B * T} frames {enc / 1e12:.2f} TFLOP" if enc else "")
         + f"; {evals} validations of {per_eval / 1e12:.1f} TFLOP")
     print(f"  GPU memory: weights + AdamW {12 * params / 1e9:.2f} GB + step peak {max(peak, enc_peak) / 1e9:.1f} GB "
-          "(fp32 count; bf16 autocast keeps less)")
+          "(fp32 count; bf16 autocast keeps less)" + (f" + int8 features {store[1] / 1e9:.1f} GB" if memory else ""))
     if ckpt is None:  # what decode.py and plan.py --dry-run read before the run has a checkpoint
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         data.atomic_write(Path(cfg.out) / "config.json", {"train": asdict(cfg), "model": asdict(mc)})
     weights = 12 * params + (4 * sum(t.numel() for t in encoder.parameters()) if encoder else 0)  # + AdamW moments
     # disk: ckpt.pt holds weights + AdamW (12 B per parameter), twice while an atomic write replaces it
-    dino.report(f"train-{mc.variant}", (cfg.steps - start) * (step + enc) + evals * per_eval,
-                weights + max(peak, enc_peak), 24 * params, cfg.dtype,
-                flag="lower --batch-size (the seed's is 64) or use a GPU with more memory")
+    dino.report(f"train-{mc.variant}", (cfg.steps - start) * (step + enc) + evals * per_eval + store[0],
+                weights + max(peak, enc_peak) + store[1], 24 * params, cfg.dtype, flag="--features off (DINOv2 per "
+                "batch) instead of memory" if memory else "lower --batch-size (the seed's is 64) or use a larger GPU")
 
 
 def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
@@ -352,7 +367,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         print({**asdict(cfg), **asdict(mc)})
         # --- data and model
         start = ckpt["step"] if ckpt else 0
-        train_loader, val_loader, stats_loader, input_of = make_loaders(cfg, mc, device, start, rank, world)
+        train_loader, val_loader, stats_loader, input_of = make_loaders(cfg, mc, device, ctx, start, rank, world)
         raw, model, opt = build(cfg, mc, ckpt, device, ddp)
         stats = ckpt["stats"] if ckpt else data.train_stats(meta)
         data.atomic_write(run / "config.json", {"train": asdict(cfg), "model": asdict(mc)}) if main_proc else None

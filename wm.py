@@ -11,6 +11,7 @@ rollout(z0 (B, P, D), cond (B, H, C)) -> (B, H, P, D).
 GPU: python train.py --data DIR --variant vq --out runs/vq                  (model code; timings in train.py)
 CPU: python -m pytest -q test_all.py -k wm                                    (tiny sizes, seconds)
 """
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -253,10 +254,12 @@ class IDMAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x):
-        """(N, S, dim) -> (N, S, dim), attention along S (patches of a frame, or frames of a patch)."""
+    def forward(self, x, queries=None):
+        """(N, S, dim) -> (N, S, dim), attention along S (patches of a frame, or frames of a patch); with queries=n
+        only the first n positions ask (N, n, dim), all S still answer."""
         h = self.norm(x)
-        q, k, v = (f(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (f(y).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for f, y in ((self.to_q, h[:, :queries]), (self.to_k, h), (self.to_v, h)))
         if self.causal:  # rotary positions 0..T-1 on q and k (theta 10000), as AdaWorld's temporal attention
             q, k = rotary(q), rotary(k)  # (N, h, S, dh)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (N, h, S, dh)
@@ -272,12 +275,14 @@ class IDMBlock(nn.Module):
         self.temporal = IDMAttention(dim, heads, causal=True)
         self.ff = FeedForward(dim, mlp_dim)
 
-    def forward(self, x):
-        """(B, T, S, dim) -> (B, T, S, dim)"""
+    def forward(self, x, keep=None):
+        """(B, T, S, dim) -> (B, T, S, dim), or (B, T, keep, dim): only the first `keep` tokens of every frame are
+        updated and returned (the others are still read by the spatial attention)."""
         B, T, S, d = x.shape
-        x = x + self.spatial(x.reshape(B * T, S, d)).view(B, T, S, d)
-        xt = x.transpose(1, 2).reshape(B * S, T, d)  # (B*S, T, dim): one sequence per spatial position
-        x = x + self.temporal(xt).view(B, S, T, d).transpose(1, 2)
+        n = keep or S
+        x = x[:, :, :n] + self.spatial(x.reshape(B * T, S, d), n).view(B, T, n, d)
+        xt = x.transpose(1, 2).reshape(B * n, T, d)  # (B*n, T, dim): one sequence per spatial position
+        x = x + self.temporal(xt).view(B, n, T, d).transpose(1, 2)
         return x + self.ff(x)
 
 
@@ -287,9 +292,9 @@ class IDM(nn.Module):
     Default depth 4 instead of the seed's 12: at 12 x 384 the IDM costs ~23.7 GFLOPs per pair, 2.6x the
     predictor's ~9 (both counted from the layer sizes), although it only has to read the agent's displacement
     between two frames. Every block already mixes the two frames (temporal attention) after a full spatial attention,
-    so 4 rounds of cross-frame exchange suffice to locate the agent and compare; that makes the IDM cost ~7.9
-    GFLOPs, below the predictor, and speeds a training step ~1.9x. TODO: ablate 4 vs 12 on GPU
-    (`--idm-depth 12` restores the seed).
+    so 4 rounds of cross-frame exchange suffice to locate the agent and compare; that makes the IDM cost ~5.9
+    GFLOPs per pair (counted; the last block is pruned, see forward), below the predictor. TODO: ablate 4 vs 12 on
+    GPU (`--idm-depth 12` restores the seed).
     """
 
     def __init__(self, in_dim, num_patches, dim, depth, heads, mlp_dim):
@@ -305,9 +310,11 @@ class IDM(nn.Module):
         B, T = z.shape[:2]
         x = torch.cat([self.action_prompt.expand(B, T, 1, -1).to(z.dtype), z], 2)  # (B, T, P+1, D)
         x = self.proj(x) + self.pos  # (B, T, P+1, dim)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x)
-        return self.head(x[:, :, 0])  # (B, T, dim); the head is per-token, so applying it to token 0 only is exact
+        # Only the prompt token is read, so the last block updates only it (exact, ~22% of the IDM at depth 4): its
+        # spatial attention still reads every patch; time mixes positions only with themselves, FFN and head per token.
+        return self.head(self.blocks[-1](x, keep=1)[:, :, 0])  # (B, T, dim)
 
 
 class VectorQuantizer(nn.Module):
@@ -626,11 +633,16 @@ def run_dino_weights(ckpt, flag=""):
     return flag or ckpt["train_config"]["dino_weights"] or None
 
 
-def windows(mc, root, split, num_frames, dino_weights=None, features=True):
-    """A run's WindowDataset: states only for state tokens; for dinov2 the feature cache when one matches (written by
-    `dino.py encode` with the same encoder, size, weights and dataset), else frames."""
-    feats = dino.load_features(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size) \
-        if mc.tokens == "dinov2" and features else None
+def windows(mc, root, split, num_frames, dino_weights=None, features="cache", device="cpu", ctx=None):
+    """A run's WindowDataset: states only for state tokens; for dinov2 (features) "cache": the feature cache when one
+    matches (written by `dino.py encode` with the same encoder, size, weights and dataset), else frames; "memory":
+    every frame encoded now into a dino.FeatureStore on device (int8); "off": frames (DINOv2 runs on every batch)."""
+    feats = None
+    if mc.tokens == "dinov2" and features == "cache":
+        feats = dino.load_features(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size)
+    elif mc.tokens == "dinov2" and features == "memory":
+        feats = dino.feature_store(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size,
+                                   torch.device(device), ctx or contextlib.nullcontext())
     return data.WindowDataset(root, split, num_frames, mc.frameskip, mc.tokens != "state", mc.img_size, feats)
 
 
