@@ -459,8 +459,8 @@ def encoded_chunks(model, root, split, img_size, size, device, ctx, start=0, bat
     loader = torch.utils.data.DataLoader(spans, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                                          collate_fn=partial(load_frames, Path(root) / split, states, img_size),
                                          generator=torch.Generator())  # leaves the global RNG (model init) alone
-    with tqdm(total=len(states) - start, unit="img", desc=f"encode {split} ({workers} loader workers)",
-              disable=None) as bar:
+    print(f"{split}: encoding frames {start}..{len(states)} in chunks of {batch_size} ({workers} loader workers)")
+    with tqdm(total=len(states) - start, unit="img", desc=f"encode {split}", disable=None) as bar:
         for (a, b), frames in zip(spans, loader):
             with ctx:  # bf16 autocast on CUDA unless --dtype float32
                 z = encode(model, frames, size)
@@ -495,7 +495,7 @@ class FeatureStore:
     def put(self, start, x):
         """Store exact features x float32 (n, P, D) as rows start..start+n."""
         if self.channel is None:
-            self.channel = x.float().pow(2).mean((0, 1)).sqrt().clamp_min(1e-6)  # (D,)
+            self.channel = x.pow(2).mean((0, 1)).sqrt().clamp_min(1e-6)  # (D,)
         y = x / self.channel
         scale = y.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127  # (n, P, 1)
         q = (y / scale).round().to(torch.int8)

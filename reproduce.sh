@@ -30,6 +30,13 @@ fi
 if [ -n "${DATA:-}" ] && [ ! -f "$DATA/meta.json" ]; then
   echo "error: DATA=$DATA is not a dataset folder (no meta.json); fix the path or unset DATA to collect one" >&2; exit 2
 fi
+if [ "$mode" = full ]; then  # its environment settings, checked before anything is written
+  case "${FEATURES:-auto}" in auto|cache|memory|off) ;; *)
+    echo "error: FEATURES=$FEATURES: choose auto, cache, memory or off (or unset it)" >&2; exit 2 ;;
+  esac
+  [[ "${STEPS:-1}" =~ ^[1-9][0-9]*$ ]] ||
+    { echo "error: STEPS=$STEPS: a whole number of training steps, e.g. 162000" >&2; exit 2; }
+fi
 mkdir -p "$OUT/.done" "$OUT/results" "$OUT/logs"
 : > "$OUT/.timings"
 
@@ -116,7 +123,7 @@ if [ "$mode" = jepa ]; then  # 96-px frames, a 4-block CNN + BN projector traine
     --windows 600 --probe-windows 5000
 fi
 
-if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (162k steps at batch 64, 100k decoder pairs)
+if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (batch 64, 100k decoder pairs), 2/3 of its steps
   DATA=${DATA:-$OUT/data}
   W=${DINO_WEIGHTS:-}
   FEATURES=${FEATURES:-auto}

@@ -1722,6 +1722,14 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.parametrize("setting", ["FEATURES=disk", "STEPS=1e5"])
+def test_full_refuses_a_bad_setting_before_writing(tmp_path, setting):
+    name, value = setting.split("=")
+    r = subprocess.run(["bash", str(HERE / "reproduce.sh"), "full", "--dry-run", str(tmp_path / "f")], text=True,
+                       capture_output=True, env={**os.environ, name: value, "PYTHON": sys.executable}, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and setting in r.stderr and not (tmp_path / "f").exists()
+
+
 # ---- policy.py (GCBC, GC-IQL): goal sampling, the success test as reward, IQL's targets, train -> eval, refusals -----
 @pytest.fixture(scope="module")
 def policy_data(tmp_path_factory):
