@@ -1758,9 +1758,11 @@ def test_policy_goal_sampling_stays_in_the_episode(policy_data):
     end = policy.episode_ends(policy_data, "train")  # (F,)
     rng, t = np.random.default_rng(0), np.arange(0, len(end) - 30, 3)
     t = t[t + 29 <= end[t]]  # window starts: a chunk fits
-    assert (policy.actor_goals(rng, t, end, 25) == t + 25).all()
-    g = policy.actor_goals(rng, t, end, 0)  # uniform future (swm)
-    assert ((g > t) & (g <= end[t])).all()
+    every = np.repeat(np.flatnonzero(np.arange(len(end)) < end), 50)  # every frame before its episode's last, 50x
+    g = policy.actor_goals(rng, every, end, 25)
+    assert (g <= end[every]).all() and (g == every + 25)[every + 25 <= end[every]].all()  # 25 ahead, capped at the end
+    g = policy.actor_goals(rng, every, end, 0)  # uniform future (swm)
+    assert ((g > every) & (g <= end[every])).all() and (g == end[every]).any()
     cfg, tt = tiny_policy(policy_data, "unused"), np.repeat(t, 200)
     g = policy.value_goals(rng, tt, end, cfg)
     assert np.mean(g == tt) == pytest.approx(cfg.p_current, abs=0.03)
@@ -1787,11 +1789,17 @@ def test_policy_iql_targets_and_expectile(policy_data):
     nets = policy.build(cfg, mc)
     s = torch.tensor(data.load_split(policy_data, "train")["states"][:8], dtype=torch.float32)  # (B, 7)
     z, a0 = wm.state_tokens(torch.stack([s, s], 1)), torch.randn(8, mc.action_dim)  # (B, 2, 1, 12), (B, A)
-    with torch.no_grad():
-        nets["critic"].mlp[-1].weight.zero_(), nets["critic"].mlp[-1].bias.fill_(-3.0)  # Q = -3 everywhere
-    _, critic_loss, w, _ = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)  # g = s
+    with torch.no_grad():  # Q = Q_target = -3 and V = 0 everywhere
+        for name, value in (("critic", -3.0), ("critic_target", -3.0), ("value", 0.0)):
+            nets[name].mlp[-1].weight.zero_(), nets[name].mlp[-1].bias.fill_(value)
+    value_loss, critic_loss, w, _ = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)  # g = s
     assert critic_loss.item() == pytest.approx(9.0)  # (Q - 0)^2
+    assert value_loss.item() == pytest.approx((1 - cfg.expectile) * 9)  # Q_target - V = -3 < 0: weight 1 - tau
     assert w.shape == (8,) and (w <= policy.AWR_CLIP).all()
+    with torch.no_grad():
+        nets["value"].mlp[-1].bias.fill_(-5.0)
+    value_loss = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)[0]
+    assert value_loss.item() == pytest.approx(cfg.expectile * 4)  # Q_target - V = 2 > 0: weight tau
 
 
 @pytest.mark.parametrize("algo,goal_steps", [("gcbc", 25), ("iql", 25), ("gcbc", 0)])
@@ -1895,6 +1903,8 @@ def test_token_stats_and_probe():
     assert not st["collapsed"] and st["effective_rank"] > 7.8
     st = wm.token_stats(torch.full((100, 1, 8), 3.0) + 1e-5 * torch.randn(100, 1, 8))
     assert st["collapsed"] and st["token_std_median"] < wm.COLLAPSE_STD
+    st = wm.token_stats(torch.randn(1, 1, 8).expand(100, 1, 8) + 1e-5 * torch.randn(100, 1, 8))
+    assert st["collapsed"]  # every frame the same token: collapsed, however much its dimensions differ
     y = wm.probe_targets(torch.rand(400, 7) * torch.tensor([512, 512, 512, 512, 6.28, 1, 1]))  # (400, 6)
     z = (y @ torch.randn(6, 10, dtype=torch.float64))[:, None]  # (400, 1, 10) a linear code
     assert min(wm.probe_r2(z[:200], y[:200], z[200:], y[200:]).values()) > 0.999
