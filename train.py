@@ -331,10 +331,14 @@ def dry_run(cfg, mc, ckpt):
     enc = 0 if memory else enc  # store: (FLOPs, bytes) of the int8 features, which replace DINOv2 on every batch
     per_eval = cfg.val_batches * (enc + fwd + la * (10 * pred + 2 * idm)) + la * cfg.stats_batches * (enc + idm)
     evals, params = (cfg.steps - start) // cfg.eval_every + 1, sum(t.numel() for t in model.parameters())
-    dinov2 = "none" if mc.tokens == "state" else ("feature cache" if cached else f"{count:,} frames encoded once "
-        f"into {store[1] / 1e9:.1f} GB of int8 in GPU memory ({store[0] / 1e15:.1f} PFLOP)" if memory else
-        "on every batch (" + ("no matching cache in --data" if cfg.features == "cache" else "--features off") + ")"
-        ) + ", weights " + dino.weights_tag(cfg.dino_weights or None, mc.dino_name)  # "...:missing": not here yet
+    if cached:
+        dinov2 = "feature cache"
+    elif memory:
+        dinov2 = f"{count:,} frames encoded once into {store[1] / 1e9:.1f} GB of int8 in GPU memory"
+    else:
+        dinov2 = f"on every batch ({'no matching cache in --data' if cfg.features == 'cache' else '--features off'})"
+    tag = dino.weights_tag(cfg.dino_weights or None, mc.dino_name)  # "...:missing": not downloaded yet
+    dinov2 = "none" if mc.tokens == "state" else f"{dinov2}, weights {tag}"
     print(f"train.py --dry-run: {mc.variant}, {mc.tokens} tokens (P {mc.num_patches}, D {mc.visual_dim}), batch {B}, "
           f"steps {start} -> {cfg.steps}; DINOv2: {dinov2}")
     print(f"  per step (counted): world model forward + backward {step / 1e12:.2f} TFLOP" + (
