@@ -306,7 +306,7 @@ fi
 
 echo
 echo "wall-clock per stage (this invocation; background stages ran two at a time, one core each):"
-cat "$OUT/.timings" "${P:-/dev/null}/.timings" 2>/dev/null |
+cat "$OUT/.timings" ${P:+"$P/.timings"} |
   while read -r name s; do printf '  %-24s %6s s\n' "$name" "$s"; done
 if [ "$mode" = quick ]; then
   echo "State tokens ($OUT/metrics*.json, results/): the method, learned in minutes. Pixels ($OUT/pixels/): a smoke run"
