@@ -571,8 +571,8 @@ class WindowDataset(torch.utils.data.Dataset):
       after frame k, time-major (x0, y0, x1, y1, ...), z-scored with meta's stats (the last row leads past the
       window and is unused); proprio float32 (B, T, 4) z-scored; index int64 (B,) = global frame index of frame 0;
       with pixels=True also obs uint8 (B, T, S, S, 3), rendered from states (or read from frames.npy if it has
-      img_size), or feat (B, T, P, D) when features are given instead: float16 rows of a feature cache, or float32
-      from a dino.FeatureStore (already on its device)."""
+      img_size), or feat (B, T, P, D) when features are given instead: float16 rows of a feature cache, or the
+      float32 rows of a dino.FeatureStore (already on its device)."""
 
     def __init__(self, root, split, num_frames=2, frameskip=5, pixels=False, img_size=None, features=None):
         self.meta, d = load_meta(root), load_split(root, split)
@@ -730,8 +730,8 @@ def check_choices(cfg):
 
 def add_flags(parser, cls):
     """One flag per field of dataclass cls: --field-name, help = the field's trailing comment with its default,
-    choices from Literal[...], --x/--no-x for bools, one or more values for list fields. Flags not given are absent
-    from the parsed namespace (argparse.SUPPRESS), so callers can tell what the user typed."""
+    choices from Literal[...], --x/--no-x for bools, one or more values for list fields. Flags not given are left
+    out of the parsed namespace (argparse.SUPPRESS), so callers can tell what the user typed."""
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default

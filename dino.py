@@ -438,7 +438,8 @@ def encode_split(model, cfg, split, plan, device, ctx):
     if done == F_:
         return
     t0 = time.perf_counter()
-    for start, stop, z in encoded_chunks(model, root, split, head["img_size"], cfg.size, device, ctx, done,
+    states = data.load_split(root, split)["states"]
+    for start, stop, z in encoded_chunks(model, root / split, states, head["img_size"], cfg.size, device, ctx, done,
                                          cfg.batch_size, cfg.workers):
         feats[start:stop] = z.half().cpu().numpy()  # (n, P, D)
         feats.flush()  # on disk before the header claims them
@@ -450,17 +451,18 @@ def encode_split(model, cfg, split, plan, device, ctx):
     print(f"{split}: encoded {F_ - done} frames in {seconds:.1f} s: {speed['images_per_s']:.1f} images/s")
 
 
-def encoded_chunks(model, root, split, img_size, size, device, ctx, start=0, batch_size=256, workers=-1):
-    """Encode frames [start, F) of a split, batch_size at a time -> yields (start, stop, float32 (n, P, D) on the
-    device). `workers` loader processes (-1: one per CPU core) render or read the frames while the encoder runs."""
-    states = data.load_split(root, split)["states"]
+def encoded_chunks(model, split_dir, states, img_size, size, device, ctx, start=0, batch_size=256, workers=-1):
+    """Encode frames [start, F) of a split (its folder and (F, 7) states), batch_size at a time -> yields (start, stop,
+    float32 (n, P, D) on the device). `workers` loader processes (-1: one per CPU core) render or read the frames
+    while the encoder runs."""
     spans = [(s, min(s + batch_size, len(states))) for s in range(start, len(states), batch_size)]
     workers = os.cpu_count() if workers < 0 else workers
     loader = torch.utils.data.DataLoader(spans, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                                         collate_fn=partial(load_frames, Path(root) / split, states, img_size),
+                                         collate_fn=partial(load_frames, split_dir, states, img_size),
                                          generator=torch.Generator())  # leaves the global RNG (model init) alone
-    print(f"{split}: encoding frames {start}..{len(states)} in chunks of {batch_size} ({workers} loader workers)")
-    with tqdm(total=len(states) - start, unit="img", desc=f"encode {split}", disable=None) as bar:
+    print(f"{split_dir.name}: encoding frames {start}..{len(states)} in chunks of {batch_size} ({workers} loader "
+          "workers)")
+    with tqdm(total=len(states) - start, unit="img", desc=f"encode {split_dir.name}", disable=None) as bar:
         for (a, b), frames in zip(spans, loader):
             with ctx:  # bf16 autocast on CUDA unless --dtype float32
                 z = encode(model, frames, size)
@@ -524,7 +526,7 @@ class FeatureStore:
         return math.sqrt(self.sq_error / max(self.sq_norm, 1e-30))
 
 
-def feature_store(root, split, name, size, weights, img_size, device, ctx, workers=-1):
+def feature_store(root, split, name, size, weights, img_size, device, ctx):
     """Encode every frame of a split once into a FeatureStore on device (a fresh DINOv2, freed afterwards)."""
     states, P, D = data.load_split(root, split)["states"], (size // PATCH) ** 2, ARCHS[name.removesuffix("_reg")][0]
     need = len(states) * P * (D + 4)  # int8 codes + a float32 scale per token
@@ -534,8 +536,7 @@ def feature_store(root, split, name, size, weights, img_size, device, ctx, worke
             "training): --features cache (after `dino.py encode`) or off")
     model = load_dinov2(name, weights, device)
     store = FeatureStore(len(states), P, D, device)
-    for start, _, z in encoded_chunks(model, root, split, img_size or data.load_meta(root)["img_size"], size, device,
-                                      ctx, workers=workers):
+    for start, _, z in encoded_chunks(model, Path(root) / split, states, img_size, size, device, ctx):
         store.put(start, z)
     print(f"{split}: {len(store)} frames held in {device} memory as int8 ({store.nbytes / 1e9:.2f} GB"
           f"); relative RMS error against the exact features {store.error:.2e}")

@@ -311,7 +311,8 @@ def dry_run(cfg, mc, ckpt):
                                         mc.img_size) is not None
     cached = cfg.features == "cache" and (found or not have)  # no dataset yet: `dino.py encode` makes the cache first
     memory = mc.tokens == "dinov2" and cfg.features == "memory"  # every frame encoded once, held as int8
-    count = sum(len(data.load_split(root, s)["states"]) for s in ("train", "val")) if have else cfg.frames
+    count = (sum(len(data.load_split(root, s)["states"]) for s in ("train", "val")) if have else cfg.frames) if memory \
+        else 0  # frames the store holds
     require(not memory or count, f"--features memory --dry-run: --data {root} does not exist yet; pass --frames N, "
                                   "the frames it will hold")
     B, T, n = cfg.batch_size, mc.num_hist + 1, mc.num_hist
