@@ -209,8 +209,9 @@ class PushT:
         self.place(state)
         return self.render()
 
-    def place(self, state):
-        """set_state() without the render."""
+    def place(self, state, settle=True):
+        """set_state() without the render. settle=False skips upstream's extra physics step: a model of this env that
+        re-places the state get_state() returned (the planner's ceiling) must not advance it a second time."""
         s = np.asarray(state, np.float64).reshape(-1)
         if s.shape not in ((5,), (7,)) or not np.isfinite(s).all():
             raise ValueError(f"PushT.set_state wants 5 or 7 finite numbers, got {np.asarray(state).tolist()}")
@@ -220,7 +221,8 @@ class PushT:
         self.agent.position = (s[0], s[1])
         self.block.angle = s[4]  # angle first: it rotates about the CoG, then position puts the origin exactly
         self.block.position = (s[2], s[3])
-        self.space.step(DT)  # QUIRK (_set_state): one extra physics step; get_state() may differ slightly from s
+        if settle:
+            self.space.step(DT)  # QUIRK (_set_state): one extra physics step; get_state() may differ slightly from s
 
     def advance(self, action):
         """step() without the render: one 10 Hz control step of 10 PD-driven physics substeps."""
@@ -617,6 +619,16 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def label_subset(n, labels, seed):
+    """The fixed, seeded subset of `labels` of n labelled windows that a labels-only run trains on (sorted), or all
+    of them for labels = -1. The same seed and count always give the same windows."""
+    if labels < 0:
+        return np.arange(n)
+    require(1 <= labels <= n, f"--labels {labels}: the train split has {n} labelled windows; choose 1..{n} (or -1 = "
+                              "all)")
+    return np.sort(np.random.default_rng([seed, labels]).choice(n, labels, replace=False))
 
 
 def loader(ds, batch_size, sampler, workers=-1, device="cpu", drop_last=False):

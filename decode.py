@@ -1,14 +1,17 @@
-"""Action decoder: turns a planned latent action back into a Push-T macro action (the seed's
-train_action_decoder.py, MacroActionDecoderStd in its "latent state + latent action" configuration).
+"""Action decoder and action adapter: the two ways a world model trained without action labels (`la`, `vq`) meets
+the simulator's actions, each fitted on a small labelled set.
 
-A world model trained without action labels (`la`, `vq`) plans in its own latent-action space. This script learns
-the map (current tokens P_t, latent action z) -> normalised 10-d macro action from a small labelled set: the frozen
-world model's IDM labels each window (o_t, o_t+5) with z, the dataset gives the true action. Reads RUN/ckpt.pt and
-the run's dataset (--data for a run moved away from it). Writes RUN/decoder.pt {"model", "config", "wm_ckpt_id",
-"report"}, RUN/decode.json (val RMSE in px per env step, R^2 per action dim, label budget; for vq each code's mean
-decoded action and usage) and RUN/codes.png (vq). The baseline has real actions already: nothing to decode, exit 0.
+decoder (the seed's train_action_decoder.py, MacroActionDecoderStd in its "latent state + latent action"
+  configuration): (tokens P_t, latent action z) -> normalised 10-d macro action. plan.py plans latents and decodes them.
+adapter (ours): (tokens P_t, normalised macro action a_t) -> the conditioning the predictor saw for that transition
+  (la: the IDM's latent; vq: its code). plan.py --via adapter plans real actions through it, as the baseline plans.
+Labelled pairs: the frozen world model's IDM labels each window (o_t, o_t+5) with z, the dataset gives the true
+action. Reads RUN/ckpt.pt and the run's dataset (--data for a run moved away from it). Writes RUN/decoder.pt and
+RUN/decode.json (val RMSE in px per env step, R^2 per action dim, labels used; vq: each code's mean decoded action and
+RUN/codes.png), or RUN/adapter.pt and RUN/adapter.json. A baseline plans real actions: no decoder (exit 0) or adapter.
 GPU:  python decode.py --run runs/full/vq                 (100k + 10k pairs of DINOv2 tokens; H200: not yet measured)
 CPU:  python decode.py --run runs/quick/vq --pairs 20000 --val-pairs 2000     (state tokens: ~15 s on 2 cores)
+      python decode.py --run runs/quick/la --head adapter --pairs 18000 --val-pairs 2000
 """
 import copy
 import json
@@ -33,7 +36,8 @@ from data import require
 
 @dataclass
 class DecodeConfig:
-    run: str = ""  # run folder written by train.py (reads ckpt.pt, writes decoder.pt, decode.json, codes.png)
+    run: str = ""  # run folder written by train.py (reads ckpt.pt, writes decoder.pt + decode.json, or adapter.*)
+    head: Literal["decoder", "adapter"] = "decoder"  # decoder: latent -> action (seed); adapter: action -> latent
     data: str = ""  # dataset folder, "" = the one the run was trained on (for a run moved away from its data)
     pairs: int = 100_000  # label budget: labelled train transitions the decoder may use (seed: 100,000)
     val_pairs: int = 10_000  # labelled val transitions for early stopping and the report (seed: 10,000)
@@ -60,6 +64,8 @@ class DecodeConfig:
                                             "--encode-batch and --code-states must be >= 1")
         require(self.lr > 0 and self.weight_decay >= 0 and self.min_delta >= 0 and self.workers >= -1,
                 "--lr must be > 0; --weight-decay and --min-delta >= 0; --workers >= -1")
+        require(not (self.use_delta and self.head == "adapter"), "--use-delta feeds the decoder's Delta branch; the "
+                                                                   "adapter has none: drop it with --head adapter")
 
 
 # Shape legend: B batch, N pairs, P tokens per frame, D token width, L/C latent-action width, A macro-action width
@@ -138,16 +144,41 @@ class ActionDecoder(nn.Module):
         return self.head(torch.cat([f_e, f_d, z], -1))  # (B, A)
 
 
-def load_decoder(run, ckpt, device):
-    """RUN/decoder.pt -> ActionDecoder (eval mode); refuses one trained against another world-model checkpoint."""
-    path = Path(run) / "decoder.pt"
-    saved = data.load_pt(path, f"train it with `python decode.py --run {run}`")
-    require(saved.get("wm_ckpt_id") == ckpt["ckpt_id"], f"{path} was trained for world-model checkpoint "
+class ActionAdapter(nn.Module):
+    """g(P_t, a_t) -> the conditioning a label-free predictor saw for that transition: the planner then searches
+    real actions (as the baseline does) and imagines each step through g, so it cannot leave the latents the IDM
+    produces, and the plan it executes needs no decoder. The net is the decoder's architecture with the roles of
+    latent and action swapped; la regresses the z-scored latent, vq classifies the code."""
+
+    def __init__(self, visual_dim=384, action_dim=10, cond_dim=32, num_codes=0):
+        super().__init__()
+        self.net = ActionDecoder(visual_dim, action_dim, num_codes or cond_dim)
+        self.register_buffer("mean", torch.zeros(cond_dim))  # (C,) la: the IDM's latent statistics (train.py)
+        self.register_buffer("std", torch.ones(cond_dim))  # (C,)
+        self.register_buffer("codebook", torch.zeros(num_codes, cond_dim))  # (K, C) vq: the world model's codes
+
+    def forward(self, p, a):
+        """p (B, P, D) tokens, a (B, A) normalised macro action -> (B, C): la the latent, vq its likeliest code."""
+        out = self.net(p, a)  # (B, C) z-scored latent, or (B, K) code logits
+        return self.codebook[out.argmax(-1)] if len(self.codebook) else self.mean + self.std * out
+
+
+HEADS = {"decoder": (ActionDecoder, "decoder.pt", "decode.json"), "adapter": (ActionAdapter, "adapter.pt",
+                                                                              "adapter.json")}
+
+
+def load_head(run, ckpt, device, head="decoder"):
+    """RUN/decoder.pt or RUN/adapter.pt -> (the module in eval mode, its fit report); refuses one fitted for another
+    world-model checkpoint."""
+    cls, name, _ = HEADS[head]
+    path = Path(run) / name
+    saved = data.load_pt(path, f"fit it with `python decode.py --run {run} --head {head}`")
+    require(saved.get("wm_ckpt_id") == ckpt["ckpt_id"], f"{path} was fitted for world-model checkpoint "
             f"{saved.get('wm_ckpt_id')}, but {run}/ckpt.pt is now {ckpt['ckpt_id']} (retrained?); rerun "
-            f"`python decode.py --run {run}`")
-    decoder = ActionDecoder(**saved["config"]["arch"]).to(device)
-    decoder.load_state_dict(saved["model"])
-    return decoder.eval()
+            f"`python decode.py --run {run} --head {head}`")
+    module = cls(**saved["config"]["arch"]).to(device)
+    module.load_state_dict(saved["model"])
+    return module.eval(), saved["report"]
 
 
 @torch.no_grad()
@@ -180,47 +211,61 @@ def build_pairs(model, ds, n, input_of, cfg, ctx, device, generator, store):
 
 def take(pairs, idx, device):
     """The pairs at idx, each gathered where it is stored (token stores may sit on the GPU or in host memory), then
-    moved to device -> decoder inputs (p, z, p_next or None) and target y (B, A)."""
+    moved to device -> dict of (B, ...) tensors, tokens in float32."""
     b = {k: v[idx.to(v.device)].to(device) for k, v in pairs.items()}
-    return (b["p"].float(), b["z"], b["p_next"].float() if "p_next" in b else None), b["y"]
+    return {k: v.float() if k.startswith("p") else v for k, v in b.items()}
+
+
+def objective(head, variant, stats):
+    """What a head reads and how it is fitted -> fwd(net, batch) -> out, loss(out, batch) -> (), and the val score
+    (lower is better) that early stopping watches. decoder: Huber on normalised actions, val RMSE (seed); la adapter:
+    MSE on the z-scored latent; vq adapter: cross-entropy over the codes."""
+    if head == "decoder":
+        return (lambda net, b: net(b["p"], b["z"], b.get("p_next")), lambda out, b: F.smooth_l1_loss(out, b["y"]),
+                lambda out, b: (out - b["y"]).pow(2).mean().sqrt().item())
+    if variant == "vq":  # the code the IDM chose
+        ce = lambda out, b: F.cross_entropy(out, b["codes"])  # noqa: E731
+        return lambda net, b: net(b["p"], b["y"]), ce, lambda out, b: ce(out, b).item()
+    mean, std = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])  # (C,) each
+    mse = lambda out, b: (out - (b["z"] - mean.to(out.device)) / std.to(out.device)).pow(2).mean()  # noqa: E731
+    return lambda net, b: net(b["p"], b["y"]), mse, lambda out, b: mse(out, b).item()
 
 
 @torch.no_grad()
-def predict(decoder, pairs, device, batch_size=256):
-    """Decoded normalised actions for every pair -> (N, A) fp32 on CPU."""
-    decoder.eval()
-    return torch.cat([decoder(*take(pairs, idx, device)[0]).float().cpu()
-                      for idx in torch.arange(len(pairs["y"])).split(batch_size)])  # (N, A)
+def predict(net, pairs, device, fwd, batch_size=256):
+    """net's output for every pair -> (N, ...) fp32 on CPU."""
+    net.eval()
+    return torch.cat([fwd(net, take(pairs, idx, device)).float().cpu()
+                      for idx in torch.arange(len(pairs["y"])).split(batch_size)])
 
 
-def fit_decoder(decoder, train, val, cfg, device, generator):
-    """AdamW + Huber(beta 1) on normalised actions, early stopping on val RMSE, best weights restored (seed).
+def fit(net, train, val, cfg, device, generator, fwd, loss_fn, score):
+    """AdamW on loss_fn, early stopping on the val score, best weights restored (seed train_action_decoder.py).
 
-    Returns the per-epoch history [{"epoch", "train_huber", "val_rmse"}]."""
-    opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    Returns the per-epoch history [{"epoch", "train_loss", "val"}]."""
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_state, bad, history = float("inf"), None, 0, []
     for epoch in range(1, cfg.max_epochs + 1):
         t0, total = time.time(), torch.zeros((), device=device)
-        decoder.train()
+        net.train()
         for idx in torch.randperm(len(train["y"]), generator=generator).split(cfg.batch_size):
-            x, y = take(train, idx, device)
-            loss = F.smooth_l1_loss(decoder(*x), y, beta=1.0)
+            b = take(train, idx, device)
+            loss = loss_fn(fwd(net, b), b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.detach() * len(idx)
-        # Val RMSE over all A dims in normalised units decides early stopping (seed train_action_decoder.py).
-        rmse = (predict(decoder, val, device) - val["y"]).pow(2).mean().sqrt().item()
-        history.append({"epoch": epoch, "train_huber": total.item() / len(train["y"]), "val_rmse": rmse})
-        print(f"epoch {epoch:3d} | huber {history[-1]['train_huber']:.4f} | val rmse {rmse:.4f} | best "
-              f"{min(best, rmse):.4f} | {len(train['y']) / (time.time() - t0):.0f} pairs/s")
-        if rmse < best - cfg.min_delta:
-            best, bad, best_state = rmse, 0, copy.deepcopy(decoder.state_dict())
+        val_score = score(predict(net, val, device, fwd), val)
+        history.append({"epoch": epoch, "train_loss": total.item() / len(train["y"]), "val": val_score})
+        print(f"epoch {epoch:3d} | train loss {history[-1]['train_loss']:.4f} | val {val_score:.4f} | best "
+              f"{min(best, val_score):.4f} | {len(train['y']) / (time.time() - t0):.0f} pairs/s")
+        if val_score < best - cfg.min_delta:
+            best, bad, best_state = val_score, 0, copy.deepcopy(net.state_dict())
         else:
             bad += 1
             if bad >= cfg.patience:
                 break
-    decoder.load_state_dict(best_state)  # IMPORTANT: the best epoch, not the last (which overfit by construction)
+    net.load_state_dict(best_state)  # IMPORTANT: the best epoch, not the last (which overfit by construction)
     return history
 
 
@@ -290,12 +335,14 @@ def dry_run(cfg):
 
 
 def main(cfg: DecodeConfig):
-    # --- setup: the frozen world model of the run; the baseline has nothing to decode
+    # --- setup: the frozen world model of the run; the baseline has nothing to decode or adapt
     if cfg.dry_run:
         return dry_run(cfg)
     device, ctx = data.setup(cfg.device, cfg.seed)
     model, ckpt, root = wm.load_run(cfg.run, device, cfg.data, cfg.dino_weights)
-    mc, run = model.cfg, Path(cfg.run)
+    mc, run, stats = model.cfg, Path(cfg.run), ckpt["stats"]
+    require(mc.variant != "baseline" or cfg.head == "decoder", f"--head adapter: {run} is a baseline run, which plans "
+            "real actions already; adapters are for la and vq runs")
     if mc.variant == "baseline":
         print(f"{run}: variant baseline plans real actions; there is no latent action to decode. Nothing written.")
         return None
@@ -314,36 +361,61 @@ def main(cfg: DecodeConfig):
         print(f"pair token store: {need / 1e9:.3f} GB on {store}")
         train = build_pairs(model, ds["train"], n_train, input_of, cfg, ctx, device, gen, store)
         val = build_pairs(model, ds["val"], n_val, input_of, cfg, ctx, device, gen, store)
-        budget = {"train_pairs": len(train["y"]), "val_pairs": len(val["y"]), "requested_train_pairs": cfg.pairs}
-        print(f"label budget: {budget['train_pairs']} labelled train transitions (+{budget['val_pairs']} val)")
+        # Every labelled transition counts, the val pairs of early stopping too: that is what the head cost in labels.
+        budget = {"train_pairs": len(train["y"]), "val_pairs": len(val["y"]), "requested_train_pairs": cfg.pairs,
+                  "labels": len(train["y"]) + len(val["y"])}
+        print(f"label budget: {budget['labels']} labelled transitions ({budget['train_pairs']} train + "
+              f"{budget['val_pairs']} val)")
 
-        # --- model and fit: early stopping on val RMSE
-        arch = dict(visual_dim=mc.visual_dim, latent_dim=mc.cond_dim, action_dim=mc.action_dim, use_delta=cfg.use_delta)
-        decoder = ActionDecoder(**arch).to(device)
+        # --- model and fit: early stopping on the val score
+        if cfg.head == "decoder":
+            arch = dict(visual_dim=mc.visual_dim, latent_dim=mc.cond_dim, action_dim=mc.action_dim,
+                        use_delta=cfg.use_delta)
+            net = head = ActionDecoder(**arch).to(device)
+        else:
+            arch = dict(visual_dim=mc.visual_dim, action_dim=mc.action_dim, cond_dim=mc.cond_dim,
+                        num_codes=mc.num_codes if mc.variant == "vq" else 0)
+            head = ActionAdapter(**arch).to(device)
+            if mc.variant == "vq":
+                head.codebook.copy_(model.quantizer.embedding)
+            else:
+                head.mean.copy_(torch.tensor(stats["latent_mean"])), head.std.copy_(torch.tensor(stats["latent_std"]))
+            net = head.net
+        fwd, loss_fn, score = objective(cfg.head, mc.variant, stats)
         t0 = time.time()
-        history = fit_decoder(decoder, train, val, cfg, device, gen)
-        report = {"run": str(run), "variant": mc.variant, "tokens": mc.tokens, "label_budget": budget,
-                  "epochs": len(history), "best_epoch": min(history, key=lambda h: h["val_rmse"])["epoch"],
-                  "train_seconds": time.time() - t0, "history": history,
-                  **accuracy_report(predict(decoder, val, device), val["y"], ckpt["stats"])}
-        print(f"val RMSE {report['val_rmse_px']:.2f} px per env step (x, y: {report['val_rmse_px_xy'][0]:.2f}, "
-              f"{report['val_rmse_px_xy'][1]:.2f}); R^2 mean {report['r2_mean']:.3f}; per dim "
-              + " ".join(f"{r:.2f}" for r in report["r2_per_dim"]))
+        history = fit(net, train, val, cfg, device, gen, fwd, loss_fn, score)
+        report = {"run": str(run), "variant": mc.variant, "tokens": mc.tokens, "head": cfg.head, "label_budget": budget,
+                  "labels": budget["labels"], "epochs": len(history),
+                  "best_epoch": min(history, key=lambda h: h["val"])["epoch"], "val": min(h["val"] for h in history),
+                  "train_seconds": time.time() - t0, "history": history}
+        out = predict(net, val, device, fwd)  # (N, A) actions, (N, C) z-scored latents or (N, K) code logits
+        if cfg.head == "decoder":
+            report.update(accuracy_report(out, val["y"], stats))
+            print(f"val RMSE {report['val_rmse_px']:.2f} px per env step (x, y: {report['val_rmse_px_xy'][0]:.2f}, "
+                  f"{report['val_rmse_px_xy'][1]:.2f}); R^2 mean {report['r2_mean']:.3f}; per dim "
+                  + " ".join(f"{r:.2f}" for r in report["r2_per_dim"]))
+        elif mc.variant == "vq":
+            report["val_accuracy"] = (out.argmax(-1) == val["codes"]).float().mean().item()
+            print(f"adapter: val cross-entropy {report['val']:.4f}, the IDM's code predicted for "
+                  f"{report['val_accuracy']:.1%} of val transitions ({mc.num_codes} codes)")
+        else:
+            print(f"adapter: val MSE {report['val']:.4f} of the z-scored latent (1 = predicting its mean)")
 
-        # --- write; for vq also what each code means, averaged over real val states, and how often the IDM picks it
-        if mc.variant == "vq":
-            steps = code_meanings(decoder.eval(), model, mc.num_codes, val["p"][:cfg.code_states], device,
-                                  ckpt["stats"])  # (K, F, 2)
+        # --- write; for a vq decoder also what each code means, averaged over real val states, and its usage
+        files = [run / HEADS[cfg.head][1], run / HEADS[cfg.head][2]]
+        if mc.variant == "vq" and cfg.head == "decoder":
+            steps = code_meanings(head.eval(), model, mc.num_codes, val["p"][:cfg.code_states], device,
+                                  stats)  # (K, F, 2)
             usage = torch.bincount(val["codes"], minlength=len(steps))  # (K,)
             report["codes"] = [{"code": k, "usage": int(usage[k]), "mean_action_px": steps[k].tolist(),
                                 "sum_px": steps[k].sum(0).tolist()} for k in range(len(steps))]
             title = f"{run.name}: mean decoded push per code ({len(steps)} codes, usage over {len(val['y'])} val pairs)"
             data.write_png(run / "codes.png", draw_codes(steps.numpy(), usage.numpy(), title))
-        data.atomic_write(run / "decoder.pt", {"model": decoder.state_dict(), "wm_ckpt_id": ckpt["ckpt_id"],
-                                               "config": {"arch": arch, "decode": asdict(cfg)}, "report": report})
-        data.atomic_write(run / "decode.json", report)
-    print(f"wrote {run / 'decoder.pt'}, {run / 'decode.json'}"
-          + (f" and {run / 'codes.png'}" if mc.variant == "vq" else ""))
+            files.append(run / "codes.png")
+        data.atomic_write(files[0], {"model": head.state_dict(), "wm_ckpt_id": ckpt["ckpt_id"],
+                                     "config": {"arch": arch, "decode": asdict(cfg)}, "report": report})
+        data.atomic_write(files[1], report)
+    print("wrote " + ", ".join(map(str, files)))
     return report
 
 

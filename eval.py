@@ -2,9 +2,11 @@
 policy on the same tasks.
 
 Success says whether planning worked; these metrics say why. Per run, on seeded draws of val windows: one-step
-teacher-forced latent MSE; open-loop rollout MSE at horizons 1..H (baseline: true actions; la/vq: the IDM on each
-real frame pair, T = 2 as trained); for la/vq the seed's swap score and shuffle delta, the R^2 of a linear probe
-latent action -> true action (fit on train windows) and the decoder's error; for vq perplexity, dead codes, usage.
+teacher-forced latent MSE; rollout MSE at horizons 1..H from one real frame (baseline: open loop under the true
+actions; la/vq: teacher-forced, each step conditioned on the IDM's latent of the real frame pair, T = 2 as trained);
+for la/vq the seed's swap score and shuffle delta, the R^2 of a linear probe latent action -> true action (fit on
+train windows) and the decoder's error; for vq perplexity, dead codes, usage. With a label sweep among the results
+(one method at several label counts): success against labelled transitions, a table and <out>_labels.png.
 Reads RUN/ckpt.pt (+ RUN/decode.json), the run's dataset (--data for moved runs), plan.py / policy.py RESULTS.json
 files. Writes METRICS.json {run name: {metric: value, metric_stats: {mean, std, ci95, n}, ...}}, <out>_success.json
 (the success table), a rollout-error PNG, and prints both tables in markdown.
@@ -14,6 +16,7 @@ CPU:  python eval.py --run runs/quick/baseline runs/quick/la runs/quick/vq --res
       --out runs/quick/metrics.json                                             (state tokens: ~20 s on 2 cores)
 """
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +63,8 @@ class EvalConfig:
 # H horizon, N windows. Colours (BGR) of the plot lines, one per run.
 COLOURS = [(200, 80, 30), (40, 140, 40), (30, 30, 200), (150, 60, 150), (0, 140, 200), (90, 90, 90)]
 # Columns of the success table, in reading order: the floor, the policies, the world models, the ceilings.
-COLUMNS = ["random", "gcbc", "iql", "baseline", "la", "vq", "ceiling", "replay"]
+COLUMNS = ["random", "gcbc", "iql", "baseline", "la", "la + adapter", "vq", "vq + adapter", "ceiling", "replay"]
+REFS = ("random", "ceiling", "replay")  # the reference rows of a success table, measured without labels
 GAP_OPT_STEPS = 10  # CEM iterations of the exploitation-gap plans: the budget of the CPU open-loop plan.py commands
 
 
@@ -219,13 +223,12 @@ def jepa_report(model, ckpt, root, input_of, cfg, device):
 def decoder_summary(run, ckpt):
     """The action decoder's val accuracy and label budget from RUN/decode.json, or why there is none."""
     try:
-        decode.load_decoder(run, ckpt, "cpu")
+        rep = decode.load_head(run, ckpt, "cpu")[1]
     except data.UserError as e:
         print(f"note: {e}")
         return {"error": str(e)}
-    rep = json.loads((Path(run) / "decode.json").read_text())
     return {"val_rmse_px": rep["val_rmse_px"], "r2_mean": rep["r2_mean"],
-            "train_pairs": rep["label_budget"]["train_pairs"]}
+            "train_pairs": rep["label_budget"]["train_pairs"], "labels": rep["labels"]}
 
 
 def success_table(paths):
@@ -240,11 +243,13 @@ def success_table(paths):
             raise data.UserError(f"--results {path}: not JSON ({e}); rerun the plan.py command that wrote it") from e
         require(all(k in r for k in ("protocol", "successes", "reference", "planner", "variant")),
                 f"--results {path}: not a RESULTS.json of plan.py or policy.py")
-        column = r["planner"] if r["planner"] in ("gcbc", "iql") else r["variant"]
+        column = r["planner"] if r["planner"] in ("gcbc", "iql") else r["variant"] + (
+            " + adapter" if r.get("via") == "adapter" else "")
         cols = table.setdefault(r["protocol"], {})
         k, n = sum(r["successes"]), len(r["successes"])
         cols.setdefault(column, []).append(dict(k=k, n=n, rate=k / n, ci95=plan.wilson(k, n), file=str(path),
-                                                tokens=r.get("tokens"), seconds_per_solve=r.get("seconds_per_solve")))
+                                                tokens=r.get("tokens"), seconds_per_solve=r.get("seconds_per_solve"),
+                                                via=r.get("via"), labels=r.get("labels")))
         ref = r["reference"]
         for name in ("random", "replay"):
             cols.setdefault(name, []).append(dict(rate=ref[name], n=n, k=round(ref[name] * n),
@@ -274,6 +279,88 @@ def success_markdown(table):
                               for p, t in sorted(table.items())])
 
 
+def label_rows(table):
+    """{protocol: {method: [cells]}} of a label sweep: every row that used labels, keyed by how it uses them (la and
+    vq rows named by their decoder or adapter); None when no method was run at more than one label count."""
+    rows = {}
+    for protocol, cols in table.items():
+        for col, cells in cols.items():
+            for c in cells:
+                if c.get("labels") is not None and col not in ("random", "replay", "ceiling"):
+                    name = col if c["via"] != "decoder" else f"{col} + decoder"
+                    rows.setdefault(protocol, {}).setdefault(name, []).append(c)
+    sweep = any(len({c["labels"] for c in cs}) > 1 for r in rows.values() for cs in r.values())
+    return {p: {k: sorted(cs, key=lambda c: c["labels"]) for k, cs in r.items()} for p, r in rows.items()} \
+        if sweep else None
+
+
+def labels_markdown(rows, table):
+    """Success against labelled transitions: one row per method, one column per label count; the largest count (all
+    of the train windows, the labelled baseline's) heads the fractions."""
+    out = []
+    for protocol, methods in sorted(rows.items()):
+        counts = sorted({c["labels"] for cs in methods.values() for c in cs})
+        pool = max(counts)
+        head = [f"{n:,} ({n / pool:.1%})" if n < pool else f"{n:,} (all)" for n in counts]
+        out += [f"success on {protocol} tasks against labelled transitions (windows of 5 env steps):",
+                "| method | " + " | ".join(head) + " |", "|---" * (len(counts) + 1) + "|"]
+        for name, cs in methods.items():
+            at = {c["labels"]: c for c in cs}
+            out.append(f"| {name} | " + " | ".join(
+                f"{at[n]['rate']:.2f} [{at[n]['ci95'][0]:.2f}, {at[n]['ci95'][1]:.2f}]" if n in at else "–"
+                for n in counts) + " |")
+        refs = table[protocol]
+        out.append("references (no labels): " + ", ".join(f"{k} {refs[k][0]['rate']:.2f} ({refs[k][0]['k']}/"
+                                                         f"{refs[k][0]['n']})" for k in REFS if refs.get(k)))
+    return "\n".join(out)
+
+
+def draw_plot(lines, title, xlabel, ylabel, log_x=False, hlines=(), top=None, w=760, h=500):
+    """A line plot with 95% interval bars, axes, ticks and a legend -> BGR image. lines: [(label, xs, means, lows,
+    highs)]; hlines: [(label, y)] drawn dashed across (references); log_x: a log10 x axis; top: the y axis' end."""
+    img = np.full((h, w, 3), 255, np.uint8)
+    x0, x1, y0, y1 = 90, w - 30, h - 70, 50  # plot area in image px (y grows downwards)
+    tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)  # noqa: E731
+    xs = [tx(x) for _, xx, *_ in lines for x in xx]
+    pad = 0.06 * (max(xs) - min(xs)) if log_x else 0  # points off the axes on a log scale
+    xmin, xmax = min(xs) - pad, (max(xs) if max(xs) > min(xs) else min(xs) + 1) + pad
+    top = top or max([hi for *_, his in lines for hi in his] + [y for _, y in hlines]) or 1.0
+    base = 10 ** np.floor(np.log10(top / 5))
+    step = base * next(f for f in (1, 2, 5, 10) if f * base >= top / 5)  # round ticks: 1, 2 or 5 x 10^k
+    ymax = step * np.ceil(top / step)
+    X = lambda v: int(x0 + (tx(v) - xmin) / (xmax - xmin) * (x1 - x0))  # noqa: E731
+    Y = lambda v: int(y0 - max(v, 0) / ymax * (y0 - y1))  # noqa: E731
+    font, black = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0)
+    put = lambda text, xy, size=0.5: cv2.putText(img, text, xy, font, size, black, 1, cv2.LINE_AA)  # noqa: E731
+    cv2.line(img, (x0, y0), (x1, y0), black, 1), cv2.line(img, (x0, y0), (x0, y1), black, 1)
+    for t in sorted({x for _, xx, *_ in lines for x in xx}):  # x ticks at the measured points
+        cv2.line(img, (X(t), y0), (X(t), y0 + 5), black, 1)
+        put(f"{t:,.0f}" if t >= 1000 else f"{t:g}", (X(t) - 14, y0 + 22), 0.45)
+    for v in np.arange(0, ymax + step / 2, step):  # y ticks with light grid lines
+        cv2.line(img, (x0 - 5, Y(v)), (x0, Y(v)), black, 1), cv2.line(img, (x0, Y(v)), (x1, Y(v)), (230, 230, 230), 1)
+        put(f"{v:.3g}", (8, Y(v) + 5), 0.45)
+    put(title, (10, 28), 0.55), put(xlabel, (x0 + 120, h - 20))
+    label = np.full((20, 260, 3), 255, np.uint8)  # the y label, drawn flat then rotated (OpenCV has no rotated text)
+    cv2.putText(label, ylabel, (4, 15), font, 0.5, black, 1, cv2.LINE_AA)
+    label = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)  # (260, 20, 3)
+    yc = (y0 + y1) // 2
+    img[yc - 130:yc + 130, 62:82] = np.minimum(img[yc - 130:yc + 130, 62:82], label)
+    for i, (name, y) in enumerate(hlines):  # dashed reference lines, labelled at the right end
+        for xa in range(x0, x1, 12):
+            cv2.line(img, (xa, Y(y)), (min(xa + 6, x1), Y(y)), (120, 120, 120), 1)
+        put(f"{name} {y:.2f}", (x1 - 110 - 120 * i, Y(y) - 4), 0.4)
+    for i, (name, xx, means, lows, highs) in enumerate(lines):
+        col = COLOURS[i % len(COLOURS)]
+        pts = [(X(x), Y(m)) for x, m in zip(xx, means)]
+        cv2.polylines(img, [np.array(pts, np.int32)], False, col, 2, cv2.LINE_AA)
+        for (px, py), lo, hi in zip(pts, lows, highs):
+            cv2.circle(img, (px, py), 4, col, -1, cv2.LINE_AA)
+            cv2.line(img, (px, Y(lo)), (px, Y(hi)), col, 1)  # 95% interval
+        cv2.line(img, (x0 + 15, y1 + 15 + 20 * i), (x0 + 45, y1 + 15 + 20 * i), col, 2)  # legend entry
+        put(name, (x0 + 52, y1 + 20 + 20 * i))
+    return img
+
+
 def fmt(s):
     """Stats dict -> 'mean ± std [lo, hi] (n)'."""
     return f"{s['mean']:.4g} ± {s['std']:.2g} [{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}] (n={s['n']})"
@@ -286,7 +373,7 @@ def decoder_cell(m):
         return "–"
     if "error" in d:
         return "missing or stale: run decode.py"
-    return f"{d['val_rmse_px']:.2f} px ({d['train_pairs']} pairs)"
+    return f"{d['val_rmse_px']:.2f} px ({d['labels']} labels)"
 
 
 def metrics_markdown(metrics, horizon):
@@ -296,7 +383,7 @@ def metrics_markdown(metrics, horizon):
     rows = [("variant (tokens)", lambda m: f"{m['variant']} ({m['tokens']})"),
             ("dataset (fingerprint)", lambda m: m["dataset"]), ("train step", lambda m: str(m["step"])),
             ("latent_mse (1 step, val)", stat("latent_mse_stats")),
-            (f"rollout_mse (h={horizon})", stat("rollout_mse_stats")),
+            (f"rollout_mse (h={horizon}; la/vq: teacher-forced by IDM latents)", stat("rollout_mse_stats")),
             (f"rollout curve h=1..{horizon}", lambda m: ", ".join(f"{c['mean']:.3g}" for c in m["rollout_curve"])),
             ("swap_score (flag > 0.65)", stat("swap_score_stats")),
             ("shuffle_delta (flag < 0.05)", stat("shuffle_delta_stats")),
@@ -322,42 +409,12 @@ def jepa_rows():
                 f"{m['gap_plan_cheaper']:.0%} of {m['gap_cost_plan']['n']} tasks)")))]
 
 
-def draw_curves(metrics, horizon, title, w=720, h=480):
-    """Rollout MSE vs horizon, one line per run with 95% error bars, axes, ticks, labels and a legend -> BGR image."""
-    img = np.full((h, w, 3), 255, np.uint8)
-    x0, x1, y0, y1 = 90, w - 30, h - 70, 50  # plot area in image px (y grows downwards)
-    top = max(c["ci95"][1] for m in metrics.values() for c in m["rollout_curve"]) or 1.0
-    base = 10 ** np.floor(np.log10(top / 5))
-    step = base * next(f for f in (1, 2, 5, 10) if f * base >= top / 5)  # round ticks: 1, 2 or 5 x 10^k
-    ymax = step * np.ceil(top / step)
-    X = lambda t: int(x0 + (t - 1) / max(horizon - 1, 1) * (x1 - x0))  # noqa: E731  horizon -> image x
-    Y = lambda v: int(y0 - max(v, 0) / ymax * (y0 - y1))  # noqa: E731  MSE -> image y
-    font, black = cv2.FONT_HERSHEY_SIMPLEX, (0, 0, 0)
-    cv2.line(img, (x0, y0), (x1, y0), black, 1), cv2.line(img, (x0, y0), (x0, y1), black, 1)
-    for t in range(1, horizon + 1):  # x ticks: macro steps
-        cv2.line(img, (X(t), y0), (X(t), y0 + 5), black, 1)
-        cv2.putText(img, str(t), (X(t) - 5, y0 + 22), font, 0.5, black, 1, cv2.LINE_AA)
-    for v in np.arange(0, ymax + step / 2, step):  # y ticks with light grid lines
-        cv2.line(img, (x0 - 5, Y(v)), (x0, Y(v)), black, 1), cv2.line(img, (x0, Y(v)), (x1, Y(v)), (230, 230, 230), 1)
-        cv2.putText(img, f"{v:.3g}", (8, Y(v) + 5), font, 0.45, black, 1, cv2.LINE_AA)
-    cv2.putText(img, title, (10, 28), font, 0.55, black, 1, cv2.LINE_AA)
-    cv2.putText(img, "horizon (macro steps of 5 env steps)", (x0 + 120, h - 20), font, 0.5, black, 1, cv2.LINE_AA)
-    label = np.full((20, 220, 3), 255, np.uint8)  # the y label, drawn flat then rotated (OpenCV has no rotated text)
-    cv2.putText(label, "latent MSE (val)", (4, 15), font, 0.5, black, 1, cv2.LINE_AA)
-    label = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)  # (220, 20, 3)
-    yc = (y0 + y1) // 2
-    img[yc - 110:yc + 110, 62:82] = np.minimum(img[yc - 110:yc + 110, 62:82], label)
-    for i, (name, m) in enumerate(metrics.items()):
-        col, curve = COLOURS[i % len(COLOURS)], m["rollout_curve"]
-        pts = [(X(t + 1), Y(c["mean"])) for t, c in enumerate(curve)]
-        cv2.polylines(img, [np.array(pts, np.int32)], False, col, 2, cv2.LINE_AA)
-        for (px, py), c in zip(pts, curve):
-            cv2.circle(img, (px, py), 4, col, -1, cv2.LINE_AA)
-            cv2.line(img, (px, Y(c["ci95"][0])), (px, Y(c["ci95"][1])), col, 1)  # 95% interval
-        cv2.line(img, (x0 + 15, y1 + 15 + 20 * i), (x0 + 45, y1 + 15 + 20 * i), col, 2)  # legend entry
-        legend = name if name == m["variant"] else f"{name} ({m['variant']})"
-        cv2.putText(img, legend, (x0 + 52, y1 + 20 + 20 * i), font, 0.5, black, 1, cv2.LINE_AA)
-    return img
+def draw_curves(metrics, horizon, title):
+    """Rollout MSE vs horizon, one line per run with 95% error bars -> BGR image."""
+    lines = [(name if name == m["variant"] else f"{name} ({m['variant']})", range(1, horizon + 1),
+              [c["mean"] for c in m["rollout_curve"]], [c["ci95"][0] for c in m["rollout_curve"]],
+              [c["ci95"][1] for c in m["rollout_curve"]]) for name, m in metrics.items()]
+    return draw_plot(lines, title, "horizon (macro steps of 5 env steps)", "latent MSE (val)")
 
 
 def main(cfg: EvalConfig):
@@ -390,6 +447,19 @@ def main(cfg: EvalConfig):
         print("\nsuccess rate [Wilson 95% interval] (successes/tasks); random, ceiling and replay on the same tasks "
               "(the ceiling on the first tasks only):\n" + success_markdown(success))
         data.atomic_write(out.with_name(out.stem + "_success.json"), success)
+    rows = label_rows(success)
+    if rows:  # a label sweep: the table and success against labels (log axis) for its protocol
+        print("\n" + labels_markdown(rows, success))
+        protocol = "open-loop" if "open-loop" in rows else sorted(rows)[0]
+        refs = success[protocol]
+        lines = [(name, [c["labels"] for c in cs], [c["rate"] for c in cs], [c["ci95"][0] for c in cs],
+                  [c["ci95"][1] for c in cs]) for name, cs in rows[protocol].items()]
+        hlines = [(k, refs[k][0]["rate"]) for k in ("ceiling", "random") if refs.get(k)]
+        n = max(c["n"] for cs in rows[protocol].values() for c in cs)
+        plot = out.with_name(out.stem + "_labels.png")
+        data.write_png(plot, draw_plot(lines, f"success on {n} {protocol} tasks against labels (bars: Wilson 95%)",
+                                       "labelled transitions (log scale)", "success rate", True, hlines, 1.0))
+        print(f"wrote {plot}")
     return metrics, success
 
 

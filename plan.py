@@ -2,11 +2,12 @@
 categorical CEM or MPPI), act in the simulator, count successes; with the floor (random actions), the replay of the
 recorded actions, and the planner's ceiling (the same planner and budget with the true simulator as its model).
 
-Reads RUN/ckpt.pt (+ RUN/decoder.pt for la/vq) and the run's dataset split (--data for a moved run); writes
-RESULTS.json (success_rate, successes, reference {random, replay, ceiling}, Wilson 95% CI, distances, tasks, config),
-mp4 videos of the first --videos episodes beside it, and the ceiling's cache in ceiling/ beside it (shared by every
-run planned on the same tasks with the same budget). Batched: every planner iteration is ONE world-model call over
-E episodes x N samples. --opt-steps defaults to 30 (DINO-WM, stable-worldmodel); the seed's numbers used 10.
+Reads RUN/ckpt.pt (+ RUN/decoder.pt for la/vq, or RUN/adapter.pt with --via adapter) and the run's dataset split
+(--data for a moved run); writes RESULTS.json (success_rate, successes, via, labels, reference {random, replay,
+ceiling}, Wilson 95% CI, distances, tasks, config), mp4 videos of the first --videos episodes beside it, and the
+ceiling's cache in ceiling/ beside it (shared by every run planned on the same tasks with the same budget).
+Batched: every planner iteration is ONE world-model call over E episodes x N samples. --opt-steps defaults to 30
+(DINO-WM, stable-worldmodel); the seed's numbers used 10.
 GPU:  python plan.py --run runs/full/vq --protocol open-loop --opt-steps 10 --out runs/full/results/vq-open-loop.json
       (DINOv2 tokens, 100 episodes; seconds per solve on an H200: not yet measured)
 CPU:  python plan.py --run runs/quick/baseline --protocol open-loop --episodes 50 --opt-steps 10
@@ -32,7 +33,7 @@ import data
 import dino
 import wm
 from data import PushT, UserError, distances, is_success, load_split, macro_to_env, render_state, require
-from decode import load_decoder, run_config
+from decode import load_head, run_config
 
 
 @dataclass
@@ -43,7 +44,9 @@ class PlanConfig:
     episodes: int = 0  # evaluation episodes; 0 = the protocol's own (open-loop 100 as the seed, mpc 50 as swm)
     protocol: Literal["open-loop", "mpc"] = "open-loop"  # one 25-step plan (the seed), or replan under 50 steps (swm)
     split: Literal["val", "train"] = "val"  # dataset split the tasks come from; stable-worldmodel used train
-    planner: Literal["auto", "cem", "mppi"] = "auto"  # auto: categorical CEM for vq, Gaussian CEM otherwise
+    via: Literal["auto", "actions", "decoder", "adapter"] = "auto"  # how a plan becomes actions; auto: the baseline
+    # plans actions, la/vq plan latents for their decoder; adapter (la/vq): plan actions through decode.py's adapter
+    planner: Literal["auto", "cem", "mppi"] = "auto"  # auto: categorical CEM for vq latents, Gaussian CEM otherwise
     num_samples: int = 300  # N candidate plans per iteration; DINO-WM conf/planner/cem.yaml
     topk: int = 30  # M elites per iteration; DINO-WM cem.yaml (MPPI weights these too, as stable-worldmodel)
     opt_steps: int = 30  # planner iterations; DINO-WM and stable-worldmodel 30, the seed's README runs 10
@@ -225,16 +228,18 @@ def mppi(cost_fn, mu, sigma, num_samples=300, topk=30, opt_steps=30, temperature
     return mu
 
 
-def rollout_cost(model, z0, zg, plan, p0=None, pg=None, alpha=1.0, objective="last"):
+def rollout_cost(model, z0, zg, plan, p0=None, pg=None, alpha=1.0, objective="last", adapter=None):
     """Imagination cost of candidate plans (DINO-WM planning/objectives.py): roll the world model out from the start
     tokens under every plan at once and compare the imagined tokens with the goal's.
 
     z0, zg (E, P, D) start and goal tokens; plan (E, N, H, ...) actions, latents or code indices;
-    p0 (E, 4) normalised start proprio and pg (E, proprio_dim) goal proprio embedding (None without proprio).
-    Fixed shapes and no Python branches on values, so torch.compile can take it whole. returns (E, N)."""
+    p0 (E, 4) normalised start proprio and pg (E, proprio_dim) goal proprio embedding (None without proprio);
+    adapter: plans are real macro actions, imagined through it (wm.WorldModel.rollout). Fixed shapes and no Python
+    branches on values, so torch.compile can take it whole. returns (E, N)."""
     E, N, H = plan.shape[:3]
-    cond = model.plan_to_cond(plan.flatten(0, 1))  # (E*N, H, C)
-    zs, ps = model.rollout(z0.repeat_interleave(N, 0), cond, None if p0 is None else p0.repeat_interleave(N, 0))
+    cond = plan.flatten(0, 1) if adapter is not None else model.plan_to_cond(plan.flatten(0, 1))  # (E*N, H, C|A)
+    zs, ps = model.rollout(z0.repeat_interleave(N, 0), cond, None if p0 is None else p0.repeat_interleave(N, 0),
+                           adapter)
     frames = slice(H - 1, H) if objective == "last" else slice(0, H)  # only the frames the objective reads
     err = (zs[:, frames].float().unflatten(0, (E, N)) - zg[:, None, None]).square().mean((-1, -2))  # (E, N, H|1)
     if ps is not None:  # DINO-WM objectives.py: visual MSE + alpha * proprio MSE
@@ -371,22 +376,27 @@ def sim_cost(goal, state):
     return (pos / 20.0) ** 2 + (ang / ANGLE_TOL) ** 2
 
 
+def sim_costs(state, goal, acts):
+    """The ceiling's model: the simulator from `state`, as the env's get_state() returned it, under each px action
+    sequence acts (N, T, 2) -> (N,) sim_cost. The env has placed its start already, so the state is placed as it is,
+    without set_state's extra physics step (which would move the model's start away from the env's)."""
+    env, costs = PushT(), []
+    for seq in acts:
+        env.place(state, settle=False)
+        for a in seq:
+            env.advance(a)
+        costs.append(sim_cost(goal, env.get_state()))
+    return torch.tensor(costs)  # (N,)
+
+
 def sim_solve(job):
     """One Gaussian CEM solve whose model is the true simulator (the ceiling): job = (state, goal, noise seed, plan
     config dict, action stats) -> (H * frameskip, 2) px actions. Runs in a worker process."""
     state, goal, seed, c, stats = job
     torch.set_num_threads(1)
-    env, frameskip = PushT(), 5
-
-    def cost_fn(samples):  # (1, N, H, A) normalised macro actions -> (1, N)
-        costs = []
-        for acts in macro_to_env(samples[0].numpy(), stats["action_mean"], stats["action_std"]):  # (H*frameskip, 2)
-            env.place(state)
-            for a in acts:
-                env.advance(a)
-            costs.append(sim_cost(goal, env.get_state()))
-        return torch.tensor(costs)[None]
-    shape = (1, c["horizon"], 2 * frameskip)
+    shape = (1, c["horizon"], 2 * 5)  # (1, H, A): macro actions of frameskip 5
+    cost_fn = lambda samples: sim_costs(state, goal, macro_to_env(  # noqa: E731  (1, N, H, A) -> (1, N)
+        samples[0].numpy(), stats["action_mean"], stats["action_std"]))[None]
     mu = cem_gaussian(cost_fn, torch.zeros(shape), c["var_scale"] * torch.ones(shape), c["num_samples"], c["topk"],
                       c["opt_steps"], torch.Generator().manual_seed(seed))
     return macro_to_env(mu[0].numpy(), stats["action_mean"], stats["action_std"])
@@ -424,12 +434,12 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
     return result
 
 
-def plan_prior(mc, la_prior, var_scale, H, stats, device):
-    """(H, A|L) initial mean and std of the Gaussian planners; None for vq (categorical). la starts from the IDM's
-    own latent statistics, stored by train.py (the seed sampled N(0, 1), which `--la-prior standard` reproduces)."""
-    if mc.variant == "vq":
+def plan_prior(mc, via, la_prior, var_scale, H, stats, device):
+    """(H, A|L) initial mean and std of the Gaussian planners; None for vq latents (categorical). la latents start
+    from the IDM's own latent statistics, stored by train.py (the seed sampled N(0, 1): `--la-prior standard`)."""
+    if via == "decoder" and mc.variant == "vq":
         return None, None
-    if mc.variant == "baseline":  # normalised macro actions: 0 is the dataset-mean action
+    if via != "decoder":  # normalised macro actions: 0 is the dataset-mean action
         mu, sigma = torch.zeros(mc.action_dim), torch.ones(mc.action_dim)  # (A,)
     elif la_prior == "data":
         mu, sigma = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])  # (L,)
@@ -495,13 +505,14 @@ def dry_run(cfg):
                 "bfloat16" if cfg.bf16 else "float32", flag="pass --batch-episodes or lower --num-samples")
 
 
-def results_json(cfg, tasks, res, planner, variant, tokens, ref, extra):
-    """The RESULTS.json of plan.py and policy.py: contract fields first, then the details."""
+def results_json(cfg, tasks, res, planner, variant, tokens, ref, via, labels, extra):
+    """The RESULTS.json of plan.py and policy.py: contract fields first, then the details. via: how plans become
+    actions; labels: the labelled transitions that anything in this row was trained on."""
     n, k = len(res["successes"]), sum(res["successes"])
     dist = np.array([distances(g, s) for g, s in zip(tasks["goal_state"], res["final"])])  # (n, 2)
     return dict(success_rate=k / n, successes=res["successes"], episodes=n, protocol=cfg.protocol, planner=planner,
                 seconds_per_solve=res["seconds"] / max(res["solves"], 1), variant=variant, run=str(cfg.run),
-                tokens=tokens, reference=ref, ci95=list(wilson(k, n)), split=cfg.split,
+                tokens=tokens, via=via, labels=labels, reference=ref, ci95=list(wilson(k, n)), split=cfg.split,
                 mean_final_pos_dist=float(dist[:, 0].mean()), mean_final_angle_dist=float(dist[:, 1].mean()),
                 mean_best_pos_dist=float(np.mean(res["best"])), config=asdict(cfg), **extra,
                 tasks={key: tasks[key].tolist() for key in ("episode", "step", "start_state", "goal_state")})
@@ -556,15 +567,25 @@ def write_video(path, frames, hits, goal, side=256):
     data.atomic_write(path, write)
 
 
-def planner_of(cfg, mc):
-    """The solver: categorical CEM for vq's codes, Gaussian CEM for continuous actions, or MPPI when asked."""
-    require(cfg.planner != "mppi" or mc.variant != "vq", f"--planner mppi needs continuous plans; {cfg.run} is a vq "
-                                                         "run (use auto or cem)")
-    return "mppi" if cfg.planner == "mppi" else "cem_categorical" if mc.variant == "vq" else "cem_gaussian"
+def via_of(cfg, mc):
+    """How a plan becomes simulator actions: the baseline plans them; la/vq plan latents for the decoder, or actions
+    through the adapter. A route the run cannot take is refused."""
+    via = cfg.via if cfg.via != "auto" else "actions" if mc.variant == "baseline" else "decoder"
+    require((via == "actions") == (mc.variant == "baseline"), f"--via {via}: {cfg.run} is a {mc.variant} run; "
+            + ("it plans real actions (--via auto)" if mc.variant == "baseline" else "choose decoder or adapter"))
+    return via
+
+
+def planner_of(cfg, mc, via):
+    """The solver: categorical CEM for vq's codes, Gaussian CEM for continuous plans, or MPPI when asked."""
+    codes = mc.variant == "vq" and via == "decoder"
+    require(cfg.planner != "mppi" or not codes, f"--planner mppi needs continuous plans; {cfg.run} is a vq run "
+                                                "planning codes (use auto or cem, or --via adapter)")
+    return "mppi" if cfg.planner == "mppi" else "cem_categorical" if codes else "cem_gaussian"
 
 
 def main(cfg: PlanConfig):
-    # --- setup: the run (world model, decoder for la/vq), device and precision
+    # --- setup: the run (world model; la/vq: its decoder or adapter), device and precision
     if cfg.dry_run:
         return dry_run(cfg)
     t_start = time.perf_counter()
@@ -573,14 +594,17 @@ def main(cfg: PlanConfig):
     model, ckpt, root = wm.load_run(cfg.run, device, cfg.data, cfg.dino_weights)
     mc, stats, H = model.cfg, ckpt["stats"], cfg.horizon
     img = mc.img_size or 224  # goal frames and videos (a state run has no image size of its own)
-    planner = planner_of(cfg, mc)
-    decoder = load_decoder(cfg.run, ckpt, device) if mc.variant != "baseline" else None
+    via = via_of(cfg, mc)
+    planner = planner_of(cfg, mc, via)
+    head, report = load_head(cfg.run, ckpt, device, via) if via != "actions" else (None, {"labels": 0})
+    decoder, adapter = (head, None) if via == "decoder" else (None, head)
+    labels = stats["labels"] + report["labels"]  # the world model's (baseline) + its decoder's or adapter's
     input_of = wm.make_input(mc, device, wm.run_dino_weights(ckpt, cfg.dino_weights))
     n, every_step = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol], cfg.protocol == "mpc"
     budget = MPC_BUDGET if every_step else H * mc.frameskip  # open loop: one plan, executed whole
     E = auto_batch(cfg, model, n, device)
-    print(f"{mc.variant} ({mc.tokens} tokens) | planner {planner} | {n} episodes, {E} at once | budget {budget} env "
-          f"steps | split {cfg.split} of {root}")
+    print(f"{mc.variant} ({mc.tokens} tokens) | via {via}, {labels} labels | planner {planner} | {n} episodes, {E} at "
+          f"once | budget {budget} env steps | split {cfg.split} of {root}")
 
     # --- the tasks, and the reference rows on the same tasks
     tasks = make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, img)
@@ -589,7 +613,7 @@ def main(cfg: PlanConfig):
            **ceiling(tasks, cfg, stats, budget, every_step, img, Path(cfg.out).parent / "ceiling")}
 
     # --- solve: encode the current frames once, plan (E*N rollouts per iteration), decode to px actions
-    mu0, sigma0 = plan_prior(mc, cfg.la_prior, cfg.var_scale, H, stats, device)
+    mu0, sigma0 = plan_prior(mc, via, cfg.la_prior, cfg.var_scale, H, stats, device)
     compiled = cfg.compile and device.type == "cuda"
     cost = torch.compile(rollout_cost, dynamic=False) if compiled else rollout_cost  # fixed (E, N, H) shapes
     encode = lambda states: model.encode(input_of(wm.batch_of_states(states, mc)))[:, 0]  # noqa: E731 (E, P, D)
@@ -607,7 +631,7 @@ def main(cfg: PlanConfig):
             with ctx:
                 z0 = encode(state)  # (E, P, D)
                 p0 = proprio_of(state, stats, device) if mc.proprio else None  # (E, 4)
-                cost_fn = lambda s: cost(model, z0, zg, s, p0, pg, cfg.alpha, cfg.objective)  # noqa: E731 (E, N)
+                cost_fn = lambda s: cost(model, z0, zg, s, p0, pg, cfg.alpha, cfg.objective, adapter)  # noqa: E731
                 plan = solve(planner, cost_fn, cfg, mu0, sigma0, len(state), mc.num_codes, gens, device)
                 a = plan if decoder is None else decode_plan(model, decoder, z0, plan, p0)  # (E, H, A)
             return macro_to_env(a.float().cpu().numpy(), stats["action_mean"], stats["action_std"])  # (E, H*F, 2)
@@ -620,7 +644,7 @@ def main(cfg: PlanConfig):
     res = evaluate(tasks, policy_for, E, budget, every_step, img, cfg.out, cfg.videos)
 
     # --- write RESULTS.json and the one-line summary
-    results = results_json(cfg, tasks, res, planner, mc.variant, mc.tokens, ref, dict(
+    results = results_json(cfg, tasks, res, planner, mc.variant, mc.tokens, ref, via, labels, dict(
         batch_episodes=E, budget=budget, device=str(device), data=str(root), token_stats=collapse,
         peak_gpu_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         total_seconds=time.perf_counter() - t_start))

@@ -61,6 +61,8 @@ class TrainConfig:
     log_every: int = 500  # steps between log lines (with a fixed validation batch's chunk MSE)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     seed: int = 0  # seeds init, window order and goal draws
+    labels: int = -1  # labelled macro transitions to learn from: a fixed, seeded subset of labels // horizon chunks
+    #                   (a chunk holds horizon of them); -1 = every chunk of the train split
     dino_name: str = "dinov2_vits14"  # frozen encoder for --tokens dinov2; DINO-WM ViT-S/14
     dino_size: int = 196  # encoder input side in px (DINO-WM: 224 resized to 196, 14 x 14 patches)
     dino_weights: str = ""  # DINOv2 .pth, "" = the official file from the hub cache, random = tests only
@@ -76,6 +78,8 @@ class TrainConfig:
                                                                    "--patch-dim, --horizon, --log-every must be >= 1")
         require(0 < self.discount < 1 and 0 < self.expectile < 1 and 0 <= self.target_ema < 1 and self.lr > 0,
                 "--discount and --expectile in (0, 1), --target-ema in [0, 1), --lr > 0")
+        require(self.labels == -1 or self.labels >= self.horizon, f"--labels {self.labels}: at least one chunk of "
+                f"--horizon {self.horizon} labelled transitions, or -1 for all of them")
         require(min(self.p_random, self.p_future, self.p_current) >= 0 and
                 abs(self.p_random + self.p_future + self.p_current - 1) < 1e-6, "--p-* must be >= 0 and sum to 1")
 
@@ -112,7 +116,7 @@ class EvalConfig:
 # Shape legend: B batch, T = H + 1 frames of a chunk's window (frameskip apart), P tokens per frame, D token width,
 # A macro-action width (2 x frameskip), H chunk length in macro actions, E episodes, V validation windows.
 # Frames are indexed globally within a split (a one-frame window's index is its frame's index).
-FORMAT = "dinowm-la-policy-v1"  # policy.pt "format"
+FORMAT = "dinowm-la-policy-v2"  # policy.pt "format"
 RUNTIME = ("out", "log_every", "device", "compile", "bf16", "features")  # settings that are not the policy itself
 AWR_CLIP = 100.0  # max AWR weight; OGBench gciql.py and stable-worldmodel gciql.py clip exp(beta * A) at 100
 
@@ -252,12 +256,15 @@ def train(cfg: TrainConfig):
                                      device, ctx) for s in ("train", "val"))
     end, val_end = episode_ends(cfg.data, "train"), episode_ends(cfg.data, "val")
     gen = torch.Generator().manual_seed(cfg.seed)
-    order = (i for _ in itertools.count() for i in torch.randperm(len(ds), generator=gen).tolist())  # epoch after epoch
+    subset = data.label_subset(len(ds), cfg.labels // H if cfg.labels > 0 else -1, cfg.seed)  # (N,) chunks it learns
+    labels = H * len(subset) if cfg.labels > 0 else len(data.WindowDataset(cfg.data, "train", 2, mc.frameskip))
+    order = (int(subset[i]) for _ in itertools.count() for i in torch.randperm(len(subset), generator=gen).tolist())
     it = iter(data.loader(ds, cfg.batch_size, order, 0, device, drop_last=True))  # a NumPy gather per batch
     input_of = wm.make_input(mc, device, cfg.dino_weights or None)
     tokens = lambda d, idx: input_of(d.__getitems__(idx))[:, 0]  # noqa: E731  frames idx (B,) -> (B, P, D)
     print(f"{cfg.algo} on {mc.tokens} tokens (P {mc.num_patches}, D {mc.visual_dim}) | windows: train {len(ds)}, val "
-          f"{len(val)} | chunk {H} x {A} | features: {'none' if frames.features is None else cfg.features}")
+          f"{len(val)} | labels {labels} ({len(subset)} chunks) | chunk {H} x {A} | features: "
+          f"{'none' if frames.features is None else cfg.features}")
 
     # --- networks, optimiser, and a fixed validation batch: the chunk MSE we log
     nets = {k: m.to(device) for k, m in build(cfg, mc).items()}
@@ -298,7 +305,7 @@ def train(cfg: TrainConfig):
     bar.close()
 
     # --- save
-    save(out, cfg, mc, nets, meta, time.perf_counter() - t_start, val_mse)
+    save(out, cfg, mc, nets, meta, time.perf_counter() - t_start, val_mse, labels)
     return val_mse
 
 
@@ -312,12 +319,12 @@ def val_batch(val, frames, end, cfg, tokens, device):
     return z, zg, vb["action"][:, :cfg.horizon].flatten(1).to(device)
 
 
-def save(out, cfg, mc, nets, meta, seconds, val_mse):
+def save(out, cfg, mc, nets, meta, seconds, val_mse, labels):
     """POLICY/policy.pt: plain tensors, numbers and strings (read with torch.load(weights_only=True)), atomically."""
     root = Path(cfg.data).resolve()
     data.atomic_write(out / "policy.pt", {
         "format": FORMAT, "algo": cfg.algo, "tokens": mc.tokens, "step": cfg.steps, "config": asdict(cfg),
-        "model_config": asdict(mc), "train_seconds": seconds, "val_mse": val_mse,
+        "model_config": asdict(mc), "train_seconds": seconds, "val_mse": val_mse, "labels": labels,
         **{k: nets[k].state_dict() for k in ("actor", "value", "critic") if k in nets},
         "stats": data.train_stats(meta),
         "data": {"root": str(root), "relative": os.path.relpath(root, out.resolve()),
@@ -382,7 +389,7 @@ def evaluate_policy(cfg: EvalConfig):
     res = evaluate(tasks, policy_for, n, budget, every_step, img, cfg.out, cfg.videos)
 
     # --- RESULTS.json and the one-line summary
-    results = results_json(cfg, tasks, res, ck["algo"], ck["algo"], mc.tokens, ref, dict(
+    results = results_json(cfg, tasks, res, ck["algo"], ck["algo"], mc.tokens, ref, ck["algo"], ck["labels"], dict(
         budget=budget, mpc_execute=execute, device=str(device), data=str(root), train_steps=ck["step"],
         train_seconds=ck["train_seconds"], train_config=tc, total_seconds=time.perf_counter() - t_start))
     data.atomic_write(cfg.out, results)

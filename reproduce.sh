@@ -3,6 +3,8 @@
 #   bash reproduce.sh quick [OUT]   CPU, <= 10 min on 2 cores (default OUT runs/quick): state tokens end to end, then a
 #                                   short pixel-path smoke (random DINOv2) under OUT/pixels/
 #   bash reproduce.sh state [OUT]   CPU, about an hour on 2 cores: the README's state-token table (100 open-loop tasks)
+#   bash reproduce.sh labels [OUT]  CPU, about an hour on 2 cores: success against labelled transitions (1k, 10k, 100k)
+#                                   on the state table's 100 open-loop tasks, with a table and a PNG plot
 #   bash reproduce.sh jepa  [OUT]   CPU, ~25 min on 2 cores: a pixel encoder trained from scratch (PLDM/LeWM-style,
 #                                   SIGReg) with the labelled baseline, planned on 100 open-loop tasks
 #   bash reproduce.sh full  [OUT]   the seed paper's table with DINOv2 tokens on one GPU (default OUT runs/full); it
@@ -20,8 +22,9 @@ mode=${1:-}
 dry=0
 if [ "$mode" = full ] && [ "${2:-}" = --dry-run ]; then dry=1; shift; fi
 case "$mode" in
-  quick|state|jepa|full|gpu-check) OUT=${2:-runs/$mode} ;;
-  *) echo "usage: bash reproduce.sh quick|state|jepa|full|gpu-check [OUT]  (or: full --dry-run [OUT])" >&2; exit 2 ;;
+  quick|state|labels|jepa|full|gpu-check) OUT=${2:-runs/$mode} ;;
+  *) echo "usage: bash reproduce.sh quick|state|labels|jepa|full|gpu-check [OUT]  (or: full --dry-run [OUT])" >&2
+     exit 2 ;;
 esac
 PY=${PYTHON:-python3}
 if [ "$mode" = gpu-check ] && ! $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
@@ -89,6 +92,10 @@ lane_vq() {  # DIR DATA
 lane_la_policies() {  # DIR DATA
   stage decode-la $PY decode.py --run "$1/la" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
   plans la "$1"
+  # the action adapter: the same labels, spent on planning real actions through the label-free model
+  stage adapter-la $PY decode.py --run "$1/la" --head adapter --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
+  stage plan-la-adapter-open-loop $PY plan.py --run "$1/la" --via adapter "${open[@]}" \
+    --out "$1/results/la-adapter-open-loop.json"
   local a i=3
   for a in gcbc iql; do
     stage "train-$a" $PY policy.py train --algo $a --data "$2" --tokens state --out "$1/$a" --steps ${STEPS[i++]}
@@ -107,6 +114,61 @@ if [ "$mode" = quick ] || [ "$mode" = state ]; then
   fi
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes $EPISODES --steps 100
   state_pipeline "$OUT" "$DATA"
+fi
+
+if [ "$mode" = labels ]; then  # success against labelled transitions (state tokens, the state table's 100 tasks)
+  DATA=${DATA:-$OUT/data}
+  [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 2000 --steps 100
+  BUDGETS=(1000 10000 100000)  # labelled transitions (macro-action windows); the train split holds ~166k
+  open=(--protocol open-loop --episodes 100 --ceiling-episodes 100 --opt-steps 10)  # the ceiling on every task
+  LA=(--latent-dim 4 --cond-dim 4)  # a narrow latent: an action, not the next state (README experiment log)
+  wm_lane() {  # VARIANT N...: the label-free world model, then baselines trained on N labelled windows (all: every one)
+    local v=$1 n; shift
+    stage "train-$v" $PY train.py --data "$DATA" --variant $v --out "$OUT/$v" --steps 12000 "${STATE_MODEL[@]}" \
+      $([ $v = la ] && echo "${LA[@]}")
+    for n in "$@"; do
+      stage "train-baseline-$n" $PY train.py --data "$DATA" --variant baseline --out "$OUT/baseline-$n" \
+        --steps 12000 --labels $([ $n = all ] && echo -1 || echo $n) "${STATE_MODEL[@]}"
+    done
+  }
+  head_lane() {  # VARIANT: its decoder and adapter at every budget (90 % train, 10 % val pairs), each planned
+    local v=$1 n h
+    for n in "${BUDGETS[@]}"; do for h in decoder adapter; do
+      stage "$h-$v-$n" $PY decode.py --run "$OUT/$v" --head $h --pairs $((n * 9 / 10)) --val-pairs $((n / 10))
+      stage "plan-$v-$h-$n" $PY plan.py --run "$OUT/$v" --via $h "${open[@]}" --videos 0 \
+        --out "$OUT/results/$v-$h-$n.json"
+    done; done
+  }
+  plan_baselines() {
+    local n
+    for n in "${BUDGETS[@]}"; do
+      stage "plan-baseline-$n" $PY plan.py --run "$OUT/baseline-$n" "${open[@]}" --videos 0 \
+        --out "$OUT/results/baseline-$n.json"
+    done
+  }
+  gcbc_lane() {  # GCBC on N labels: N / 5 chunks of 5 labelled macro actions
+    local n
+    head_lane la
+    for n in "${BUDGETS[@]}"; do
+      stage "train-gcbc-$n" $PY policy.py train --algo gcbc --data "$DATA" --tokens state --out "$OUT/gcbc-$n" \
+        --steps 8000 --labels $n
+      stage "policy-gcbc-$n" $PY policy.py eval --policy "$OUT/gcbc-$n" "${open[@]}" --videos 0 \
+        --out "$OUT/results/gcbc-$n.json"
+    done
+  }
+  vq_baselines_lane() { head_lane vq; plan_baselines; }
+  background lane-la wm_lane la 1000 10000
+  background lane-vq wm_lane vq 100000 all
+  join
+  # both cores: the ceiling on all 100 tasks (simulator as the planner's model), cached for every later row
+  stage plan-baseline-all $PY plan.py --run "$OUT/baseline-all" "${open[@]}" --videos 0 \
+    --out "$OUT/results/baseline-all.json"
+  background lane-la-gcbc gcbc_lane
+  background lane-vq-baselines vq_baselines_lane
+  join
+  rm -f "$OUT/.done/eval"
+  stage eval $PY eval.py --run "$OUT/baseline-all" "$OUT/la" "$OUT/vq" --results "$OUT"/results/*.json \
+    --out "$OUT/metrics.json" --windows 600 --probe-windows 5000
 fi
 
 if [ "$mode" = jepa ]; then  # 96-px frames, a 4-block CNN + BN projector trained with the predictor (wm.JEPAEncoder)

@@ -57,6 +57,7 @@ class TrainConfig:
     num_workers: int = -1  # loader processes rendering or reading frames; -1 = one per CPU core (state tokens: 0)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     seed: int = 0  # seeds model init, data order and dropout; seed 0 as upstream
+    labels: int = -1  # baseline: train on a fixed, seeded subset of this many labelled train windows; -1 = all
     dino_weights: str = ""  # DINOv2 .pth, "" = official file from the hub cache, random = tests only
     features: Literal["cache", "memory", "off"] = "cache"  # dinov2: the dino.py cache when one matches (else DINOv2
     # per batch); memory: every frame encoded once at start into device memory as int8; off: DINOv2 on every batch
@@ -75,6 +76,8 @@ class TrainConfig:
                 "learning rates must be > 0 and --weight-decay >= 0")
         require(self.warmup >= 0 and self.grad_clip >= 0 and self.num_workers >= -1,
                 "--warmup and --grad-clip must be >= 0, --num-workers >= -1")
+        require(self.labels == -1 or self.labels >= 1, f"--labels {self.labels}: a number of labelled windows >= 1, "
+                                                       "or -1 for all of them")
 
 
 # Shape legend: B batch, T = num_hist + 1 frames, P tokens per frame, D token width, A macro action, C cond, L latent.
@@ -157,6 +160,8 @@ def open_run(cfg, mc, given):
     meta = data.load_meta(cfg.data)
     mc = wm.derive(mc, meta)
     wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
+    require(cfg.labels == -1 or mc.variant == "baseline", f"--labels {cfg.labels}: a {mc.variant} run learns "
+            "without action labels; its decoder or adapter takes them (decode.py --pairs)")
     return cfg, mc, ckpt, meta
 
 
@@ -263,7 +268,9 @@ def make_loaders(cfg, mc, device, ctx, start, rank, world):
     ds = {s: wm.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features, device, ctx)
           for s in ("train", "val")}
     workers = cfg.num_workers
-    order = train_order(len(ds["train"]), cfg.seed, start * cfg.batch_size * world, rank, world)
+    # The labels-only control trains on a fixed subset of the labelled windows (all of them by default).
+    subset = data.label_subset(len(ds["train"]), cfg.labels, cfg.seed)  # (N,) window indices
+    order = (int(subset[i]) for i in train_order(len(subset), cfg.seed, start * cfg.batch_size * world, rank, world))
 
     def fixed(d, n):  # the same n batches at every evaluation
         return data.loader(d, cfg.batch_size, fixed_subset(len(d), n * cfg.batch_size), workers, device)
@@ -273,8 +280,9 @@ def make_loaders(cfg, mc, device, ctx, start, rank, world):
         else "int8 features in device memory"
     print(f"windows: train {len(ds['train'])}, val {len(ds['val'])} | tokens: {mc.tokens} (P {mc.num_patches}, "
           f"D {mc.visual_dim}; {source}) | "
-          f"loader workers: {train_loader.num_workers}")
-    return (train_loader, fixed(ds["val"], cfg.val_batches), fixed(ds["train"], cfg.stats_batches),
+          f"loader workers: {train_loader.num_workers}" + (f" | labels: {len(subset)}" if cfg.labels > 0 else ""))
+    labels = len(subset) if mc.variant == "baseline" else 0  # labelled windows the world model was trained on
+    return (labels, train_loader, fixed(ds["val"], cfg.val_batches), fixed(ds["train"], cfg.stats_batches),
             wm.make_input(mc, device, cfg.dino_weights or None))
 
 
@@ -372,9 +380,10 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         print({**asdict(cfg), **asdict(mc)})
         # --- data and model
         start = ckpt["step"] if ckpt else 0
-        train_loader, val_loader, stats_loader, input_of = make_loaders(cfg, mc, device, ctx, start, rank, world)
+        labels, train_loader, val_loader, stats_loader, input_of = make_loaders(cfg, mc, device, ctx, start, rank,
+                                                                                world)
         raw, model, opt = build(cfg, mc, ckpt, device, ddp)
-        stats = ckpt["stats"] if ckpt else data.train_stats(meta)
+        stats = ckpt["stats"] if ckpt else {**data.train_stats(meta), "labels": labels}
         data.atomic_write(run / "config.json", {"train": asdict(cfg), "model": asdict(mc)}) if main_proc else None
         log = run_logger(run) if main_proc else (lambda *row: None)
 

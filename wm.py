@@ -94,7 +94,7 @@ class WMConfig:
 # Shape legend: B batch, T frames, P tokens per frame, D token width, A macro action, C conditioning, L latent action,
 # K codes, H horizon, N flattened transitions, W predictor token width = D + proprio_dim + C, S tokens of the IDM.
 PROPRIO_IN = 4  # [agent_x, agent_y, agent_vx, agent_vy], z-scored by data.py (DINO-WM datasets/pusht_dset.py)
-CKPT_FORMAT = "dinowm-la-v2"  # ckpt.pt "format"; bumped when the checkpoint layout changes
+CKPT_FORMAT = "dinowm-la-v3"  # ckpt.pt "format"; bumped when the checkpoint layout changes
 # State tokens: positions in units of UNIT px, and the angle scaled so that 20 deg counts like 20 px (the success
 # radii of DINO-WM's eval_state), so the planner's latent MSE weighs position and angle as the success test does.
 UNIT = 100.0
@@ -513,19 +513,22 @@ class WorldModel(nn.Module):
             return plan
         return self.quantizer.embedding[plan]  # (B, H, L)
 
-    def rollout(self, z0, cond, proprio0=None):
+    def rollout(self, z0, cond, proprio0=None, adapter=None):
         """Open-loop imagination: z0 (B, P, D), cond (B, H, C), proprio0 (B, 4) -> zs (B, H, P, D), ps (B, H, pd)|None.
 
         Frame h carries cond[:, h]; each step predicts from the last <= num_hist frames (history grows, then slides)
         and appends the last output frame (DINO-WM keeps its predicted proprio too). B = E*N samples at once.
+        With an adapter (decode.ActionAdapter), cond holds real macro actions (B, H, A) and frame h's conditioning is
+        adapter(its tokens, cond[:, h]): computed from the imagined frame, as the IDM would have labelled it.
         """
-        n, H = self.cfg.num_hist, cond.shape[1]
+        n, H, D = self.cfg.num_hist, cond.shape[1], self.cfg.visual_dim
         obs = self.observe(z0[:, None], None if proprio0 is None else proprio0[:, None])  # (B, 1, P, O)
+        conds = []
         for h in range(H):
+            conds.append(cond[:, h] if adapter is None else adapter(obs[:, h, :, :D], cond[:, h]))  # (B, C)
             lo = max(0, h + 1 - n)
-            nxt = self.predict(obs[:, lo:], cond[:, lo:h + 1])[:, -1:]  # (B, 1, P, O)
+            nxt = self.predict(obs[:, lo:], torch.stack(conds[lo:], 1))[:, -1:]  # (B, 1, P, O)
             obs = torch.cat([obs, nxt], 1)  # (B, h+2, P, O)
-        D = self.cfg.visual_dim
         return obs[:, 1:, :, :D], (obs[:, 1:, 0, D:] if self.cfg.proprio else None)
 
 
