@@ -13,6 +13,7 @@ are rendered from states when read. Same arguments on an existing DIR: a no-op; 
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
@@ -54,8 +55,9 @@ class CollectConfig:
         require(self.out, "--out DIR is required: the dataset folder to create")
         require(self.episodes >= 2 and self.steps >= 1, f"--episodes {self.episodes} / --steps {self.steps}: need at "
                                                         "least 2 episodes of 1 step")
-        require(self.img_size >= 14 and self.workers >= 0 and 0 < self.val_fraction < 1,
-                "--img-size must be >= 14, --workers >= 0 and --val-fraction in (0, 1)")
+        require(14 <= self.img_size <= MAX_IMG and self.workers >= 0 and 0 < self.val_fraction < 1 and
+                self.episodes * (self.steps + 1) <= 10 ** 8, f"--img-size in 14..{MAX_IMG}, --workers >= 0, "
+                "--val-fraction in (0, 1), --episodes x --steps up to 10^8 frames")
 
 
 @dataclass
@@ -81,6 +83,7 @@ class FigureConfig:
 
 # Shapes: F frames in a split, E episodes, T frames in a window, S image side, A = 2 * frameskip macro-action width.
 FORMAT = "pusht-v1"
+MAX_IMG = 1024  # largest frame side in px a dataset or run may ask for (DINO-WM renders 224)
 WORLD = 512  # world = canvas, px, origin top-left, y down (DINO-WM env/pusht/pusht_env.py window_size)
 SIM_HZ, CONTROL_HZ = 100, 10  # 10 physics substeps of 0.01 s per env step (DINO-WM pusht_env.py)
 DT = 1.0 / SIM_HZ
@@ -349,22 +352,34 @@ def _existing(out, args):
 
 @contextlib.contextmanager
 def _staging(out):
-    """A temp folder next to out, renamed to out when the block succeeds and deleted when it fails. Staging folders
-    that an earlier, killed run left behind (no cleanup ran) are removed first."""
+    """A temp folder next to out, renamed to out when the block succeeds and deleted when it fails. A lock next to
+    out keeps a second collect or import off the same folder; holding it, staging folders that an earlier, killed
+    run left behind (no cleanup ran) are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.glob(f".{out.name}.tmp-*"):
-        print(f"removing {old}, left by an interrupted earlier run")
-        shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        (tmp / "train").mkdir(), (tmp / "val").mkdir()
-        yield tmp
-        if out.exists():
-            out.rmdir()  # _existing allowed only an empty folder
-        os.rename(tmp, out)  # atomic: a reader sees no dataset or a complete one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    lock = out.parent / f".{out.name}.lock"
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another process is writing the dataset {out}; wait for it, or choose another --out"
+                            ) from None
+        for old in out.parent.glob(f".{out.name}.tmp-*"):
+            print(f"removing {old}, left by an interrupted earlier run")
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            (tmp / "train").mkdir(), (tmp / "val").mkdir()
+            yield tmp
+            require(not out.exists() or not any(out.iterdir()), f"--out {out} was filled while this ran; choose "
+                                                                 "another --out")
+            if out.exists():
+                out.rmdir()  # _existing allowed only an empty folder
+            os.rename(tmp, out)  # atomic: a reader sees no dataset or a complete one
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 def _write(tmp, splits, meta):
@@ -385,18 +400,25 @@ def _write(tmp, splits, meta):
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def load_meta(root):
-    path = Path(root) / "meta.json"
+def load_meta(root, verify=False):
+    """DIR/meta.json, checked; verify=True also recomputes the fingerprint from the arrays (a dataset is known by its
+    content, not its name: a run refuses data whose arrays changed under an old meta.json)."""
+    path, fix = Path(root) / "meta.json", "re-create the dataset with `python data.py collect`"
     require(Path(root).is_dir(), f"dataset folder {root} does not exist; make one with `python data.py collect --out "
                                  f"{root}` (or check the path)")
-    require(path.is_file(), f"{path} is missing: {root} is not a dataset folder (make one with `python data.py "
-                            "collect`)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}); re-create the dataset with `python data.py collect`") from e
-    require(meta.get("format") == FORMAT, f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; re-create the "
-                                          "dataset with this data.py")
+    meta = load_json(path, f"{root} is not a dataset folder of this data.py; {fix}", ("format",))
+    require(meta["format"] == FORMAT, f"{path}: format {meta['format']!r}, expected {FORMAT!r}; {fix}")
+    shapes = {"fingerprint": None, "img_size": None, "action_mean": 2, "action_std": 2, "proprio_mean": 4,
+              "proprio_std": 4}
+    bad = [k for k, n in shapes.items() if k not in meta or (n and not (
+        isinstance(meta[k], list) and len(meta[k]) == n and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                for v in meta[k])))]
+    require(not bad and isinstance(meta["img_size"], int) and 14 <= meta["img_size"] <= MAX_IMG,
+            f"{path}: {', '.join(bad) or 'img_size'} missing or malformed; {fix}")
+    if verify:
+        fp = _fingerprint({name: load_split(root, name) for name in ("train", "val")})
+        require(fp == meta["fingerprint"], f"{root}: its arrays (fingerprint {fp}) do not match meta.json's "
+                                           f"fingerprint {meta['fingerprint']} (modified or corrupt); re-create it")
     return meta
 
 
@@ -422,6 +444,8 @@ def load_split(root, split):
     require(len(lengths) > 0 and lengths.min() >= 1 and lengths.sum() == n and len(out["actions"]) == n,
             f"{d}: lengths.npy (sum {lengths.sum()}) must have positive entries summing to the rows of states.npy ({n})"
             f" and actions.npy ({len(out['actions'])}); re-create the dataset")
+    require(np.isfinite(out["states"]).all() and np.isfinite(out["actions"]).all(),
+            f"{d}: states.npy or actions.npy holds non-finite numbers; re-create the dataset")
     out["starts"] = np.cumsum(lengths) - lengths  # (E,) global index of each episode's first frame
     out["frames"] = np.load(d / "frames.npy", mmap_mode="r") if (d / "frames.npy").is_file() else None
     require(out["frames"] is None or (out["frames"].dtype == np.uint8 and out["frames"].shape[0] == n),
@@ -439,6 +463,7 @@ def collect(cfg):
     if _existing(out, args):
         return
     writable(out.parent / f".{out.name}.tmp-probe", "--out")  # the dataset is staged next to out
+    need_disk(out.parent, cfg.episodes * (cfg.steps + 1) * (7 * 8 + 2 * 4), f"collect --out {out}")
     job, t0 = functools.partial(collect_episode, steps=cfg.steps), time.time()
     seeds = range(cfg.seed, cfg.seed + cfg.episodes)
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -525,6 +550,7 @@ def import_dinowm(cfg):
                     ep = _decode_mp4(d / "obses", i, lengths[i])  # (T, S, S, 3)
                     if frames is None:  # the first video fixes the size (train's for both splits)
                         img_size = ep.shape[1] if name == "train" else img_size
+                        need_disk(tmp, int(lengths.sum()) * img_size ** 2 * 3, f"--keep-frames ({name} frames)")
                         frames = np.lib.format.open_memmap(tmp / name / "frames.npy", "w+", np.uint8,
                                                            (int(lengths.sum()), img_size, img_size, 3))
                     require(ep.shape[1:] == frames.shape[1:],
@@ -673,9 +699,7 @@ def replay_drift(split, episodes=5, steps=25):
 def info(cfg, bench=500):
     """Print counts, action stats, block motion, coverage and loader speed of a dataset folder."""
     root = cfg.root
-    meta, splits = load_meta(root), {name: load_split(root, name) for name in ("train", "val")}
-    require(_fingerprint(splits) == meta["fingerprint"], f"{root}: arrays do not match meta.json's fingerprint "
-                                                         f"{meta['fingerprint']} (modified or corrupt); re-create it")
+    meta, splits = load_meta(root, verify=True), {name: load_split(root, name) for name in ("train", "val")}
     print(f"{root}: source {meta['source']}, img_size {meta['img_size']}, seed {meta.get('seed')}, "
           f"fingerprint {meta['fingerprint']} (verified)")
     for name, sp in splits.items():
@@ -722,6 +746,9 @@ class UserError(Exception):
     """An expected mistake in the input (a flag, a file): reported as one line with the way out, exit status 2."""
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # reported, not tracebacks
+
+
 def require(ok, message):
     if not ok:
         raise UserError(message)
@@ -732,12 +759,25 @@ def flag(name):
 
 
 def check_choices(cfg):
-    """Fields typed Literal[...] hold one of their choices (argparse checks flags; this, configs built in code)."""
+    """What every config holds, whatever the script: Literal[...] fields one of their choices (argparse checks flags;
+    this, configs built in code), float fields finite (an inf lr or scale would fill a run with NaN), and a seed
+    that NumPy and torch both take (0 <= seed < 2^32)."""
     for f in dataclasses.fields(cfg):
         choices = typing.get_args(f.type) if typing.get_origin(f.type) is Literal else ()
         value = getattr(cfg, f.name)
         require(not choices or value in choices,
                 f"{flag(f.name)} {value!r}: choose one of {', '.join(map(str, choices))}")
+        require(not isinstance(value, float) or math.isfinite(value), f"{flag(f.name)} {value}: give a finite number")
+    seed = getattr(cfg, "seed", 0)
+    require(0 <= seed < 2 ** 32, f"--seed {seed}: choose a seed in 0 .. 2^32 - 1")
+
+
+def unused(cfg, names, why):
+    """Refuse flags that the run would silently ignore: each field in names must keep its default (why: the reason,
+    e.g. "this run uses state tokens")."""
+    given = [f"{flag(f.name)} {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+             if f.name in names and getattr(cfg, f.name) != f.default]
+    require(not given, f"{', '.join(given)}: not used here ({why}); drop {'them' if len(given) > 1 else 'it'}")
 
 
 def add_flags(parser, cls):
@@ -792,6 +832,11 @@ def cli(main, *classes, doc=None, commands=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the machine's fault, not the code's: a full disk, a read-only or foreign folder
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {e.filename or 'a file'}: {e.strerror}; free space, or choose a writable --out", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: files written so far are complete; re-run the command to resume", file=sys.stderr)
         sys.exit(130)
@@ -844,17 +889,22 @@ def dataset_of(folder, stored, data_dir="", what="run"):
     also = f" nor at {data_dir}" if data_dir else ""
     require(root is not None, f"{folder} was trained on the dataset {stored['root']} (fingerprint "
                               f"{stored['fingerprint']}), which is not there any more{also}; pass --data DIR")
-    fp = load_meta(root)["fingerprint"]
+    fp = load_meta(root, verify=True)["fingerprint"]
     require(fp == stored["fingerprint"], f"--data {root} (fingerprint {fp}) is not the dataset the {what} {folder} was "
                                          f"trained on ({stored['root']}, fingerprint {stored['fingerprint']})")
     return root
 
 
-def writable(path, name):
+def writable(path, name, keys=None):
     """Fail before any work when the file `path` (given by flag `name`) could not be written: its folder is made
-    (an empty folder is all a failure leaves) and a probe file written and removed there."""
+    (an empty folder is all a failure leaves) and a probe file written and removed there. keys: the path must be a
+    .json file, and an existing one this script's own (a JSON object holding keys), never a checkpoint or data."""
     path = Path(path)
     require(not path.is_dir(), f"{name} {path} is a folder; give a file path")
+    if keys is not None:
+        require(path.suffix == ".json", f"{name} {path}: give a .json path")
+        if path.exists():
+            load_json(path, f"{name} {path} exists and is not a file this script wrote; choose another path", keys)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path.parent).close()
@@ -863,11 +913,14 @@ def writable(path, name):
 
 
 def atomic_write(path, obj):
-    """Write path so that a reader (or a killed process) never sees half a file: a temp file, then a rename.
-    obj: dict/list for .json, a dict of tensors for .pt, bytes, or a function that writes the temp path it gets."""
+    """Write path so that a reader (or a killed process) never sees half a file: a fresh temp file (a unique name,
+    created exclusively, so it never follows a link planted there), then a rename. obj: dict/list for .json, a dict
+    of tensors for .pt, bytes, or a function that writes the temp path it gets."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # same suffix: cv2 picks video containers by it
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)  # same suffix: cv2 picks video containers by it
     try:
         if callable(obj):
             obj(tmp)
@@ -878,8 +931,53 @@ def atomic_write(path, obj):
         else:
             tmp.write_bytes(obj)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        raise UserError(f"{path}: cannot write it ({e.strerror}); free space or choose another path") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def load_json(path, fix, keys=()):
+    """A JSON object from path, holding keys; a missing, unreadable or partial file is a UserError naming it and
+    the way out (fix)."""
+    path = Path(path)
+    require(path.is_file(), f"{path} is missing; {fix}")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); {fix}") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    require(isinstance(obj, dict) and not missing, f"{path} is not what it should be (missing {missing or 'all'}); "
+                                                   f"{fix}")
+    return obj
+
+
+def need_disk(folder, nbytes, what):
+    """Refuse up front, never part-way: nbytes more (and 100 MB spare) must fit in the free disk under folder."""
+    folder = next(p for p in [Path(folder).resolve(), *Path(folder).resolve().parents] if p.exists())
+    free = shutil.disk_usage(folder).free
+    require(nbytes + 10 ** 8 <= free, f"{what} needs {nbytes / 1e9:.2f} GB of disk (+0.1 GB spare) under {folder}, "
+                                      f"{free / 1e9:.2f} GB are free: free space or write elsewhere")
+
+
+def output_folder(out, flag_name, marker, data_dir=None):
+    """A folder a stage writes its run into (--out of train.py, policy.py): given, not the dataset (or inside it), and
+    empty or one this stage made (it holds `marker`, or only the config.json and log of a run that was started)."""
+    out = Path(out)
+    require(str(out) not in ("", "."), f"{flag_name} is empty: name the folder to write into")
+    require(not out.exists() or out.is_dir(), f"{flag_name} {out} is a file, not a folder; choose another")
+    if data_dir:
+        d, o = Path(data_dir).resolve(), out.resolve()
+        require(o != d and d not in o.parents and o not in d.parents, f"{flag_name} {out} would write into (or around) "
+                                                                       f"the dataset {data_dir}; choose another folder")
+    if out.is_dir() and not (out / marker).exists():
+        files = {p.name for p in out.iterdir()} - {".lock"}
+        fix = f"{flag_name} {out} is not a folder this script wrote; choose an empty or new folder"
+        require(files <= {"config.json", "log.jsonl"}, f"{fix} (it holds {', '.join(sorted(files)[:4])})")
+        if "config.json" in files:  # a run started here before its first checkpoint
+            load_json(out / "config.json", fix, ("train", "model"))
 
 
 def write_png(path, img_bgr):
@@ -903,10 +1001,11 @@ def locked(folder):
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a")
     except OSError as e:
-        raise UserError(f"--out {folder}: cannot create it ({e.strerror}); choose another --out") from None
+        raise UserError(f"{folder}: cannot write there ({e.strerror}); choose another --out") from None
     try:
-        with open(folder / ".lock", "w") as f:
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -14,7 +14,6 @@ CPU:  python decode.py --run runs/quick/vq --pairs 20000 --val-pairs 2000     (s
       python decode.py --run runs/quick/la --head adapter --pairs 18000 --val-pairs 2000
 """
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -295,10 +294,12 @@ def code_meanings(decoder, model, K, p, device, stats):
 def run_config(run):
     """(model config, train config) of RUN from the RUN/config.json that train.py writes when it starts (and
     `train.py --dry-run` before training): what the --dry-run of later stages plans with."""
-    path = Path(run) / "config.json"
-    require(path.is_file(), f"{path} is missing: start the run (or plan it) with `python train.py --out {run} ...`")
-    c = json.loads(path.read_text())
-    return wm.WMConfig(**c["model"]), c["train"]
+    c = data.load_json(Path(run) / "config.json", f"start the run (or plan it) with `python train.py --out {run} ...`",
+                       ("model", "train"))
+    try:
+        return wm.WMConfig(**c["model"]), c["train"]
+    except TypeError as e:
+        raise data.UserError(f"{run}/config.json holds another model config ({e}); plan the run again") from None
 
 
 def dry_run(cfg):

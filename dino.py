@@ -14,7 +14,7 @@ CPU:    python dino.py encode --data runs/quick/data --dino-weights random --siz
         python dino.py check --weights ~/Downloads/dinov2_vits14_pretrain.pth   (22,056,576 params, shapes)
 """
 import contextlib
-import json
+import hashlib
 import math
 import os
 import shutil
@@ -103,11 +103,15 @@ def weights_file(name):
 
 
 def weights_tag(weights, name="dinov2_vits14"):
-    """Identifies the weights in cache headers: "random", or "<file name>:<bytes>" (None/"" = the hub-cache file)."""
+    """Identifies the weights in cache headers by content: "random", or "<file name>:<sha256 prefix>" (None/"" = the
+    hub-cache file), so another file under the same name never passes for them."""
     if weights == "random":
         return "random"
     path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / weights_file(name)
-    return f"{path.name}:{path.stat().st_size if path.is_file() else 'missing'}"
+    if not path.is_file():
+        return f"{path.name}:missing"
+    with open(path, "rb") as f:
+        return f"{path.name}:{hashlib.file_digest(f, 'sha256').hexdigest()[:16]}"
 
 
 def preprocess(frames, size=196):
@@ -370,13 +374,13 @@ def load_features(root, split, name="dinov2_vits14", size=196, weights=None, img
     npy, js = Path(root) / split / "features.npy", Path(root) / split / "features.json"
     if not (npy.is_file() and js.is_file()):
         return None
-    head = json.loads(js.read_text())
+    fix = (f"rebuild it with `{encode_command(root, split, name, size, weights, img_size)}`, or train with "
+           "--features off (DINOv2 on the fly)")
+    head = data.load_json(js, fix, ("done", "frames"))
     if any(head.get(k) != v for k, v in cache_header(root, name, size, weights, img_size).items()):
         return None
     if head["done"] != head["frames"]:
         return None  # encoding stopped part-way: `dino.py encode` resumes it
-    fix = (f"rebuild it with `{encode_command(root, split, name, size, weights, img_size)}`, or train with "
-           "--features off (DINOv2 on the fly)")
     problem = npy_problem(npy, head["frames"], (size // PATCH) ** 2)
     require(problem is None, f"{npy} is damaged: {problem}; {fix}")
     feats = np.load(npy, mmap_mode="r")  # (F, P, D)
@@ -400,7 +404,11 @@ def cache_plan(cfg, split, model_dim, dtype):
     shape = (frames, (cfg.size // PATCH) ** 2, model_dim)  # (F, P, D)
     head = {**cache_header(root, cfg.name, cfg.size, cfg.dino_weights or None, cfg.img_size), "frames": frames,
             "dtype": dtype}  # the precision the rows are computed in
-    old = json.loads(js.read_text()) if js.is_file() and npy.is_file() else {}
+    try:  # a damaged header counts as no cache: encoding starts again at frame 0
+        old = data.load_json(js, "", ("done",)) if js.is_file() and npy.is_file() else {}
+    except data.UserError as e:
+        print(f"{e}: encoding {split} again from frame 0")
+        old = {}
     diff = [f"{k} {old.get(k)!r} (asked: {v!r})" for k, v in head.items() if old.get(k) != v]
     require(not old or not diff or cfg.overwrite, f"{js} was written with {', '.join(diff)}: give the same settings "
                                                   "to resume it, or --overwrite to re-encode")

@@ -85,7 +85,10 @@ def r2_score(pred, y):
 def linear_probe(x_fit, y_fit, x, y, generator, boots=200):
     """Least-squares probe y ~ [x, 1] W fitted on (x_fit, y_fit), scored on (x, y) by R^2 with a bootstrap CI.
 
-    How much of the true action a linear read-out finds in the latent action (1 = all, 0 = none)."""
+    How much of the true action a linear read-out finds in the latent action (1 = all, 0 = none). With no more fit
+    windows than parameters the fit interpolates and says nothing: reported as too few, not as a number."""
+    if len(y_fit) <= x_fit.shape[1] + 1:
+        return {"too_few": len(y_fit), "need": x_fit.shape[1] + 2}
     ones = lambda v: torch.cat([v, torch.ones(len(v), 1, dtype=v.dtype)], 1)  # noqa: E731  (N, C+1) with bias
     W = torch.linalg.lstsq(ones(x_fit.double()), y_fit.double()).solution  # (C+1, A)
     pred = ones(x.double()) @ W  # (N, A)
@@ -236,13 +239,13 @@ def success_table(paths):
     random, replay and ceiling come from the reference block (the same tasks for every file of a protocol)."""
     table = {}
     for path in map(Path, paths):
-        require(path.is_file(), f"--results {path}: file not found (plan.py and policy.py write it with --out)")
-        try:
-            r = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise data.UserError(f"--results {path}: not JSON ({e}); rerun the plan.py command that wrote it") from e
-        require(all(k in r for k in ("protocol", "successes", "reference", "planner", "variant")),
-                f"--results {path}: not a RESULTS.json of plan.py or policy.py")
+        fix = f"--results {path}: not a RESULTS.json of plan.py or policy.py; rerun the command that wrote it"
+        r = data.load_json(path, fix, plan.RESULT_KEYS)
+        ref, ok = r["reference"], lambda x: isinstance(x, (int, float)) and 0 <= x <= 1  # noqa: E731
+        require(isinstance(r["successes"], list) and r["successes"] and set(r["successes"]) <= {0, 1} and
+                isinstance(ref, dict) and ok(ref.get("random")) and ok(ref.get("replay")) and
+                (ref.get("ceiling") is None or ok(ref["ceiling"]) and isinstance(ref.get("ceiling_episodes"), int)),
+                fix)
         column = r["planner"] if r["planner"] in ("gcbc", "iql") else r["variant"] + (
             " + adapter" if r.get("via") == "adapter" else "")
         cols = table.setdefault(r["protocol"], {})
@@ -250,7 +253,6 @@ def success_table(paths):
         cols.setdefault(column, []).append(dict(k=k, n=n, rate=k / n, ci95=plan.wilson(k, n), file=str(path),
                                                 tokens=r.get("tokens"), seconds_per_solve=r.get("seconds_per_solve"),
                                                 via=r.get("via"), labels=r.get("labels")))
-        ref = r["reference"]
         for name in ("random", "replay"):
             cols.setdefault(name, []).append(dict(rate=ref[name], n=n, k=round(ref[name] * n),
                                                   ci95=plan.wilson(round(ref[name] * n), n), file=str(path)))
@@ -378,7 +380,8 @@ def decoder_cell(m):
 
 def metrics_markdown(metrics, horizon):
     """One column per run, one row per metric."""
-    stat = lambda k: lambda m: fmt(m[k]) if k in m else "–"  # noqa: E731
+    stat = lambda k: lambda m: "–" if k not in m else fmt(m[k]) if "mean" in m[k] else (  # noqa: E731
+        f"too few windows ({m[k]['too_few']}, need {m[k]['need']})")
     of_k = lambda k: lambda m: f"{m[k]:.4g} / {m['num_codes']}" if k in m else "–"  # noqa: E731
     rows = [("variant (tokens)", lambda m: f"{m['variant']} ({m['tokens']})"),
             ("dataset (fingerprint)", lambda m: m["dataset"]), ("train step", lambda m: str(m["step"])),
@@ -420,7 +423,7 @@ def draw_curves(metrics, horizon, title):
 def main(cfg: EvalConfig):
     # --- setup
     device, ctx = data.setup(cfg.device, cfg.seed)
-    data.writable(cfg.out, "--out")
+    data.writable(cfg.out, "--out", ())  # a .json, never a checkpoint or another file of the user's
     names = [Path(r).name for r in cfg.run]
     names = names if len(set(names)) == len(names) else [str(r) for r in cfg.run]  # keep columns distinct
     # --- the success table first (cheap, and a bad --results file fails before any model work)

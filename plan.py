@@ -84,6 +84,7 @@ class PlanConfig:
 GOAL_STEPS = 25  # env steps between start and goal (5 macro actions x frameskip 5, the seed's goal_H)
 MPC_BUDGET = 50  # env steps per episode under --protocol mpc (stable-worldmodel eval budget)
 PROTOCOL_EPISODES = {"open-loop": 100, "mpc": 50}  # seed n_evals 100; stable-worldmodel 50
+RESULT_KEYS = ("success_rate", "successes", "episodes", "protocol", "planner", "variant", "via", "labels", "reference")
 ANGLE_TOL = math.pi / 9  # success tolerances of DINO-WM's eval_state: 20 px (joint agent+block) and 20 deg
 
 
@@ -414,10 +415,14 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
     digest = hashlib.sha256(json.dumps([tasks["start_state"][:n].tolist(), tasks["goal_state"][:n].tolist(),
                                         budget, every_step, budget_cfg, stats["action_std"]]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"ceiling-{digest}.json"
+    keys = ("ceiling", "ceiling_episodes", "ceiling_successes")
     if path.is_file():
-        hit = json.loads(path.read_text())
-        print(f"ceiling: {hit['ceiling']:.2f} on {n} tasks (cached in {path})")
-        return {k: hit[k] for k in ("ceiling", "ceiling_episodes", "ceiling_successes")}
+        try:
+            hit = data.load_json(path, "", keys)
+            print(f"ceiling: {hit['ceiling']:.2f} on {n} tasks (cached in {path})")
+            return {k: hit[k] for k in keys}
+        except UserError as e:
+            print(f"{e}: solving the ceiling again")
     workers = cfg.workers if cfg.workers > 0 else os.cpu_count()
     solves = iter(range(10 ** 6))  # one noise seed per solve, whatever the pool's order
     with multiprocessing.Pool(workers) as pool:
@@ -590,12 +595,17 @@ def main(cfg: PlanConfig):
         return dry_run(cfg)
     t_start = time.perf_counter()
     device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
-    data.writable(cfg.out, "--out")
+    data.writable(cfg.out, "--out", RESULT_KEYS)  # a .json, never a checkpoint or another file of the user's
+    data.need_disk(Path(cfg.out).parent, 10 ** 6 * (1 + 2 * cfg.videos), f"--out {cfg.out} and its videos")
     model, ckpt, root = wm.load_run(cfg.run, device, cfg.data, cfg.dino_weights)
     mc, stats, H = model.cfg, ckpt["stats"], cfg.horizon
     img = mc.img_size or 224  # goal frames and videos (a state run has no image size of its own)
     via = via_of(cfg, mc)
     planner = planner_of(cfg, mc, via)
+    data.unused(cfg, ("la_prior",) if (mc.variant, via) != ("la", "decoder") else (), "la latents only")
+    data.unused(cfg, ("temperature",) if planner != "mppi" else (), f"the planner is {planner}")
+    data.unused(cfg, ("var_scale",) if planner == "cem_categorical" else (), "categorical CEM samples codes")
+    data.unused(cfg, ("alpha",) if not mc.proprio else (), f"{cfg.run} has no proprio")
     head, report = load_head(cfg.run, ckpt, device, via) if via != "actions" else (None, {"labels": 0})
     decoder, adapter = (head, None) if via == "decoder" else (None, head)
     labels = stats["labels"] + report["labels"]  # the world model's (baseline) + its decoder's or adapter's

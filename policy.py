@@ -32,8 +32,8 @@ from tqdm import tqdm
 import data
 import wm
 from data import macro_to_env, require
-from plan import (MPC_BUDGET, PROTOCOL_EPISODES, PlanConfig, ceiling, evaluate, make_tasks, references, results_json,
-                  summary)
+from plan import (MPC_BUDGET, PROTOCOL_EPISODES, RESULT_KEYS, PlanConfig, ceiling, evaluate, make_tasks, references,
+                  results_json, summary)
 
 
 @dataclass
@@ -243,70 +243,73 @@ def train(cfg: TrainConfig):
     """Train a goal-conditioned policy (gcbc or iql) into --out."""
     # --- setup: token source and device; chunks come from windows of H + 1 frames (states and actions only), tokens
     # from one-frame windows (window i = frame i): only the frames used are read (the current one, s', the goals)
-    t_start, meta, out = time.perf_counter(), data.load_meta(cfg.data), Path(cfg.out)
-    if existing(out / "policy.pt", cfg, meta["fingerprint"]):
-        return None
-    mc = wm.derive(wm.WMConfig(tokens=cfg.tokens, dino_name=cfg.dino_name, dino_size=cfg.dino_size), meta)
-    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
-    device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
-    print(asdict(cfg))
-    H, A, rng = cfg.horizon, mc.action_dim, np.random.default_rng([cfg.seed, 1])
-    ds, val = (data.WindowDataset(cfg.data, s, H + 1, mc.frameskip) for s in ("train", "val"))
-    frames, val_frames = (wm.windows(replace(mc, frameskip=1), cfg.data, s, 1, cfg.dino_weights, cfg.features,
-                                     device, ctx) for s in ("train", "val"))
-    end, val_end = episode_ends(cfg.data, "train"), episode_ends(cfg.data, "val")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    subset = data.label_subset(len(ds), cfg.labels // H if cfg.labels > 0 else -1, cfg.seed)  # (N,) chunks it learns
-    labels = H * len(subset) if cfg.labels > 0 else len(data.WindowDataset(cfg.data, "train", 2, mc.frameskip))
-    order = (int(subset[i]) for _ in itertools.count() for i in torch.randperm(len(subset), generator=gen).tolist())
-    it = iter(data.loader(ds, cfg.batch_size, order, 0, device, drop_last=True))  # a NumPy gather per batch
-    input_of = wm.make_input(mc, device, cfg.dino_weights or None)
-    tokens = lambda d, idx: input_of(d.__getitems__(idx))[:, 0]  # noqa: E731  frames idx (B,) -> (B, P, D)
-    print(f"{cfg.algo} on {mc.tokens} tokens (P {mc.num_patches}, D {mc.visual_dim}) | windows: train {len(ds)}, val "
-          f"{len(val)} | labels {labels} ({len(subset)} chunks) | chunk {H} x {A} | features: "
-          f"{'none' if frames.features is None else cfg.features}")
+    out = Path(cfg.out)
+    data.output_folder(out, "--out", "policy.pt", cfg.data)  # never into the dataset or a folder of other files
+    with data.locked(out):  # one trainer per folder
+        t_start, meta = time.perf_counter(), data.load_meta(cfg.data, verify=True)
+        if existing(out / "policy.pt", cfg, meta["fingerprint"]):
+            return None
+        mc = wm.derive(wm.WMConfig(tokens=cfg.tokens, dino_name=cfg.dino_name, dino_size=cfg.dino_size), meta)
+        wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
+        device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
+        print(asdict(cfg))
+        H, A, rng = cfg.horizon, mc.action_dim, np.random.default_rng([cfg.seed, 1])
+        ds, val = (data.WindowDataset(cfg.data, s, H + 1, mc.frameskip) for s in ("train", "val"))
+        frames, val_frames = (wm.windows(replace(mc, frameskip=1), cfg.data, s, 1, cfg.dino_weights, cfg.features,
+                                         device, ctx) for s in ("train", "val"))
+        end, val_end = episode_ends(cfg.data, "train"), episode_ends(cfg.data, "val")
+        gen = torch.Generator().manual_seed(cfg.seed)
+        subset = data.label_subset(len(ds), cfg.labels // H if cfg.labels > 0 else -1, cfg.seed)  # (N,) its chunks
+        labels = H * len(subset) if cfg.labels > 0 else len(data.WindowDataset(cfg.data, "train", 2, mc.frameskip))
+        order = (int(subset[i]) for _ in itertools.count() for i in torch.randperm(len(subset), generator=gen).tolist())
+        it = iter(data.loader(ds, cfg.batch_size, order, 0, device, drop_last=True))  # a NumPy gather per batch
+        input_of = wm.make_input(mc, device, cfg.dino_weights or None)
+        tokens = lambda d, idx: input_of(d.__getitems__(idx))[:, 0]  # noqa: E731  frames idx (B,) -> (B, P, D)
+        print(f"{cfg.algo} on {mc.tokens} tokens (P {mc.num_patches}, D {mc.visual_dim}) | windows: train "
+              f"{len(ds)}, val {len(val)} | labels {labels} ({len(subset)} chunks) | chunk {H} x {A} | features: "
+              f"{'none' if frames.features is None else cfg.features}")
 
-    # --- networks, optimiser, and a fixed validation batch: the chunk MSE we log
-    nets = {k: m.to(device) for k, m in build(cfg, mc).items()}
-    trained = [p for k in ("actor", "value", "critic") if k in nets for p in nets[k].parameters()]
-    opt = torch.optim.Adam(trained, lr=cfg.lr)  # OGBench: Adam; the three losses touch disjoint parameters
-    if device.type == "cuda" and cfg.compile:
-        for m in nets.values():
-            m.compile()  # in place: the state_dict keys stay the raw module's
-    v_z, v_zg, v_a = val_batch(val, val_frames, val_end, cfg, tokens, device)
-    print(f"parameters: {sum(p.numel() for p in trained) / 1e6:.2f} M | val chunk MSE of the dataset-mean action: "
-          f"{v_a.square().mean().item():.4f}")
+        # --- networks, optimiser, and a fixed validation batch: the chunk MSE we log
+        nets = {k: m.to(device) for k, m in build(cfg, mc).items()}
+        trained = [p for k in ("actor", "value", "critic") if k in nets for p in nets[k].parameters()]
+        opt = torch.optim.Adam(trained, lr=cfg.lr)  # OGBench: Adam; the three losses touch disjoint parameters
+        if device.type == "cuda" and cfg.compile:
+            for m in nets.values():
+                m.compile()  # in place: the state_dict keys stay the raw module's
+        v_z, v_zg, v_a = val_batch(val, val_frames, val_end, cfg, tokens, device)
+        print(f"parameters: {sum(p.numel() for p in trained) / 1e6:.2f} M | val chunk MSE of the dataset-mean action: "
+              f"{v_a.square().mean().item():.4f}")
 
-    # --- the loop
-    parts = ["actor_loss"] + (["value_loss", "critic_loss", "v_mean", "adv_mean", "w_mean"] if cfg.algo == "iql"
-                              else [])
-    cosine = cfg.schedule == "cosine" or (cfg.schedule == "auto" and cfg.algo == "gcbc")
-    bar, t0, t_step = tqdm(total=cfg.steps, disable=None, unit="step"), time.perf_counter(), 0
-    for step in range(cfg.steps):
-        batch = next(it)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * (0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if cosine else 1.0)
-        with ctx:
-            loss, vals = losses(nets, cfg, mc, batch, rng, frames, end, tokens, input_of)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if cfg.algo == "iql":
-            update_targets(nets, cfg.target_ema)
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:  # logging: the only host syncs
-            with torch.no_grad(), ctx:
-                val_mse = F.mse_loss(nets["actor"](v_z, v_zg).float(), v_a).item()
-            dt = (time.perf_counter() - t0) / (step + 1 - t_step)
-            bar.write(f"step {step + 1:6d} | " + " | ".join(f"{k} {x:.4g}" for k, x in zip(parts, torch.stack(
-                vals).tolist())) + f" | val_mse {val_mse:.4f} | {1e3 * dt:.1f} ms/step | {cfg.batch_size / dt:.0f} "
-                f"samples/s")
-            t0, t_step = time.perf_counter(), step + 1
-    bar.close()
+        # --- the loop
+        parts = ["actor_loss"] + (["value_loss", "critic_loss", "v_mean", "adv_mean", "w_mean"] if cfg.algo == "iql"
+                                  else [])
+        cosine = cfg.schedule == "cosine" or (cfg.schedule == "auto" and cfg.algo == "gcbc")
+        bar, t0, t_step = tqdm(total=cfg.steps, disable=None, unit="step"), time.perf_counter(), 0
+        for step in range(cfg.steps):
+            batch = next(it)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * (0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if cosine else 1.0)
+            with ctx:
+                loss, vals = losses(nets, cfg, mc, batch, rng, frames, end, tokens, input_of)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if cfg.algo == "iql":
+                update_targets(nets, cfg.target_ema)
+            bar.update(1)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:  # logging: the only host syncs
+                with torch.no_grad(), ctx:
+                    val_mse = F.mse_loss(nets["actor"](v_z, v_zg).float(), v_a).item()
+                dt = (time.perf_counter() - t0) / (step + 1 - t_step)
+                bar.write(f"step {step + 1:6d} | " + " | ".join(f"{k} {x:.4g}" for k, x in zip(parts, torch.stack(
+                    vals).tolist())) + f" | val_mse {val_mse:.4f} | {1e3 * dt:.1f} ms/step | {cfg.batch_size / dt:.0f} "
+                    f"samples/s")
+                t0, t_step = time.perf_counter(), step + 1
+        bar.close()
 
-    # --- save
-    save(out, cfg, mc, nets, meta, time.perf_counter() - t_start, val_mse, labels)
-    return val_mse
+        # --- save
+        save(out, cfg, mc, nets, meta, time.perf_counter() - t_start, val_mse, labels)
+        return val_mse
 
 
 def val_batch(val, frames, end, cfg, tokens, device):
@@ -354,8 +357,7 @@ def evaluate_policy(cfg: EvalConfig):
     # --- setup: the policy and its token source, the tasks, the reference rows on the same tasks
     t_start = time.perf_counter()
     device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
-    data.writable(cfg.out, "--out")
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    data.writable(cfg.out, "--out", RESULT_KEYS)  # a .json, never a checkpoint or another file of the user's
     actor, ck, mc, root = load_policy(cfg.policy, device, cfg.data, cfg.tokens)
     tc, stats, img = ck["config"], ck["stats"], mc.img_size or 224
     H, A, every_step = tc["horizon"], mc.action_dim, cfg.protocol == "mpc"

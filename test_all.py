@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -614,7 +615,8 @@ def test_official_files_load_strictly_into_a_frozen_model(official_file, tmp_pat
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
     assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
-    assert dino.weights_tag(str(path)) == f"dinov2_vits14_pretrain.pth:{path.stat().st_size}"  # cache headers' id
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]  # cache headers know the weights by content
+    assert dino.weights_tag(str(path)) == f"dinov2_vits14_pretrain.pth:{digest}"
     torch.save({"model": {k: v for k, v in sd.items() if k != "blocks.3.ls1.gamma"}}, tmp_path / "ckpt.pth")
     # a wrapped checkpoint is unwrapped, then strictly refused (naming the missing key); a missing file is named
     for file, missing in (("ckpt.pth", ["blocks.3.ls1.gamma"]), ("nope.pth", [])):
@@ -1516,8 +1518,8 @@ def test_end_to_end_results_json(runs, planned, name):
             "tokens", "reference", "ci95", "tasks", "config", "mean_final_pos_dist"} <= set(r)
     assert (r["variant"], r["protocol"], r["tokens"], r["run"]) == (variant, protocol, "state", str(runs[0] / variant))
     via = PLANS[name].get("via", "actions" if variant == "baseline" else "decoder")
-    planner = "cem_gaussian" if via == "adapter" else {"baseline": "cem_gaussian", "la": "mppi", "vq": "cem_categorical"}
-    assert r["via"] == via and r["planner"] == (planner if via == "adapter" else planner[variant])
+    planners = {"baseline": "cem_gaussian", "la": "mppi", "vq": "cem_categorical"}
+    assert r["via"] == via and r["planner"] == ("cem_gaussian" if via == "adapter" else planners[variant])
     # labels: the baseline's world model saw every labelled train window; la/vq's decoder or adapter 64 + 16 pairs
     windows = len(WindowDataset(runs[0] / "data", "train", 2))
     assert r["labels"] == (windows if variant == "baseline" else 80)
@@ -1607,9 +1609,9 @@ def test_eval_draws_success_against_labels(planned, tmp_path, capsys):
     the largest heading the fractions, and a PNG of success against labels."""
     paths = [str(planned["vq-open-loop"])]
     for labels, k in ((20, 0), (200, 1), (2000, 3)):
-        r = json.loads(planned["baseline-open-loop"].read_text())
-        (path := tmp_path / f"b{labels}.json").write_text(json.dumps({**r, "labels": labels, "successes": [1] * k +
-                                                                                                         [0] * (3 - k)}))
+        r = {**json.loads(planned["baseline-open-loop"].read_text()), "labels": labels,
+             "successes": [1] * k + [0] * (3 - k)}
+        (path := tmp_path / f"b{labels}.json").write_text(json.dumps(r))
         paths.append(str(path))
     evaluate.main(evaluate.EvalConfig(results=paths, out=str(tmp_path / "m.json")))
     out = capsys.readouterr().out
@@ -1620,12 +1622,13 @@ def test_eval_draws_success_against_labels(planned, tmp_path, capsys):
 
 
 def test_eval_warns_about_mixed_datasets_and_a_missing_decoder(runs, tmp_path, capsys):
-    shutil.copytree(runs[0] / "data", tmp_path / "data2")  # a copy of the dataset with another fingerprint ...
-    meta = json.loads((tmp_path / "data2" / "meta.json").read_text())
-    (tmp_path / "data2" / "meta.json").write_text(json.dumps({**meta, "fingerprint": "f" * 16}))
+    shutil.copytree(runs[0] / "data", d2 := tmp_path / "data2")  # a copy of the dataset, its states moved ...
+    np.save(d2 / "val" / "states.npy", np.load(d2 / "val" / "states.npy") + 1e-3)
+    fp = data._fingerprint({s: data.load_split(d2, s) for s in ("train", "val")})
+    (d2 / "meta.json").write_text(json.dumps({**json.loads((d2 / "meta.json").read_text()), "fingerprint": fp}))
     ckpt = torch.load(runs[0] / "vq" / "ckpt.pt", weights_only=True)  # ... and a vq run on it, without decoder
     (tmp_path / "vq2").mkdir()
-    torch.save({**ckpt, "data": {"root": str(tmp_path / "data2"), "relative": "../data2", "fingerprint": "f" * 16}},
+    torch.save({**ckpt, "data": {"root": str(d2), "relative": "../data2", "fingerprint": fp}},
                tmp_path / "vq2" / "ckpt.pt")
     evaluate.main(tiny_eval([runs[0] / "baseline", tmp_path / "vq2"], tmp_path / "m.json"))
     out = capsys.readouterr().out
@@ -1667,6 +1670,103 @@ def test_every_command_line_reports_a_user_error_in_one_line(runs, tmp_path):
             failed.append(f"{k}: exit {p.returncode}, stderr {err!r}")
     assert not failed, "\n".join(failed)
     assert (root / "la" / "ckpt.pt").read_bytes() == before and tree(tmp_path) == ["bad.json"]
+
+
+def edited_data(tmp, root, edit):
+    """A copy of the dataset at tmp/data, changed by edit(folder) -> the copy."""
+    shutil.copytree(root / "data", d := tmp / "data")
+    edit(d)
+    return d
+
+
+def edit_meta(**change):
+    return lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()), **change}))
+
+
+def nan_states(d):
+    s = np.load(d / "val" / "states.npy")
+    s[3, 2] = np.nan
+    np.save(d / "val" / "states.npy", s)
+
+
+def moved_states(d):  # arrays changed under an old meta.json: the fingerprint no longer matches
+    np.save(d / "val" / "states.npy", np.load(d / "val" / "states.npy") + 1.0)
+
+
+def foreign(t, name, text="{}"):
+    """A folder of the user's holding one file."""
+    (t / "mine").mkdir(exist_ok=True)
+    (t / "mine" / name).write_text(text)
+    return t / "mine"
+
+
+def results_without_random(t, r):
+    (t / "r.json").write_text(json.dumps(dict(success_rate=0.0, successes=[0], episodes=1, protocol="open-loop",
+                                              planner="cem_gaussian", variant="baseline", via="actions", labels=1,
+                                              reference={"replay": 1.0})))
+    return t / "r.json"
+
+
+TRAIN = ["train.py", "--variant", "baseline", "--tokens", "state", "--steps", 1, "--device", "cpu"]
+PLAN = ["plan.py", "--episodes", 1, "--ceiling-episodes", 0, "--videos", 0, "--device", "cpu"]
+# Hostile input, one case per row: (t = a temp folder, r = the shared runs) -> (argv, what the one error line must
+# name). Every case must exit 2 with that line, no traceback, and leave every file as it was.
+HOSTILE = {
+    "plan-out-over-a-checkpoint": lambda t, r: ([*PLAN, "--run", r / "baseline", "--out", r / "baseline" / "ckpt.pt"],
+                                                ["--out"]),
+    "plan-out-over-a-users-json": lambda t, r: ([*PLAN, "--run", r / "baseline", "--out", r / "data" / "meta.json"],
+                                                ["--out"]),
+    "train-out-empty": lambda t, r: ([*TRAIN, "--data", r / "data", "--out", ""], ["--out"]),
+    "train-out-the-dataset": lambda t, r: ([*TRAIN, "--data", r / "data", "--out", r / "data"], ["--out"]),
+    "train-out-a-users-folder": lambda t, r: ([*TRAIN, "--data", r / "data", "--out", foreign(t, "config.json")],
+                                              ["--out"]),
+    "policy-out-a-users-folder": lambda t, r: (["policy.py", "train", "--data", r / "data", "--steps", 1, "--out",
+                                                foreign(t, "notes.txt")], ["--out"]),
+    "seed-negative": lambda t, r: ([*TRAIN, "--data", r / "data", "--out", t / "run", "--seed", -1], ["--seed"]),
+    "seed-huge": lambda t, r: ([*PLAN, "--run", r / "baseline", "--out", t / "r.json", "--seed", 2 ** 40], ["--seed"]),
+    "lr-inf": lambda t, r: ([*TRAIN, "--data", r / "data", "--out", t / "run", "--lr-predictor", "inf"],
+                            ["--lr-predictor"]),
+    "var-scale-inf": lambda t, r: ([*PLAN, "--run", r / "baseline", "--out", t / "r.json", "--var-scale", "inf"],
+                                   ["--var-scale"]),
+    "img-size-absurd": lambda t, r: (["data.py", "collect", "--out", t / "d", "--img-size", 100000], ["--img-size"]),
+    "jepa-flag-on-a-state-run": lambda t, r: ([*TRAIN, "--data", r / "data", "--out", t / "run", "--jepa-dim", 32],
+                                              ["--jepa-dim"]),
+    "la-prior-on-vq": lambda t, r: ([*PLAN, "--run", r / "vq", "--out", t / "r.json", "--la-prior", "standard"],
+                                    ["--la-prior"]),
+    "meta-missing-a-key": lambda t, r: ([*TRAIN, "--data", edited_data(t, r, edit_meta(action_std=None)), "--out",
+                                         t / "run"], ["meta.json"]),
+    "meta-not-an-object": lambda t, r: ([*TRAIN, "--data", edited_data(t, r, lambda d: (d / "meta.json").write_text(
+        "[1, 2]")), "--out", t / "run"], ["meta.json"]),
+    "states-not-finite": lambda t, r: ([*TRAIN, "--data", edited_data(t, r, nan_states), "--out", t / "run"],
+                                       ["states.npy"]),
+    "arrays-changed-under-meta": lambda t, r: ([*PLAN, "--run", r / "baseline", "--out", t / "r.json", "--data",
+                                                edited_data(t, r, moved_states)], ["fingerprint"]),
+    "results-missing-keys": lambda t, r: (["eval.py", "--results", results_without_random(t, r), "--out",
+                                           t / "m.json"], ["--results"]),
+    "config-json-corrupt": lambda t, r: (["decode.py", "--run", foreign(t, "config.json", "{oops"), "--dry-run"],
+                                         ["config.json"]),
+    "labels-zero": lambda t, r: ([*TRAIN, "--data", r / "data", "--out", t / "run", "--labels", 0], ["--labels"]),
+    "labels-too-many": lambda t, r: ([*TRAIN, "--data", r / "data", "--out", t / "run", "--labels", 10 ** 6],
+                                     ["--labels"]),
+    "via-adapter-without-one": lambda t, r: ([*PLAN, "--run", r / "baseline", "--out", t / "r.json", "--via",
+                                              "adapter"], ["--via"]),
+    "head-adapter-on-a-baseline": lambda t, r: (["decode.py", "--run", r / "baseline", "--head", "adapter",
+                                                 "--device", "cpu"], ["--head adapter"]),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_input_is_refused_in_one_line_and_loses_nothing(runs, tmp_path, monkeypatch, capsys, case):
+    """Every row of HOSTILE: exit status 2 and one stderr line naming the flag or file, no traceback, and every file
+    of the shared runs and of the temp folder exactly as it was."""
+    argv, names = HOSTILE[case](tmp_path, runs[0])
+    before = {p: p.read_bytes() for folder in (runs[0], tmp_path) for p in Path(folder).rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        run_script(monkeypatch, *argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and all(str(n) in err[0] for n in names), err
+    after = {p: p.read_bytes() for folder in (runs[0], tmp_path) for p in Path(folder).rglob("*") if p.is_file()}
+    assert after == before
 
 
 def test_pixel_tokens_end_to_end(dataset, tmp_path, cached_dino):

@@ -134,7 +134,7 @@ def resume(cfg, mc, given):
                                                f"{CKPT_FORMAT!r}; choose another --out")
     cfg, mc = data.merge_resume(path, given, (cfg, ckpt["train_config"], RUNTIME), (mc, ckpt["model_config"], ()))
     require(cfg.steps >= ckpt["step"], f"--steps {cfg.steps} is below the step {ckpt['step']} that {path} reached")
-    fp = data.load_meta(cfg.data)["fingerprint"]
+    fp = data.load_meta(cfg.data, verify=True)["fingerprint"]
     require(fp == ckpt["data"]["fingerprint"], f"--data {cfg.data} (fingerprint {fp}) is not the dataset {path} was "
                                                f"trained on ({ckpt['data']['root']}, {ckpt['data']['fingerprint']})")
     return cfg, mc, ckpt
@@ -157,7 +157,7 @@ def train_step(model, raw, opt, batch, input_of, step, cfg, ctx, parts, device):
 def open_run(cfg, mc, given):
     """resume(), then the dataset's meta and the model sizes it implies (wm.derive) -> (cfg, mc, ckpt, meta)."""
     cfg, mc, ckpt = resume(cfg, mc, given)
-    meta = data.load_meta(cfg.data)
+    meta = data.load_meta(cfg.data, verify=True)  # the fingerprint the checkpoint records: the arrays' own
     mc = wm.derive(mc, meta)
     wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
     require(cfg.labels == -1 or mc.variant == "baseline", f"--labels {cfg.labels}: a {mc.variant} run learns "
@@ -370,6 +370,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
     if cfg.dry_run:
         return dry_run(*resume(cfg, mc or WMConfig(), given))
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    data.output_folder(cfg.out, "--out", "ckpt.pt", cfg.data)  # never into the dataset or a folder of other files
     ddp = "WORLD_SIZE" in os.environ  # launched by torchrun: DDP even for one process (NCCL path of gpu-check)
     run, main_proc = Path(cfg.out), rank == 0
     with data.locked(run) if main_proc else contextlib.nullcontext():
@@ -383,9 +384,11 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         labels, train_loader, val_loader, stats_loader, input_of = make_loaders(cfg, mc, device, ctx, start, rank,
                                                                                 world)
         raw, model, opt = build(cfg, mc, ckpt, device, ddp)
+        params = sum(p.numel() for p in raw.parameters())
+        data.need_disk(run, 2 * 12 * params + 10 ** 6, "the checkpoint (weights + AdamW, twice while it is replaced)")
         stats = ckpt["stats"] if ckpt else {**data.train_stats(meta), "labels": labels}
         data.atomic_write(run / "config.json", {"train": asdict(cfg), "model": asdict(mc)}) if main_proc else None
-        log = run_logger(run) if main_proc else (lambda *row: None)
+        log = run_logger(run, start if ckpt else -1) if main_proc else (lambda *row: None)
 
         # --- the loop
         parts = loss_parts(mc)
@@ -441,9 +444,15 @@ def save(run, raw, opt, step, cfg, mc, stats, meta, device):
         "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
 
 
-def run_logger(run):
+def run_logger(run, start):
     """log(row, line=None): one JSON line in RUN/log.jsonl, and the line on the console (default: the row as
-    "step N | name value | ...")."""
+    "step N | name value | ..."). Rows past `start` that a killed run logged after its last checkpoint are dropped
+    first: the resumed run logs those steps again."""
+    path = run / "log.jsonl"
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.startswith("{") and line.endswith("}")]
+        data.atomic_write(path, "".join(r + "\n" for r in rows if json.loads(r).get("step", 0) <= start).encode())
+
     def log(row, line=None):
         tqdm.write(line or f"step {row['step']:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                                     if k != "step"))

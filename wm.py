@@ -87,6 +87,9 @@ class WMConfig:
         require(min(self.jepa_dim, self.jepa_width) >= 2 and min(self.jepa_sigreg, self.jepa_std, self.jepa_cov,
                 self.jepa_temp_sim, self.jepa_temp_std, self.jepa_temp_cov) >= 0,
                 "--jepa-dim and --jepa-width must be >= 2, the --jepa-* loss weights >= 0")
+        if self.tokens != "jepa":  # silently ignoring them would mislead
+            jepa = [f for f in self.__dataclass_fields__ if f.startswith("jepa_")]
+            data.unused(self, jepa, f"--tokens {self.tokens}")
         require(self.jepa_idm == 0 or (self.tokens == "jepa" and self.variant == "baseline"), f"--jepa-idm "
                 f"{self.jepa_idm} trains the jepa encoder on action labels: baseline runs only (la/vq learn without)")
 
@@ -604,6 +607,8 @@ def probe_r2(x_fit, y_fit, x, y):
     """Least-squares linear probe y ~ [x, 1] fitted on (x_fit, y_fit), scored on (x, y): R^2 per group of
     PROBE_GROUPS (mean over its dims), 1 = read exactly, 0 = no better than the mean."""
     ones = lambda v: torch.cat([v.double().flatten(1), torch.ones(len(v), 1, dtype=torch.float64)], 1)  # noqa: E731
+    if len(x_fit) <= ones(x_fit[:1]).shape[1]:  # no more frames than parameters: the fit says nothing
+        return {f"probe_{k}": math.nan for k in PROBE_GROUPS}
     W = torch.linalg.lstsq(ones(x_fit), y_fit.double()).solution  # (D+1, 6)
     res = (ones(x) @ W - y).square().sum(0) / (y - y.mean(0)).square().sum(0).clamp_min(1e-12)  # (6,)
     return {f"probe_{k}": (1 - res[s]).mean().item() for k, s in PROBE_GROUPS.items()}
