@@ -440,8 +440,8 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
 
 
 def plan_prior(mc, via, la_prior, var_scale, H, stats, device):
-    """(H, A|L) initial mean and std of the Gaussian planners; None for vq latents (categorical). la latents start
-    from the IDM's own latent statistics, stored by train.py (the seed sampled N(0, 1): `--la-prior standard`)."""
+    """(H, A|L) initial mean and std of the Gaussian planners; None for vq latents (categorical). la latents start at
+    the IDM's own latent statistics, stored by train.py (the seed sampled N(0, 1): `--la-prior standard`)."""
     if via == "decoder" and mc.variant == "vq":
         return None, None
     if via != "decoder":  # normalised macro actions: 0 is the dataset-mean action

@@ -52,6 +52,16 @@ stage() {  # stage NAME COMMAND...: run once (skipped when OUT/.done/NAME exists
   touch "$OUT/.done/$name"
   echo "$name $((SECONDS - t0))" >> "$OUT/.timings"
 }
+same_data() {  # DIR: the runs in OUT belong to one dataset; refuse another one on a finished OUT (no stage is skipped
+  local fp                                # against the wrong data)
+  fp=$($PY -c 'import sys, data; print(data.load_meta(sys.argv[1], verify=True)["fingerprint"])' "$1" 2>/dev/null) ||
+    { echo "error: $1 is not a readable dataset (python data.py info $1 says why)" >&2; exit 2; }
+  if [ -f "$OUT/.done/dataset" ] && [ "$(cat "$OUT/.done/dataset")" != "$fp" ]; then
+    echo "error: $OUT holds runs on the dataset $(cat "$OUT/.done/dataset"), but $1 is $fp: choose another OUT" >&2
+    exit 2
+  fi
+  echo "$fp" > "$OUT/.done/dataset"
+}
 pids=()
 background() {  # background NAME COMMAND...: a stage on one core, its output in OUT/logs/NAME.log
   local name=$1
@@ -113,12 +123,14 @@ if [ "$mode" = quick ] || [ "$mode" = state ]; then
     EPISODES=2000 STEPS=(12000 12000 100000 8000 8000) N=(100 20 50 10)
   fi
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes $EPISODES --steps 100
+  same_data "$DATA"
   state_pipeline "$OUT" "$DATA"
 fi
 
 if [ "$mode" = labels ]; then  # success against labelled transitions (state tokens, the state table's 100 tasks)
   DATA=${DATA:-$OUT/data}
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 2000 --steps 100
+  same_data "$DATA"
   BUDGETS=(1000 10000 100000)  # labelled transitions (macro-action windows); the train split holds ~166k
   open=(--protocol open-loop --episodes 100 --ceiling-episodes 100 --opt-steps 10)  # the ceiling on every task
   LA=(--latent-dim 4 --cond-dim 4)  # a narrow latent: an action, not the next state (README experiment log)
@@ -174,6 +186,7 @@ fi
 if [ "$mode" = jepa ]; then  # 96-px frames, a 4-block CNN + BN projector trained with the predictor (wm.JEPAEncoder)
   DATA=${DATA:-$OUT/data}
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 1000 --steps 100 --img-size 96
+  same_data "$DATA"
   # --jepa-idm 1: PLDM's inverse-dynamics term (action labels, so baseline only); without it the agent is not encoded
   stage train-baseline $PY train.py --data "$DATA" --variant baseline --tokens jepa --out "$OUT/baseline" --steps 1800 \
     --schedule cosine --batch-size 128 --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --lr-predictor 1e-3 \
@@ -273,6 +286,7 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (batch 64, 1
   $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" ||
     { echo "error: reproduce.sh full needs a CUDA GPU; none is visible (\`state\`: the CPU table)" >&2; exit 2; }
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 10000 --steps 100
+  same_data "$DATA"
   [ $FEAT != cache ] || stage encode $PY dino.py encode --data "$DATA" ${W:+--dino-weights "$W"}
   for v in baseline la vq; do
     stage "train-$v" $PY train.py "${TRAIN[@]}" "${WM[@]}" --variant "$v" --out "$OUT/$v" --features $FEAT

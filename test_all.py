@@ -15,6 +15,7 @@ GPU-only checks (bf16 vs fp32 encoder, compiled vs eager world model, auto_batch
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -511,8 +512,30 @@ def test_a_run_folder_that_is_a_file_is_refused_and_kept(tmp_path):
     assert (tmp_path / "run").read_text() == "notes"
 
 
+def test_no_room_or_a_busy_folder_is_refused_before_any_work(runs, tmp_path, monkeypatch):
+    """A full disk stops collect, train and plan before they start; a dataset being written by another collect, or a
+    policy folder another trainer holds, is refused; nothing is written."""
+    root, before = runs[0], tree(runs[0])
+    with open(tmp_path / ".d.lock", "w") as f:  # a collect of tmp/d running in another process
+        fcntl.flock(f, fcntl.LOCK_EX)
+        user_error(collect, tmp_path / "d", episodes=4, steps=10, names=["another process", tmp_path / "d"])
+    with data.locked(tmp_path / "p"):
+        user_error(policy.train, tiny_policy(root / "data", tmp_path / "p"), names=[tmp_path / "p", "in use"])
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 12, 10 ** 12, 10 ** 7))
+    user_error(collect, tmp_path / "d", episodes=4, steps=10, names=["disk"])
+    user_error(train.main, *train_cfgs(root / "data", tmp_path / "run", "baseline"), names=["disk"])
+    user_error(plan.main, tiny_plan(root / "baseline", tmp_path / "r.json"), names=["disk", "--out"])
+    assert tree(runs[0]) == before and tree(tmp_path) == [".d.lock", "p", "p/.lock"]  # only what the test made
+
+
 def test_writes_are_atomic_and_write_errors_name_the_file(tmp_path):
+    (tmp_path / "target").write_text("mine")
+    for name in ("a.tmp.json", ".a.tmp.json"):  # links planted where a fixed temp name would be
+        (tmp_path / name).symlink_to(tmp_path / "target")
     data.atomic_write(path := tmp_path / "a.json", {"x": 1})
+    assert (tmp_path / "target").read_text() == "mine"
+    for name in ("a.tmp.json", ".a.tmp.json", "target"):
+        (tmp_path / name).unlink()
 
     def crash(tmp):
         tmp.write_text('{"x": ')
@@ -1027,6 +1050,9 @@ def test_resume_after_a_kill_is_bit_identical(vq_run, dataset, tmp_path, monkeyp
     assert torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["step"] == 3
     resumed = train.main(*train_cfgs(dataset, tmp_path / "part")).state_dict()
     assert all(torch.equal(v, resumed[k]) for k, v in vq_run[1].items())
+    rows = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    kinds = [(r["step"], "loss" in r) for r in rows]  # a train row and a validation row per step at most
+    assert len(kinds) == len(set(kinds)) and max(kinds)[0] == 6  # the rows logged after the kill are not repeated
 
 
 def test_run_folder_holds_what_later_stages_need(vq_run):
@@ -1540,6 +1566,12 @@ def test_ceiling_is_cached_beside_the_results_and_shared(runs, planned, monkeypa
     monkeypatch.setattr(plan.multiprocessing, "Pool", lambda *a: pytest.fail("the ceiling was solved again"))
     again = plan.main(tiny_plan(runs[0] / "baseline", runs[0] / "results" / "again.json", videos=0))
     assert again["reference"]["ceiling"] == ceil[0]["ceiling"]
+    monkeypatch.undo()  # a damaged cache is solved again, not a traceback
+    cache = sorted((runs[0] / "results" / "ceiling").glob("ceiling-*.json"))
+    for c in cache:
+        c.write_text('{"ceiling": ')
+    again = plan.main(tiny_plan(runs[0] / "baseline", runs[0] / "results" / "again.json", videos=0))
+    assert again["reference"]["ceiling"] == ceil[0]["ceiling"] and json.loads(cache[0].read_text())
 
 
 # ---- eval.py: metric known answers, rollout = one step at h=1, METRICS.json, the tables, the plot, bad input ---------
@@ -1917,6 +1949,17 @@ def test_full_refuses_a_bad_setting_before_writing(tmp_path, setting):
     r = subprocess.run(["bash", str(HERE / "reproduce.sh"), "full", "--dry-run", str(tmp_path / "f")], text=True,
                        capture_output=True, env={**os.environ, name: value, "PYTHON": sys.executable}, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and setting in r.stderr and not (tmp_path / "f").exists()
+
+
+def test_reproduce_refuses_another_dataset_on_a_finished_out(runs, tmp_path):
+    """DATA=other on an OUT whose stages ran on another dataset: refused before any stage is skipped or run."""
+    (done := tmp_path / "q" / ".done").mkdir(parents=True)
+    (done / "dataset").write_text("0" * 16 + "\n")
+    r = subprocess.run(["bash", str(HERE / "reproduce.sh"), "quick", str(tmp_path / "q")], text=True,
+                       capture_output=True, timeout=60, env={**os.environ, "DATA": str(runs[0] / "data"),
+                                                             "PYTHON": sys.executable})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "choose another OUT" in r.stderr
+    assert (done / "dataset").read_text() == "0" * 16 + "\n" and sorted(os.listdir(done)) == ["dataset"]
 
 
 # ---- policy.py (GCBC, GC-IQL): goal sampling, the success test as reward, IQL's targets, train -> eval, refusals -----
