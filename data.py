@@ -83,6 +83,7 @@ class FigureConfig:
 
 # Shapes: F frames in a split, E episodes, T frames in a window, S image side, A = 2 * frameskip macro-action width.
 FORMAT = "pusht-v1"
+SUCCESS_PX, SUCCESS_ANGLE = 20.0, math.pi / 9  # DINO-WM eval_state: joint agent + block position, block angle
 MAX_IMG = 1024  # largest frame side in px a dataset or run may ask for (DINO-WM renders 224)
 WORLD = 512  # world = canvas, px, origin top-left, y down (DINO-WM env/pusht/pusht_env.py window_size)
 SIM_HZ, CONTROL_HZ = 100, 10  # 10 physics substeps of 0.01 s per env step (DINO-WM pusht_env.py)
@@ -157,16 +158,21 @@ def render_state(state, img_size=224):
 
 
 def distances(goal, state):
-    """The success test's two terms: ||d[agent_xy, block_xy]|| in px, |d angle| wrapped to [0, pi]."""
-    g, s = np.asarray(goal, np.float64), np.asarray(state, np.float64)
-    d = abs(g[4] - s[4]) % (2 * math.pi)  # mod 2 pi first: also right for unwrapped angles
-    return float(np.linalg.norm(g[:4] - s[:4])), float(min(d, 2 * math.pi - d))
+    """The success test's two terms for (..., 7) states, NumPy or torch: ||d[agent_xy, block_xy]|| in px and
+    |d angle| wrapped to [0, pi] (mod 2 pi first: also right for unwrapped angles)."""
+    if not torch.is_tensor(state):
+        goal, state = np.asarray(goal, np.float64), np.asarray(state, np.float64)
+    d = (goal[..., 4] - state[..., 4]) % (2 * math.pi)
+    ang = torch.minimum(d, 2 * math.pi - d) if torch.is_tensor(d) else np.minimum(d, 2 * math.pi - d)
+    pos = ((goal[..., :4] - state[..., :4]) ** 2).sum(-1) ** 0.5
+    return (float(pos), float(ang)) if pos.ndim == 0 else (pos, ang)
 
 
 def is_success(goal_state, state):
-    """DINO-WM's eval_state: joint agent+block position error < 20 px and block angle error < pi/9 (pusht_env.py)."""
+    """DINO-WM's eval_state (pusht_env.py): joint agent + block position error < 20 px and angle error < pi / 9. One
+    state -> bool; a batch (..., 7), NumPy or torch -> (...) bool (IQL's goal-reached reward)."""
     pos, ang = distances(goal_state, state)
-    return pos < 20 and ang < math.pi / 9
+    return (pos < SUCCESS_PX) & (ang < SUCCESS_ANGLE)
 
 
 class PushT:
@@ -342,10 +348,9 @@ def _existing(out, args):
         old, args = load_meta(out).get("args", {}), json.loads(json.dumps(args))
     except UserError as e:
         raise UserError(f"--out {out} exists but is not a dataset ({e}); choose another --out or remove it") from e
-    if old != args:
-        diff = {k: (old.get(k), v) for k, v in args.items() if old.get(k) != v}
-        raise UserError(f"--out {out} already holds a different dataset (stored vs requested: {diff}); "
-                        "choose another --out or delete it")
+    diff = differences(old, args, "the dataset has")
+    require(not diff, f"--out {out} already holds another dataset: {'; '.join(diff)}. Choose another --out or delete "
+                      "it")
     print(f"{out} already holds this dataset (same arguments); nothing to do")
     return True
 
@@ -859,23 +864,23 @@ def setup(device="auto", seed=0, dtype="bfloat16", rank=0):
     return dev, (torch.autocast("cuda", torch.bfloat16) if amp else contextlib.nullcontext())
 
 
+def differences(stored, asked, has, skip=()):
+    """The one settings check of every "same settings or refuse" (a dataset, a run, a policy, a feature cache):
+    ['--flag asked (<has> stored)'] for each setting that differs."""
+    return [f"{flag(k)} {v!r} ({has} {stored.get(k)!r})" for k, v in asked.items() if k not in skip and
+            stored.get(k) != v]
+
+
 def merge_resume(path, given, *pairs):
     """Resume from the configs stored in `path`: pairs of (config, stored dict, runtime field names). A field the
     user gave must equal the stored value, except runtime fields, which then override it; every other field takes
     the stored value. given=None (configs built in code): fields that differ from their defaults count as given."""
     merged, bad = [], []
     for cfg, stored, runtime in pairs:
-        kw = dict(stored)
-        for f in dataclasses.fields(cfg):
-            value = getattr(cfg, f.name)
-            typed = f.name in given if given is not None else value != f.default
-            if f.metadata.get("derived") or not typed or value == stored[f.name]:
-                continue
-            if f.name in runtime:
-                kw[f.name] = value
-            else:
-                bad.append(f"{flag(f.name)} {value!r} (the run has {stored[f.name]!r})")
-        merged.append(type(cfg)(**kw))
+        typed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("derived") and (
+            f.name in given if given is not None else getattr(cfg, f.name) != f.default)}
+        bad += differences(stored, typed, "the run has", runtime)
+        merged.append(type(cfg)(**{**stored, **{k: v for k, v in typed.items() if k in runtime}}))
     require(not bad, f"{path} holds a run with other settings: {'; '.join(bad)}. Drop these flags to resume it, or "
                      "choose another --out")
     return merged

@@ -271,7 +271,7 @@ def fit(net, train, val, cfg, device, generator, fwd, loss_fn, score):
 def accuracy_report(pred, y, stats):
     """Val RMSE (normalised; px per env step, overall and per axis) and R^2 per action dimension."""
     err_px = macro_px(pred, stats) - macro_px(y, stats)  # (N, F, 2) px
-    r2 = 1 - (pred - y).pow(2).sum(0) / (y - y.mean(0)).pow(2).sum(0).clamp_min(1e-12)  # (A,)
+    r2 = wm.r2(pred, y)  # (A,)
     return {"val_rmse_norm": (pred - y).pow(2).mean().sqrt().item(),
             "val_rmse_px": err_px.pow(2).mean().sqrt().item(),
             "val_rmse_px_xy": err_px.pow(2).mean((0, 1)).sqrt().tolist(),

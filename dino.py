@@ -324,7 +324,7 @@ def encode(model, frames, size=196):
     """uint8 frames (B, S, S, 3) -> x_norm_patchtokens float32 (B, P, D) on the model's device.
 
     No autocast of its own: it runs in the caller's precision context (data.setup's ctx: bf16 autocast on CUDA by
-    default, a deviation from DINO-WM's fp32 encoder; fp32 with --dtype float32 / --no-bf16 and on the CPU)."""
+    default, a deviation from DINO-WM's fp32 encoder; fp32 with --dtype float32 and on the CPU)."""
     frames = torch.as_tensor(frames).to(model.pos_embed.device, non_blocking=True)  # uint8: 4x fewer bytes than float
     with torch.inference_mode():
         z = model.forward_features(preprocess(frames, size))["x_norm_patchtokens"]  # (B, P, D)
@@ -409,9 +409,9 @@ def cache_plan(cfg, split, model_dim, dtype):
     except data.UserError as e:
         print(f"{e}: encoding {split} again from frame 0")
         old = {}
-    diff = [f"{k} {old.get(k)!r} (asked: {v!r})" for k, v in head.items() if old.get(k) != v]
-    require(not old or not diff or cfg.overwrite, f"{js} was written with {', '.join(diff)}: give the same settings "
-                                                  "to resume it, or --overwrite to re-encode")
+    diff = data.differences(old, head, "the cache has")
+    require(not old or not diff or cfg.overwrite, f"{js} was written with other settings: {'; '.join(diff)}. Give "
+                                                  "the same settings to resume it, or --overwrite to re-encode")
     done = old["done"] if old and not diff and not cfg.overwrite else 0
     problem = npy_problem(npy, frames, shape[1]) if done else None
     if problem:

@@ -76,28 +76,19 @@ def summarize(x):
     return {"mean": m, "std": s, "ci95": [m - h, m + h], "n": len(x)}
 
 
-def r2_score(pred, y):
-    """Mean over dims of R^2 = 1 - SS_res / SS_tot, and the per-dim values. (N, A) -> (), (A,)"""
-    r2 = 1 - (pred - y).pow(2).sum(0) / (y - y.mean(0)).pow(2).sum(0).clamp_min(1e-12)  # (A,)
-    return r2.mean(), r2
-
-
 def linear_probe(x_fit, y_fit, x, y, generator, boots=200):
-    """Least-squares probe y ~ [x, 1] W fitted on (x_fit, y_fit), scored on (x, y) by R^2 with a bootstrap CI.
-
-    How much of the true action a linear read-out finds in the latent action (1 = all, 0 = none). With no more fit
-    windows than parameters the fit interpolates and says nothing: reported as too few, not as a number."""
-    if len(y_fit) <= x_fit.shape[1] + 1:
+    """How much of the true action a linear read-out finds in the latent action (wm.linear_probe fitted on (x_fit,
+    y_fit), R^2 on (x, y): 1 = all, 0 = none), with a bootstrap CI; too few fit windows are reported as such."""
+    pred = wm.linear_probe(x_fit, y_fit, x)  # (N, A)
+    if pred is None:
         return {"too_few": len(y_fit), "need": x_fit.shape[1] + 2}
-    ones = lambda v: torch.cat([v, torch.ones(len(v), 1, dtype=v.dtype)], 1)  # noqa: E731  (N, C+1) with bias
-    W = torch.linalg.lstsq(ones(x_fit.double()), y_fit.double()).solution  # (C+1, A)
-    pred = ones(x.double()) @ W  # (N, A)
-    r2, per_dim = r2_score(pred, y.double())
-    boot = torch.stack([r2_score(pred[i], y.double()[i])[0]
+    y = y.double()
+    per_dim = wm.r2(pred, y)  # (A,)
+    boot = torch.stack([wm.r2(pred[i], y[i]).mean()
                         for i in torch.randint(len(y), (boots, len(y)), generator=generator)])  # (boots,)
     ci = boot.quantile(torch.tensor([0.025, 0.975], dtype=boot.dtype))  # (2,) percentile interval
-    return {"mean": r2.item(), "std": boot.std().item(), "ci95": ci.tolist(), "n": len(y), "n_fit": len(y_fit),
-            "per_dim": per_dim.tolist()}
+    return {"mean": per_dim.mean().item(), "std": boot.std().item(), "ci95": ci.tolist(), "n": len(y),
+            "n_fit": len(y_fit), "per_dim": per_dim.tolist()}
 
 
 def batches(ds, n, cfg, device, desc):

@@ -64,7 +64,7 @@ class PlanConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     dino_weights: str = ""  # DINOv2 weights override (path or random); "" = the run's own (pixel tokens only)
     compile: bool = True  # torch.compile the batched rollout-and-cost function on CUDA (never on CPU)
-    bf16: bool = True  # bf16 autocast on CUDA, the encoder included; --no-bf16 = fp32 everywhere, TF32 off
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA: bf16 autocast (the encoder included), or fp32, TF32 off
     allow_collapsed: bool = False  # plan even with a collapsed jepa encoder (median token std < wm.COLLAPSE_STD)
     dry_run: bool = False  # print GPU time and memory of this planning run (FLOPs counted on meta tensors) and exit
 
@@ -85,7 +85,6 @@ GOAL_STEPS = 25  # env steps between start and goal (5 macro actions x frameskip
 MPC_BUDGET = 50  # env steps per episode under --protocol mpc (stable-worldmodel eval budget)
 PROTOCOL_EPISODES = {"open-loop": 100, "mpc": 50}  # seed n_evals 100; stable-worldmodel 50
 RESULT_KEYS = ("success_rate", "successes", "episodes", "protocol", "planner", "variant", "via", "labels", "reference")
-ANGLE_TOL = math.pi / 9  # success tolerances of DINO-WM's eval_state: 20 px (joint agent+block) and 20 deg
 
 
 @torch.inference_mode()
@@ -374,7 +373,7 @@ def references(tasks, stats, budget, every_step, img_size, seed):
 def sim_cost(goal, state):
     """The ceiling's cost: squared state distance in units of the success tolerances (20 px, 20 deg)."""
     pos, ang = distances(goal, state)
-    return (pos / 20.0) ** 2 + (ang / ANGLE_TOL) ** 2
+    return (pos / data.SUCCESS_PX) ** 2 + (ang / data.SUCCESS_ANGLE) ** 2
 
 
 def sim_costs(state, goal, acts):
@@ -482,7 +481,7 @@ def auto_batch(cfg, model, n, device):
         z, plan = probe(model.cfg, cfg, 2, device)
         torch.cuda.synchronize(device), torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16):
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             rollout_cost(model, z, z, plan)
         per_episode, free = (torch.cuda.max_memory_allocated(device) - base) / 2, torch.cuda.mem_get_info(device)[0]
     else:
@@ -507,7 +506,7 @@ def dry_run(cfg):
           f"samples x {cfg.opt_steps} iterations, horizon {cfg.horizon}: {flops * cfg.opt_steps / 1e12:.0f} TFLOP per "
           f"solve (counted); {E} episodes at once ({per_episode / 1e9:.2f} GB each, fp32 count)")
     dino.report(f"plan-{mc.variant}-{cfg.protocol}", n * solves * cfg.opt_steps * flops, E * per_episode, 0,
-                "bfloat16" if cfg.bf16 else "float32", flag="pass --batch-episodes or lower --num-samples")
+                cfg.dtype, flag="pass --batch-episodes or lower --num-samples")
 
 
 def results_json(cfg, tasks, res, planner, variant, tokens, ref, via, labels, extra):
@@ -594,7 +593,7 @@ def main(cfg: PlanConfig):
     if cfg.dry_run:
         return dry_run(cfg)
     t_start = time.perf_counter()
-    device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
+    device, ctx = data.setup(cfg.device, cfg.seed, cfg.dtype)
     data.writable(cfg.out, "--out", RESULT_KEYS)  # a .json, never a checkpoint or another file of the user's
     data.need_disk(Path(cfg.out).parent, 10 ** 6 * (1 + 2 * cfg.videos), f"--out {cfg.out} and its videos")
     model, ckpt, root = wm.load_run(cfg.run, device, cfg.data, cfg.dino_weights)

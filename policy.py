@@ -68,7 +68,7 @@ class TrainConfig:
     dino_weights: str = ""  # DINOv2 .pth, "" = the official file from the hub cache, random = tests only
     features: Literal["cache", "memory", "off"] = "cache"  # dinov2 tokens: as train.py --features
     compile: bool = True  # torch.compile the networks on CUDA (never on CPU)
-    bf16: bool = True  # bf16 autocast on CUDA; --no-bf16 = fp32 everywhere
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA: bf16 autocast, or fp32 everywhere (TF32 off)
 
     def __post_init__(self):
         data.check_choices(self)
@@ -100,7 +100,7 @@ class EvalConfig:
     videos: int = 2  # mp4 videos (simulator | goal) of the first N episodes
     seed: int = 0  # seeds the task draws and the random policy (plan.py's tasks with the same seed)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
-    bf16: bool = True  # bf16 autocast on CUDA (the DINOv2 encoder included)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA: bf16 autocast (the DINOv2 encoder included), or fp32
 
     def __post_init__(self):
         data.check_choices(self)
@@ -117,15 +117,8 @@ class EvalConfig:
 # A macro-action width (2 x frameskip), H chunk length in macro actions, E episodes, V validation windows.
 # Frames are indexed globally within a split (a one-frame window's index is its frame's index).
 FORMAT = "dinowm-la-policy-v2"  # policy.pt "format"
-RUNTIME = ("out", "log_every", "device", "compile", "bf16", "features")  # settings that are not the policy itself
+RUNTIME = ("out", "log_every", "device", "compile", "dtype", "features")  # settings that are not the policy itself
 AWR_CLIP = 100.0  # max AWR weight; OGBench gciql.py and stable-worldmodel gciql.py clip exp(beta * A) at 100
-
-
-def reached(s, g):
-    """DINO-WM's success test (data.is_success) on batches of states (..., 7) -> (...) bool: joint agent + block
-    position error < 20 px and block angle error < pi / 9. IQL's 'goal reached'."""
-    d = (g[..., 4] - s[..., 4]).remainder(2 * math.pi)
-    return ((g[..., :4] - s[..., :4]).norm(dim=-1) < 20) & (torch.minimum(d, 2 * math.pi - d) < math.pi / 9)
 
 
 def actor_goals(rng, t, end, goal_steps):
@@ -180,7 +173,7 @@ def iql_losses(nets, z0, z1, a0, zgv, sgv, s0, zga, cfg):
     'reached' = DINO-WM's success test on the dataset's states, where swm compares pixels): 0 and episode over when s
     is at the goal, else -1."""
     with torch.no_grad():
-        mask = 1.0 - reached(s0, sgv).float()  # (B,)
+        mask = 1.0 - data.is_success(sgv, s0).float()  # (B,) DINO-WM's success test: goal reached
         y = -mask + cfg.discount * mask * nets["value_target"](z1, zgv)[:, 0].float()  # r + gamma m V_target(s', g)
         q_t = nets["critic_target"](z0, zgv, a0)[:, 0].float()  # (B,) Q_target(s, a, g)
     v = nets["value"](z0, zgv)[:, 0].float()  # (B,)
@@ -229,8 +222,7 @@ def existing(path, cfg, fp):
     if not path.is_file():
         return False
     old = data.load_pt(path, "delete it to start over, or choose another --out")
-    diff = [f"{data.flag(k)} {v!r} (the policy has {old['config'].get(k)!r})" for k, v in asdict(cfg).items()
-            if k not in RUNTIME + ("data",) and old["config"].get(k) != v]
+    diff = data.differences(old["config"], asdict(cfg), "the policy has", RUNTIME + ("data",))
     if old["data"]["fingerprint"] != fp:
         diff.append(f"--data {cfg.data} (fingerprint {fp}; the policy's dataset: {old['data']['root']}, fingerprint "
                     f"{old['data']['fingerprint']})")
@@ -251,7 +243,7 @@ def train(cfg: TrainConfig):
             return None
         mc = wm.derive(wm.WMConfig(tokens=cfg.tokens, dino_name=cfg.dino_name, dino_size=cfg.dino_size), meta)
         wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
-        device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
+        device, ctx = data.setup(cfg.device, cfg.seed, cfg.dtype)
         print(asdict(cfg))
         H, A, rng = cfg.horizon, mc.action_dim, np.random.default_rng([cfg.seed, 1])
         ds, val = (data.WindowDataset(cfg.data, s, H + 1, mc.frameskip) for s in ("train", "val"))
@@ -356,7 +348,7 @@ def evaluate_policy(cfg: EvalConfig):
     """Evaluate a trained policy on plan.py's tasks and protocols -> RESULTS.json in plan.py's format."""
     # --- setup: the policy and its token source, the tasks, the reference rows on the same tasks
     t_start = time.perf_counter()
-    device, ctx = data.setup(cfg.device, cfg.seed, "bfloat16" if cfg.bf16 else "float32")
+    device, ctx = data.setup(cfg.device, cfg.seed, cfg.dtype)
     data.writable(cfg.out, "--out", RESULT_KEYS)  # a .json, never a checkpoint or another file of the user's
     actor, ck, mc, root = load_policy(cfg.policy, device, cfg.data, cfg.tokens)
     tc, stats, img = ck["config"], ck["stats"], mc.img_size or 224

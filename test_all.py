@@ -2009,8 +2009,8 @@ def test_policy_reached_is_the_success_test():
     g = s + rng.normal(0, 12, (400, 7)) * [1, 1, 1, 1, 0.02, 1, 1]  # near pairs: both verdicts occur
     g[:, 4] += 2 * np.pi * rng.integers(-1, 2, 400)  # angles that differ by whole turns
     want = np.array([is_success(a, b) for a, b in zip(g, s)])
-    got = policy.reached(torch.tensor(s), torch.tensor(g)).numpy()
-    assert 0 < want.mean() < 1 and (got == want).all()
+    got = data.is_success(torch.tensor(g), torch.tensor(s)).numpy()  # batched, torch (IQL) and NumPy
+    assert 0 < want.mean() < 1 and (got == want).all() and (data.is_success(g, s) == want).all()
 
 
 def test_policy_iql_targets_and_expectile(policy_data):

@@ -81,7 +81,9 @@ class WMConfig:
                 "--dropout in [0, 1), --ema-decay in (0, 1), --commitment >= 0")
         require(self.variant == "baseline" or self.latent_dim == self.cond_dim,
                 f"--latent-dim {self.latent_dim} must equal --cond-dim {self.cond_dim}: la/vq condition on the latent")
-        require(self.dino_size % dino.PATCH == 0, f"--dino-size {self.dino_size} must be a multiple of {dino.PATCH}")
+        require(self.dino_size % dino.PATCH == 0 and max(self.img_size, self.dino_size) <= data.MAX_IMG,
+                f"--dino-size {self.dino_size}: a multiple of {dino.PATCH}; it and --img-size {self.img_size} at most "
+                f"{data.MAX_IMG} px")
         require(self.dino_name.removesuffix("_reg") in dino.ARCHS, f"--dino-name {self.dino_name!r}: choose one of "
                 f"{', '.join(dino.ARCHS)} (optionally + _reg)")
         require(min(self.jepa_dim, self.jepa_width) >= 2 and min(self.jepa_sigreg, self.jepa_std, self.jepa_cov,
@@ -603,15 +605,26 @@ def probe_targets(state):
     return torch.cat([s[..., :4], s[..., 4:5].cos(), s[..., 4:5].sin()], -1)
 
 
-def probe_r2(x_fit, y_fit, x, y):
-    """Least-squares linear probe y ~ [x, 1] fitted on (x_fit, y_fit), scored on (x, y): R^2 per group of
-    PROBE_GROUPS (mean over its dims), 1 = read exactly, 0 = no better than the mean."""
+def r2(pred, y):
+    """R^2 per target dimension, 1 - SS_res / SS_tot: 1 = read exactly, 0 = no better than the mean. (N, A) -> (A,)"""
+    return 1 - (pred - y).pow(2).sum(0) / (y - y.mean(0)).pow(2).sum(0).clamp_min(1e-12)
+
+
+def linear_probe(x_fit, y_fit, x):
+    """Least-squares probe y ~ [x, 1] W fitted on (x_fit, y_fit) -> its predictions at x (N, A) float64; None when
+    there are no more fit rows than parameters (the fit would interpolate and say nothing)."""
     ones = lambda v: torch.cat([v.double().flatten(1), torch.ones(len(v), 1, dtype=torch.float64)], 1)  # noqa: E731
-    if len(x_fit) <= ones(x_fit[:1]).shape[1]:  # no more frames than parameters: the fit says nothing
-        return {f"probe_{k}": math.nan for k in PROBE_GROUPS}
-    W = torch.linalg.lstsq(ones(x_fit), y_fit.double()).solution  # (D+1, 6)
-    res = (ones(x) @ W - y).square().sum(0) / (y - y.mean(0)).square().sum(0).clamp_min(1e-12)  # (6,)
-    return {f"probe_{k}": (1 - res[s]).mean().item() for k, s in PROBE_GROUPS.items()}
+    if len(x_fit) <= ones(x_fit[:1]).shape[1]:
+        return None
+    return ones(x) @ torch.linalg.lstsq(ones(x_fit), y_fit.double()).solution  # (N, A)
+
+
+def probe_r2(x_fit, y_fit, x, y):
+    """What one frame's tokens keep: R^2 of a linear probe per group of PROBE_GROUPS (mean over its dims); NaN with
+    too few frames."""
+    pred = linear_probe(x_fit, y_fit, x)
+    r = r2(pred, y.double()) if pred is not None else torch.full((y.shape[1],), math.nan)  # (6,)
+    return {f"probe_{k}": r[s].mean().item() for k, s in PROBE_GROUPS.items()}
 
 
 def derive(mc, meta):
