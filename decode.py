@@ -351,8 +351,8 @@ def main(cfg: DecodeConfig):
     with data.locked(run):
         # --- data: labelled pairs from the frozen world model, split by episode through the dataset's splits
         weights = wm.run_dino_weights(ckpt, cfg.dino_weights)
-        input_of = wm.make_input(mc, device, weights)
-        ds = {s: wm.windows(mc, root, s, 2, weights) for s in ("train", "val")}
+        input_of = dino.make_input(mc, device, weights)
+        ds = {s: dino.windows(mc, root, s, 2, weights) for s in ("train", "val")}
         n_train, n_val = min(cfg.pairs, len(ds["train"])), min(cfg.val_pairs, len(ds["val"]))
         # The token store (150 KB per pair at P 196, D 384 in fp16: 16.5 GB for the seed's 110k pairs) stays on the
         # GPU when it takes under half of the free memory, which saves a host gather and copy per batch.

@@ -1,4 +1,5 @@
-"""DINOv2 ViT encoder written from scratch (exact, offline weights) and the DINO patch-feature cache.
+"""The token sources: DINOv2 written from scratch (exact, offline weights) with its patch-feature cache; the state
+token; and the small pixel encoder of --tokens jepa, trained with the predictor under SIGReg or VCReg.
 
 The frozen eyes of DINO-WM: facebookresearch/dinov2's ViT-S/B/L/g (+ _reg) in plain PyTorch. The state_dict is
 key for key the official one (official .pth files load with strict=True) and forward_features equals the
@@ -549,6 +550,152 @@ def feature_store(root, split, name, size, weights, img_size, device, ctx):
     print(f"{split}: {len(store)} frames held in {device} memory as int8 ({store.nbytes / 1e9:.2f} GB"
           f"); relative RMS error against the exact features {store.error:.2e}")
     return store
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The token sources the world model reads (--tokens): `state`, one token per frame from the simulator state; `dinov2`,
+# the frozen encoder above (its cache or on the fly); `jepa`, a small pixel encoder trained with the predictor.
+# State tokens: positions in units of UNIT px, and the angle scaled so that 20 deg counts like 20 px (the success
+# radii of DINO-WM's eval_state), so the planner's latent MSE weighs position and angle as the success test does.
+UNIT = 100.0
+ANGLE = 20.0 / UNIT / math.radians(20.0)  # cos/sin of the angle times this: a small turn of 20 deg moves them 0.2
+SPEED = 1000.0  # px/s per unit: velocities inform the dynamics but weigh little in the planning cost
+
+# JEPA tokens. SIGReg as LeWM's module.py: 17 knots on t in [0, 3], 1024 random directions per call (lewm.yaml).
+SIGREG_KNOTS, SIGREG_PROJ = 17, 1024
+
+
+def state_tokens(s):
+    """One token per frame from one frame's simulator state only, never the action: (..., 7) -> (..., 1, 12).
+
+    World frame: agent xy, block xy (centred, / UNIT) and the angle as ANGLE * (cos, sin), which has no wrap-around.
+    Block frame (rotated by -angle): the agent's position relative to the block and its velocity. These make contact
+    local: the same push from the same side looks the same wherever the T is and however it is turned. Plus the
+    agent's velocity in the world frame (the PD controller carries it over from one step to the next)."""
+    s = torch.as_tensor(s, dtype=torch.float32)
+    agent, block, th, vel = s[..., 0:2], s[..., 2:4], s[..., 4], s[..., 5:7]
+    c, sn = th.cos(), th.sin()
+    rot = lambda v: torch.stack([c * v[..., 0] + sn * v[..., 1], c * v[..., 1] - sn * v[..., 0]], -1)  # noqa: E731
+    z = torch.cat([(agent - 256) / UNIT, (block - 256) / UNIT, ANGLE * torch.stack([c, sn], -1),
+                   rot(agent - block) / UNIT, rot(vel) / SPEED, vel / SPEED], -1)  # (..., 12)
+    return z[..., None, :]  # (..., 1, 12)
+
+
+def sigreg(z, num_proj=SIGREG_PROJ, knots=SIGREG_KNOTS):
+    """LeWM's SIGReg (le-wm module.py, from LeJEPA arXiv 2511.08544): the Epps-Pulley statistic of each 1-d random
+    projection of the batch against N(0, 1), averaged over directions and frames. z (B, T, D) -> ().
+    Known answers: ~1.06 for a standard normal batch, whatever B; B * 0.41 for a collapsed batch (all rows 0)."""
+    z = z.float().transpose(0, 1)  # (T, B, D): one test per frame over the batch, as LeWM's emb.transpose(0, 1)
+    t = torch.linspace(0, 3, knots, device=z.device)  # (K,) where the characteristic functions are compared
+    phi = torch.exp(-t.square() / 2)  # (K,) characteristic function of N(0, 1), also the integration window
+    w = torch.full_like(t, 6 / (knots - 1))  # trapezoid weights of the integral over [-3, 3] (even integrand)
+    w[[0, -1]] /= 2
+    A = torch.randn(z.shape[-1], num_proj, device=z.device)  # (D, M) fresh directions at every call
+    x = (z @ (A / A.norm(dim=0)))[..., None] * t  # (T, B, M, K)
+    err = (x.cos().mean(1) - phi).square() + x.sin().mean(1).square()  # (T, M, K) |empirical CF - phi|^2
+    return (err @ (w * phi)).mean() * z.shape[1]  # times B: the test statistic, not the distance
+
+
+def var_cov(x):
+    """VICReg's variance and covariance terms over axis 1 (Bardes et al. 2022): x (G, N, D) -> std hinge (),
+    squared off-diagonal covariance / (D (D - 1)) () (PLDM's adjust_cov), each averaged over the G groups."""
+    x = x - x.mean(1, keepdim=True)
+    std = (x.var(1) + 1e-4).sqrt()  # (G, D); eps 1e-4 as VICReg
+    cov = x.transpose(1, 2) @ x / max(x.shape[1] - 1, 1)  # (G, D, D)
+    D = x.shape[-1]
+    off = cov.square().sum((1, 2)) - cov.diagonal(dim1=1, dim2=2).square().sum(-1)  # (G,)
+    return F.relu(1 - std).mean(), (off / (D * (D - 1))).mean()  # hinge: push each dimension's std to >= 1
+
+
+def vcreg(z, mc):
+    """PLDM's anti-collapse terms (Sobal et al., arXiv 2502.14819): std hinge and covariance over the batch at every
+    frame, temporal smoothness ||z_t+1 - z_t||^2, optionally std and covariance over each window's frames. z (B, T, D)
+    -> () weighted sum."""
+    z = z.float()
+    std, cov = var_cov(z.transpose(0, 1))  # (T, B, D): over the batch, per frame
+    loss = mc.jepa_std * std + mc.jepa_cov * cov + mc.jepa_temp_sim * (z[:, 1:] - z[:, :-1]).square().mean()
+    if mc.jepa_temp_std or mc.jepa_temp_cov:
+        std_t, cov_t = var_cov(z)  # (B, T, D): over each window's frames
+        loss = loss + mc.jepa_temp_std * std_t + mc.jepa_temp_cov * cov_t
+    return loss
+
+
+def jepa_reg(z, mc):
+    """The weighted anti-collapse loss of jepa tokens: z (B, T, P, D) -> ()."""
+    z = z.flatten(2)  # (B, T, P*D)
+    return mc.jepa_sigreg * sigreg(z) if mc.jepa_reg == "sigreg" else vcreg(z, mc)
+
+
+class JEPAEncoder(nn.Module):
+    """The pixel encoder of --tokens jepa, trained with the predictor: 4 stride-2 conv blocks, then an MLP projector
+    with BatchNorm (LeWM's projector: Linear -> BatchNorm1d -> GELU -> Linear) -> one D-dim token per frame.
+
+    LeWM encodes with a ViT-tiny CLS token; a CNN is cheaper on a CPU budget (PLDM's encoders are CNNs). IMPORTANT:
+    with SIGReg the token ends in a BatchNorm without affine parameters. SIGReg's gradient vanishes when the tokens
+    shrink towards one point (the statistic is even in the scale), so an encoder without it can collapse while
+    SIGReg stays stuck at its maximum; the BatchNorm pins every dimension's batch std at 1 and leaves SIGReg the
+    shape (Gaussian marginals, no redundant directions). PLDM's VCReg brings its own std hinge, so it goes without."""
+
+    def __init__(self, img_size, dim, width, final_norm=True):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 4 * width]
+        blocks = []
+        for cin, cout in zip(chans[:-1], chans[1:]):  # S -> S/16: 96 px -> 6 x 6 cells of 6 px (the agent: ~6 px)
+            blocks += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.convs = nn.Sequential(*blocks)
+        cells = (img_size // 16) ** 2
+        # Flatten, not pool: the cell index is where things are, and where is what the planner needs.
+        self.projector = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * cells, 512), nn.BatchNorm1d(512), nn.GELU(),
+                                       nn.Linear(512, dim), nn.BatchNorm1d(dim, affine=False) if final_norm else
+                                       nn.Identity())
+
+    def forward(self, obs):
+        """uint8 frames (B, T, S, S, 3) -> tokens (B, T, 1, D)."""
+        x = obs.flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B*T, 3, S, S) in [-1, 1]
+        return self.projector(self.convs(x)).view(*obs.shape[:2], 1, -1)  # (B, T, 1, D)
+
+
+def windows(mc, root, split, num_frames, dino_weights=None, features="cache", device="cpu", ctx=None):
+    """A run's WindowDataset: states only for state tokens; for dinov2 (features) "cache": the feature cache when one
+    matches (written by `dino.py encode` with the same encoder, size, weights and dataset), else frames; "memory":
+    every frame encoded now into a FeatureStore on device (int8); "off": frames (DINOv2 runs on every batch)."""
+    feats = None
+    if mc.tokens == "dinov2" and features == "cache":
+        feats = load_features(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size)
+    elif mc.tokens == "dinov2" and features == "memory":
+        feats = feature_store(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size,
+                                   torch.device(device), ctx or contextlib.nullcontext())
+    return data.WindowDataset(root, split, num_frames, mc.frameskip, mc.tokens != "state", mc.img_size, feats)
+
+
+def make_input(mc, device, dino_weights=None):
+    """The run's token source, frozen part: batch -> x, what WorldModel.encode reads. state: state_tokens(state);
+    dinov2: the cached features, or DINOv2 on the frames now; jepa: the frames themselves (its encoder is trained)."""
+    encoder = None
+    require(mc.tokens != "dinov2" or dino_weights in (None, "", "random") or Path(dino_weights).is_file(),
+            f"--dino-weights {dino_weights}: no such file; pass an official {weights_file(mc.dino_name)} "
+            "or random")
+
+    def input_of(batch):
+        nonlocal encoder
+        if mc.tokens == "state":
+            return state_tokens(batch["state"].to(device))  # (B, T, 1, 12)
+        if mc.tokens == "jepa":
+            return batch["obs"].to(device, non_blocking=True)  # (B, T, S, S, 3) uint8
+        if "feat" in batch:
+            return batch["feat"].to(device, non_blocking=True).float()  # (B, T, P, D)
+        encoder = encoder or load_dinov2(mc.dino_name, dino_weights, device)  # built on first use only
+        obs = batch["obs"].to(device, non_blocking=True)  # (B, T, S, S, 3)
+        return encode(encoder, obs.flatten(0, 1), mc.dino_size).unflatten(0, obs.shape[:2])  # (B, T, P, D)
+    return input_of
+
+
+def batch_of_states(states, mc):
+    """Simulator states (E, 7) -> a batch of one-frame windows for make_input: state, and frames for pixel tokens."""
+    batch = {"state": torch.as_tensor(np.asarray(states), dtype=torch.float32)[:, None]}  # (E, 1, 7)
+    if mc.tokens != "state":
+        batch["obs"] = torch.from_numpy(data.render_batch(np.asarray(states)[:, None], mc.img_size))  # (E, 1, S, S, 3)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------

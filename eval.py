@@ -29,7 +29,9 @@ from tqdm import tqdm
 
 import data
 import decode
+import dino
 import plan
+import train
 import wm
 from data import require
 
@@ -132,7 +134,7 @@ def evaluate_run(run, cfg, device):
     model, ckpt, root = wm.load_run(run, device, cfg.data, cfg.dino_weights)
     mc, H, name = model.cfg, cfg.horizon, Path(run).name
     weights = wm.run_dino_weights(ckpt, cfg.dino_weights)
-    input_of, gen = wm.make_input(mc, device, weights), torch.Generator().manual_seed(cfg.seed)
+    input_of, gen = dino.make_input(mc, device, weights), torch.Generator().manual_seed(cfg.seed)
     unpack = lambda b: (model.encode(input_of(b)), b["action"].to(device),  # noqa: E731
                         b["proprio"].to(device) if mc.proprio else None)
     out = {"run": str(run), "variant": mc.variant, "tokens": mc.tokens, "dataset": ckpt["data"]["fingerprint"],
@@ -141,14 +143,14 @@ def evaluate_run(run, cfg, device):
 
     # One-step latent MSE, plus swap/shuffle and the val side of the probe (la/vq) on the same windows.
     mse, swaps, shuffles, lat, act, codes = [], [], [], [], [], []
-    val = wm.windows(mc, root, "val", mc.num_hist + 1, weights)
+    val = dino.windows(mc, root, "val", mc.num_hist + 1, weights)
     for b in batches(val, cfg.windows, cfg, device, f"{name}: one-step"):
         z, a, p = unpack(b)  # (B, n+1, P, D), (B, n+1, A), (B, n+1, 4) | None
         err, c = one_step_mse(model, z, a, p)
         mse.append(err.cpu())  # (B,)
         if mc.variant != "baseline":
-            swaps.append(wm.swap_score(model, z, a, p, generator=gen))
-            shuffles.append(wm.shuffle_delta(model, z, a, p, generator=gen))
+            swaps.append(train.swap_score(model, z, a, p, generator=gen))
+            shuffles.append(train.shuffle_delta(model, z, a, p, generator=gen))
             lat.append(c["cond"][:, 0].float().cpu()), act.append(a[:, 0].cpu())  # (B, C), (B, A)
         if mc.variant == "vq":
             codes.append(c["codes"][:, 0].cpu())  # (B,) the window's first real transition
@@ -156,7 +158,7 @@ def evaluate_run(run, cfg, device):
     out["latent_mse"] = out["latent_mse_stats"]["mean"]
 
     # Open-loop rollout over H macro steps on windows of H+1 frames.
-    ds = wm.windows(mc, root, "val", H + 1, weights)
+    ds = dino.windows(mc, root, "val", H + 1, weights)
     err = torch.cat([rollout_mse(model, *unpack(b)).cpu() for b in batches(ds, cfg.windows, cfg, device,
                                                                            f"{name}: rollout")])  # (N, H)
     out["rollout_curve"] = [summarize(err[:, h]) for h in range(H)]
@@ -167,14 +169,14 @@ def evaluate_run(run, cfg, device):
         out["swap_score"], out["shuffle_delta"] = out["swap_score_stats"]["mean"], out["shuffle_delta_stats"]["mean"]
         # Linear probe latent -> true macro action, fitted on train windows (2 frames: one transition each).
         fit = [(model.conditioning(model.encode(input_of(b)))["cond"][:, 0].float().cpu(), b["action"][:, 0])
-               for b in batches(wm.windows(mc, root, "train", 2, weights), cfg.probe_windows, cfg, device,
+               for b in batches(dino.windows(mc, root, "train", 2, weights), cfg.probe_windows, cfg, device,
                                 f"{name}: probe fit")]  # (B, C), (B, A)
         out["probe_r2"] = linear_probe(torch.cat([f[0] for f in fit]), torch.cat([f[1] for f in fit]),
                                        torch.cat(lat), torch.cat(act), gen)
         out["decoder"] = decoder_summary(run, ckpt)
     if mc.variant == "vq":
         codes, K = torch.cat(codes), mc.num_codes
-        out["perplexity"], out["dead_codes"] = wm.perplexity(codes, K)
+        out["perplexity"], out["dead_codes"] = train.perplexity(codes, K)
         out.update(num_codes=K, code_usage=torch.bincount(codes, minlength=K).tolist())
     if mc.tokens == "jepa":
         out.update(jepa_report(model, ckpt, root, input_of, cfg, device))
@@ -185,22 +187,22 @@ def evaluate_run(run, cfg, device):
 
 @torch.no_grad()
 def jepa_report(model, ckpt, root, input_of, cfg, device):
-    """jepa runs: collapse statistics of val-frame tokens (wm.token_stats), linear probes of agent xy, block xy and
+    """jepa runs: collapse statistics of val-frame tokens (train.token_stats), linear probes of agent xy, block xy and
     angle (cos, sin) from one frame's tokens (fitted on train frames, scored on val frames), and for baseline runs the
     exploitation gap on open-loop val tasks: the model's cost of the plan its planner finds (plan.py's Gaussian CEM,
     300 samples, top 30, GAP_OPT_STEPS iterations) against its cost of the recorded actions that reach the goal."""
     mc = model.cfg
 
     def tokens(split, n):  # one frame per window: (N, 1, D) tokens, (N, 6) probe targets
-        zy = [(model.encode(input_of(b))[:, 0].float().cpu(), wm.probe_targets(b["state"][:, 0]))
-              for b in batches(wm.windows(mc, root, split, 1), n, cfg, device, f"jepa tokens ({split})")]
+        zy = [(model.encode(input_of(b))[:, 0].float().cpu(), train.probe_targets(b["state"][:, 0]))
+              for b in batches(dino.windows(mc, root, split, 1), n, cfg, device, f"jepa tokens ({split})")]
         return torch.cat([t[0] for t in zy]), torch.cat([t[1] for t in zy])
     (zf, yf), (zv, yv) = tokens("train", cfg.probe_windows), tokens("val", cfg.windows)
-    out = {**wm.token_stats(zv), **wm.probe_r2(zf, yf, zv, yv), "token_dim": zv[0].numel()}
+    out = {**train.token_stats(zv), **train.probe_r2(zf, yf, zv, yv), "token_dim": zv[0].numel()}
     if mc.variant != "baseline" or cfg.gap_tasks == 0:
         return out  # la/vq plan latents: no recorded plan to compare with
     stats, tasks = ckpt["stats"], plan.make_tasks(root, "val", "open-loop", cfg.gap_tasks, cfg.seed, mc.img_size)
-    enc = lambda s: model.encode(input_of(wm.batch_of_states(s, mc)))[:, 0]  # noqa: E731  (E, P, D)
+    enc = lambda s: model.encode(input_of(dino.batch_of_states(s, mc)))[:, 0]  # noqa: E731  (E, P, D)
     z0, zg = enc(tasks["start_state"]), enc(tasks["goal_state"])
     p0 = plan.proprio_of(tasks["start_state"], stats, device) if mc.proprio else None  # (E, 4)
     pg = model.embed_proprio(plan.proprio_of(tasks["goal_state"], stats, device)) if mc.proprio else None
@@ -392,12 +394,12 @@ def jepa_rows():
     """Table rows of jepa runs (label, cell function); '–' for other token sources."""
     has = lambda k, f: lambda m: f(m) if k in m else "–"  # noqa: E731
     flag = lambda m: " **COLLAPSED**" if m["collapsed"] else ""  # noqa: E731
-    return [(f"jepa token std min / median (collapsed < {wm.COLLAPSE_STD})", has("collapsed", lambda m: (
+    return [(f"jepa token std min / median (collapsed < {train.COLLAPSE_STD})", has("collapsed", lambda m: (
                 f"{m['token_std_min']:.3g} / {m['token_std_median']:.3g}{flag(m)}"))),
             ("jepa effective rank / D",
              has("effective_rank", lambda m: f"{m['effective_rank']:.1f} / {m['token_dim']}")),
             ("jepa probe R² agent / block / angle", has("probe_agent", lambda m: " / ".join(
-                f"{m['probe_' + k]:.3f}" for k in wm.PROBE_GROUPS))),
+                f"{m['probe_' + k]:.3f}" for k in train.PROBE_GROUPS))),
             ("jepa model cost: own plan vs true actions", has("gap_cost_plan", lambda m: (
                 f"{m['gap_cost_plan']['mean']:.3g} vs {m['gap_cost_true']['mean']:.3g} (plan cheaper on "
                 f"{m['gap_plan_cheaper']:.0%} of {m['gap_cost_plan']['n']} tasks)")))]

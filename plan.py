@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import data
 import dino
+import train
 import wm
 from data import PushT, UserError, distances, is_success, load_split, macro_to_env, render_state, require
 from decode import load_head, run_config
@@ -65,7 +66,7 @@ class PlanConfig:
     dino_weights: str = ""  # DINOv2 weights override (path or random); "" = the run's own (pixel tokens only)
     compile: bool = True  # torch.compile the batched rollout-and-cost function on CUDA (never on CPU)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA: bf16 autocast (the encoder included), or fp32, TF32 off
-    allow_collapsed: bool = False  # plan even with a collapsed jepa encoder (median token std < wm.COLLAPSE_STD)
+    allow_collapsed: bool = False  # plan even with a collapsed jepa encoder (median token std < train.COLLAPSE_STD)
     dry_run: bool = False  # print GPU time and memory of this planning run (FLOPs counted on meta tensors) and exit
 
     def __post_init__(self):
@@ -90,14 +91,14 @@ RESULT_KEYS = ("success_rate", "successes", "episodes", "protocol", "planner", "
 @torch.inference_mode()
 def refuse_collapsed(model, input_of, tasks, run, allow=False):
     """A jepa encoder that maps every frame to nearly one point makes the planner chase noise: refuse to plan with it
-    (UserError naming the run and the statistic) unless allow. -> wm.token_stats over the tasks' start and goal
+    (UserError naming the run and the statistic) unless allow. -> train.token_stats over the tasks' start and goal
     frames (eval mode, as planning sees them), or None for frozen token sources."""
     if model.encoder is None:
         return None
     states = np.concatenate([tasks["start_state"], tasks["goal_state"]])  # (2n, 7)
-    st = wm.token_stats(model.encode(input_of(wm.batch_of_states(states, model.cfg)))[:, 0].float().cpu())
+    st = train.token_stats(model.encode(input_of(dino.batch_of_states(states, model.cfg)))[:, 0].float().cpu())
     require(allow or not st["collapsed"], f"{run}: its jepa encoder has collapsed: the median per-dimension token "
-            f"std over the {len(states)} start and goal frames is {st['token_std_median']:.2e} < {wm.COLLAPSE_STD} "
+            f"std over the {len(states)} start and goal frames is {st['token_std_median']:.2e} < {train.COLLAPSE_STD} "
             f"(effective rank {st['effective_rank']:.1f}); retrain it (train.py logs the statistic at every "
             f"validation) or pass --allow-collapsed to plan anyway")
     if st["collapsed"]:
@@ -608,7 +609,7 @@ def main(cfg: PlanConfig):
     head, report = load_head(cfg.run, ckpt, device, via) if via != "actions" else (None, {"labels": 0})
     decoder, adapter = (head, None) if via == "decoder" else (None, head)
     labels = stats["labels"] + report["labels"]  # the world model's (baseline) + its decoder's or adapter's
-    input_of = wm.make_input(mc, device, wm.run_dino_weights(ckpt, cfg.dino_weights))
+    input_of = dino.make_input(mc, device, wm.run_dino_weights(ckpt, cfg.dino_weights))
     n, every_step = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol], cfg.protocol == "mpc"
     budget = MPC_BUDGET if every_step else H * mc.frameskip  # open loop: one plan, executed whole
     E = auto_batch(cfg, model, n, device)
@@ -625,7 +626,7 @@ def main(cfg: PlanConfig):
     mu0, sigma0 = plan_prior(mc, via, cfg.la_prior, cfg.var_scale, H, stats, device)
     compiled = cfg.compile and device.type == "cuda"
     cost = torch.compile(rollout_cost, dynamic=False) if compiled else rollout_cost  # fixed (E, N, H) shapes
-    encode = lambda states: model.encode(input_of(wm.batch_of_states(states, mc)))[:, 0]  # noqa: E731 (E, P, D)
+    encode = lambda states: model.encode(input_of(dino.batch_of_states(states, mc)))[:, 0]  # noqa: E731 (E, P, D)
 
     def policy_for(idx):
         with torch.inference_mode(), ctx:  # the goals are encoded once per batch

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import dino
 import wm
 from data import macro_to_env, require
 from plan import (MPC_BUDGET, PROTOCOL_EPISODES, RESULT_KEYS, PlanConfig, ceiling, evaluate, make_tasks, references,
@@ -247,7 +248,7 @@ def train(cfg: TrainConfig):
         print(asdict(cfg))
         H, A, rng = cfg.horizon, mc.action_dim, np.random.default_rng([cfg.seed, 1])
         ds, val = (data.WindowDataset(cfg.data, s, H + 1, mc.frameskip) for s in ("train", "val"))
-        frames, val_frames = (wm.windows(replace(mc, frameskip=1), cfg.data, s, 1, cfg.dino_weights, cfg.features,
+        frames, val_frames = (dino.windows(replace(mc, frameskip=1), cfg.data, s, 1, cfg.dino_weights, cfg.features,
                                          device, ctx) for s in ("train", "val"))
         end, val_end = episode_ends(cfg.data, "train"), episode_ends(cfg.data, "val")
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -255,7 +256,7 @@ def train(cfg: TrainConfig):
         labels = H * len(subset) if cfg.labels > 0 else len(data.WindowDataset(cfg.data, "train", 2, mc.frameskip))
         order = (int(subset[i]) for _ in itertools.count() for i in torch.randperm(len(subset), generator=gen).tolist())
         it = iter(data.loader(ds, cfg.batch_size, order, 0, device, drop_last=True))  # a NumPy gather per batch
-        input_of = wm.make_input(mc, device, cfg.dino_weights or None)
+        input_of = dino.make_input(mc, device, cfg.dino_weights or None)
         tokens = lambda d, idx: input_of(d.__getitems__(idx))[:, 0]  # noqa: E731  frames idx (B,) -> (B, P, D)
         print(f"{cfg.algo} on {mc.tokens} tokens (P {mc.num_patches}, D {mc.visual_dim}) | windows: train "
               f"{len(ds)}, val {len(val)} | labels {labels} ({len(subset)} chunks) | chunk {H} x {A} | features: "
@@ -358,7 +359,7 @@ def evaluate_policy(cfg: EvalConfig):
     # mpc: a policy trained towards goals at its chunk's end runs the whole chunk (re-queried every 25 steps, as plan.py
     # replans); one trained on uniform-future goals re-queries every macro step (closed loop, as swm runs policies)
     execute = min(cfg.mpc_execute or (H if tc["goal_steps"] else 1), H) if every_step else H
-    input_of = wm.make_input(mc, device, tc["dino_weights"] or None)
+    input_of = dino.make_input(mc, device, tc["dino_weights"] or None)
     print(f"{ck['algo']} ({mc.tokens} tokens, {ck['step']} steps) | {n} episodes | budget {budget} env steps, "
           f"{execute} macro action(s) per query | split {cfg.split} of {root}")
     tasks = make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, img)
@@ -368,7 +369,7 @@ def evaluate_policy(cfg: EvalConfig):
            **ceiling(tasks, ceil_cfg, stats, budget, every_step, img, Path(cfg.out).parent / "ceiling")}
 
     # --- act: one forward pass per query, every episode at once
-    encode = lambda states: input_of(wm.batch_of_states(states, mc))[:, 0]  # noqa: E731 (E, P, D)
+    encode = lambda states: input_of(dino.batch_of_states(states, mc))[:, 0]  # noqa: E731 (E, P, D)
 
     def policy_for(idx):
         with torch.inference_mode(), ctx:

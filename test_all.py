@@ -70,7 +70,7 @@ def one_thread():
 
 @pytest.fixture
 def cached_dino(monkeypatch):
-    """Stages that build the random encoder (through wm.make_input) share one instance."""
+    """Stages that build the random encoder (through dino.make_input) share one instance."""
     monkeypatch.setattr(dino, "load_dinov2", cached_dinov2)
 
 
@@ -803,14 +803,14 @@ def batch(B=6, T=2, seed=0):
 def test_state_tokens_make_contact_look_the_same_wherever_the_t_is():
     rng = np.random.default_rng(0)
     s = np.c_[rng.uniform(50, 450, (5, 4)), rng.uniform(0, 6, 5), rng.normal(0, 50, (5, 2))]  # (N, 7)
-    z = wm.state_tokens(s)
-    assert z.shape == (5, 1, 12) and wm.state_tokens(torch.tensor(s)[None]).shape == (1, 5, 1, 12)
+    z = dino.state_tokens(s)
+    assert z.shape == (5, 1, 12) and dino.state_tokens(torch.tensor(s)[None]).shape == (1, 5, 1, 12)
     phi = 1.3
     R = np.array([[math.cos(phi), -math.sin(phi)], [math.sin(phi), math.cos(phi)]])  # turns like the T's angle
     moved = s.copy()  # the same scene turned by phi and shifted
     moved[:, 0:2], moved[:, 2:4], moved[:, 5:7] = s[:, 0:2] @ R.T + 40, s[:, 2:4] @ R.T + 40, s[:, 5:7] @ R.T
     moved[:, 4] += phi
-    zm = wm.state_tokens(moved)
+    zm = dino.state_tokens(moved)
     torch.testing.assert_close(zm[..., 6:10], z[..., 6:10], atol=1e-5, rtol=0)  # block frame: agent offset, speed
     assert (zm[..., :6] - z[..., :6]).abs().max() > 0.1  # the world frame does see where the T is
 
@@ -821,7 +821,7 @@ def test_state_tokens_weigh_20_degrees_like_20_px_without_wrap_around():
     turned[0, 4] += math.radians(20)
     wrapped[0, 4] += math.radians(20) - 2 * math.pi  # the same pose, across the wrap-around
     shifted[0, 2] += 20
-    z, zt, zw, zs = (wm.state_tokens(x)[0, 0] for x in (s, turned, wrapped, shifted))
+    z, zt, zw, zs = (dino.state_tokens(x)[0, 0] for x in (s, turned, wrapped, shifted))
     torch.testing.assert_close(zw, zt, atol=1e-5, rtol=0)
     assert abs((zt - z)[4:6].norm() / (zs - z)[:4].norm() - 1) < 0.02  # the angle part moves as far as the position
 
@@ -830,8 +830,8 @@ def test_token_source_config_and_input():
     meta, states = {"img_size": 64}, np.array([[200.0, 200.0, 300.0, 300.0, 1.0, 3.0, 4.0], PUSH])
     assert (mc := wm.derive(WMConfig(tokens="state", frameskip=4), meta)) == WMConfig(
         tokens="state", frameskip=4, action_dim=8, visual_dim=12, num_patches=1)
-    x = wm.make_input(mc, CPU)(wm.batch_of_states(states, mc))  # (E, 1, 1, 12): state tokens, no frames
-    torch.testing.assert_close(x, wm.state_tokens(states)[:, None])
+    x = dino.make_input(mc, CPU)(dino.batch_of_states(states, mc))  # (E, 1, 1, 12): state tokens, no frames
+    torch.testing.assert_close(x, dino.state_tokens(states)[:, None])
     px = wm.derive(WMConfig(tokens="dinov2", dino_size=28, dino_name="dinov2_vitb14_reg"), meta)
     assert (px.visual_dim, px.num_patches, px.img_size, px.action_dim) == (768, 4, 64, 10)
     user_error(wm.derive, WMConfig(tokens="state", dino_size=28), meta, names=["--dino-size", "state"])
@@ -971,7 +971,7 @@ def test_idm_carries_what_the_frame_lacks():
         z = pair(held_out)
         errors[variant] = m.eval()(z, a)["visual_loss"].item()
     assert errors["baseline"] > 0.8 and errors["la"] < 0.6 * errors["baseline"], errors
-    assert wm.shuffle_delta(m, z, a) > 1.0  # la's predictor relies on the latent
+    assert train.shuffle_delta(m, z, a) > 1.0  # la's predictor relies on the latent
 
 
 def test_rollout_equals_single_steps():
@@ -998,17 +998,17 @@ def test_diagnostics_known_answers(shortcut):
     g = torch.Generator().manual_seed(0)
     if shortcut:  # predicts the target of the sample the conditioning came from: only fixed points fail to win
         m.predict = lambda obs, cond: z[cond[:, 0, 0].round().long(), 1:]  # (B, n, P, D)
-        assert wm.swap_score(m, z, a, p, generator=g) > 0.95 and wm.shuffle_delta(m, z, a, p, generator=g) > 1.0
+        assert train.swap_score(m, z, a, p, generator=g) > 0.95 and train.shuffle_delta(m, z, a, p, generator=g) > 1.0
     else:  # the context dictates
         m.predict = lambda obs, cond: z[:, 1:] + 0.01
-        assert wm.swap_score(m, z, a, p, generator=g) == 0 and abs(wm.shuffle_delta(m, z, a, p, generator=g)) < 1e-6
+        assert train.swap_score(m, z, a, p, generator=g) == 0 and abs(train.shuffle_delta(m, z, a, p, generator=g)) < 1e-6
     assert m.training  # the diagnostics restore the mode
 
 
 def test_perplexity_known_answers():
-    assert wm.perplexity(torch.arange(8).repeat(5), 8) == (pytest.approx(8.0), 0)  # uniform usage: PPL = K
-    assert wm.perplexity(torch.full((40,), 3), 8) == (pytest.approx(1.0), 7)
-    assert wm.perplexity(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 6) == (pytest.approx(4.0, abs=1e-5), 2)
+    assert train.perplexity(torch.arange(8).repeat(5), 8) == (pytest.approx(8.0), 0)  # uniform usage: PPL = K
+    assert train.perplexity(torch.full((40,), 3), 8) == (pytest.approx(1.0), 7)
+    assert train.perplexity(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 6) == (pytest.approx(4.0, abs=1e-5), 2)
 
 
 # ---- train.py (state tokens): exact resume, the run folder, moved data, settings on resume, lock, NaN guard, DDP -----
@@ -1341,8 +1341,8 @@ def test_vq_decoder_and_adapter_learn_from_the_codes_the_predictor_saw(runs):
     """vq's labelled pairs carry codebook vectors (what the decoder is fed when planning), never the pre-quantisation
     latents; the adapter's output is always one of the codes."""
     model, ckpt, root = wm.load_run(runs[0] / "vq")
-    ds, E = wm.windows(model.cfg, root, "val", 2), model.quantizer.embedding  # (K, L)
-    pairs = decode.build_pairs(model, ds, 16, wm.make_input(model.cfg, CPU), tiny_decode(runs[0] / "vq"),
+    ds, E = dino.windows(model.cfg, root, "val", 2), model.quantizer.embedding  # (K, L)
+    pairs = decode.build_pairs(model, ds, 16, dino.make_input(model.cfg, CPU), tiny_decode(runs[0] / "vq"),
                                contextlib.nullcontext(), CPU, torch.Generator().manual_seed(0), CPU)
     torch.testing.assert_close(pairs["z"], E[pairs["codes"]])  # straight-through: z_e + (z_q - z_e) = z_q
     adapter = decode.load_head(runs[0] / "vq", ckpt, CPU, "adapter")[0]
@@ -2020,7 +2020,7 @@ def test_policy_iql_targets_and_expectile(policy_data):
     torch.manual_seed(0)
     nets = policy.build(cfg, mc)
     s = torch.tensor(data.load_split(policy_data, "train")["states"][:8], dtype=torch.float32)  # (B, 7)
-    z, a0 = wm.state_tokens(torch.stack([s, s], 1)), torch.randn(8, mc.action_dim)  # (B, 2, 1, 12), (B, A)
+    z, a0 = dino.state_tokens(torch.stack([s, s], 1)), torch.randn(8, mc.action_dim)  # (B, 2, 1, 12), (B, A)
     with torch.no_grad():  # Q = Q_target = -3 and V = 0 everywhere
         for name, value in (("critic", -3.0), ("critic_target", -3.0), ("value", 0.0)):
             nets[name].mlp[-1].weight.zero_(), nets[name].mlp[-1].bias.fill_(value)
@@ -2085,8 +2085,8 @@ def test_policy_refuses_another_token_source_or_dataset(policy_data, tmp_path):
 # ---- the jepa token source: SIGReg and VCReg known answers, the encoder, collapse statistics, a jepa run end to end --
 def sigreg_of_zero(B):
     """SIGReg of B identical rows at 0, from its definition: B * sum_k w_k phi_k (1 - phi_k)^2."""
-    t = torch.linspace(0, 3, wm.SIGREG_KNOTS, dtype=torch.float64)
-    w = torch.full_like(t, 6 / (wm.SIGREG_KNOTS - 1))
+    t = torch.linspace(0, 3, dino.SIGREG_KNOTS, dtype=torch.float64)
+    w = torch.full_like(t, 6 / (dino.SIGREG_KNOTS - 1))
     w[[0, -1]] /= 2
     phi = torch.exp(-t ** 2 / 2)
     return B * (w * phi * (1 - phi) ** 2).sum().item()
@@ -2096,16 +2096,16 @@ def test_sigreg_known_answers():
     """A standard normal batch scores ~1.06 whatever B (the integral of phi (1 - phi^2) over [-3, 3], the statistic's
     expectation); B rows at one point score B * 0.41 (LeWM's Push-T batch 128: ~52); a shrunk batch lies between."""
     torch.manual_seed(0)
-    gauss = wm.sigreg(torch.randn(2048, 2, 16)).item()
+    gauss = dino.sigreg(torch.randn(2048, 2, 16)).item()
     expect = math.sqrt(2 * math.pi) * (math.erf(3 / math.sqrt(2)) - math.erf(3 * math.sqrt(1.5)) / math.sqrt(3))
     assert abs(gauss - expect) < 0.25, (gauss, expect)
-    assert abs(wm.sigreg(torch.zeros(128, 2, 16)).item() - sigreg_of_zero(128)) < 1e-3
+    assert abs(dino.sigreg(torch.zeros(128, 2, 16)).item() - sigreg_of_zero(128)) < 1e-3
     assert 50 < sigreg_of_zero(128) < 53
-    assert gauss < wm.sigreg(0.3 * torch.randn(2048, 2, 16)).item() < sigreg_of_zero(2048)
+    assert gauss < dino.sigreg(0.3 * torch.randn(2048, 2, 16)).item() < sigreg_of_zero(2048)
     # The gradient that rescues a shrunk batch, and the one that vanishes at a collapsed one (why the encoder ends in
     # a BatchNorm): d SIGReg / d scale is large at 0.3 and zero at 0.
     s, z = torch.tensor([0.3, 0.0], requires_grad=True), torch.randn(512, 1, 16)
-    (wm.sigreg(s[0] * z) + wm.sigreg(s[1] * z)).backward()
+    (dino.sigreg(s[0] * z) + dino.sigreg(s[1] * z)).backward()
     assert s.grad[0] < -10 and s.grad[1].abs() < 1e-6
 
 
@@ -2113,19 +2113,19 @@ def test_vcreg_known_answers():
     """PLDM's terms: ~0 on a standard normal batch; std hinge 1 - sqrt(1e-4) = 0.99 on a collapsed one; the covariance
     term is 1 when all dims are the same unit-variance variable (every off-diagonal entry 1)."""
     torch.manual_seed(0)
-    std, cov = wm.var_cov(torch.randn(2, 4096, 8))
+    std, cov = dino.var_cov(torch.randn(2, 4096, 8))
     assert std < 0.02 and cov < 0.01
-    std, cov = wm.var_cov(torch.zeros(2, 64, 8))
+    std, cov = dino.var_cov(torch.zeros(2, 64, 8))
     assert abs(std - 0.99) < 1e-6 and cov == 0
-    std, cov = wm.var_cov(torch.randn(1, 4096, 1).expand(-1, -1, 8))
+    std, cov = dino.var_cov(torch.randn(1, 4096, 1).expand(-1, -1, 8))
     assert std < 0.02 and abs(cov - 1) < 0.1
     mc = WMConfig(tokens="jepa", jepa_reg="vcreg", jepa_temp_sim=0.0)
-    assert abs(wm.vcreg(torch.zeros(64, 2, 8), mc).item() - 18 * 0.99) < 1e-4  # weighted: jepa_std * hinge
+    assert abs(dino.vcreg(torch.zeros(64, 2, 8), mc).item() - 18 * 0.99) < 1e-4  # weighted: jepa_std * hinge
 
 
 def test_jepa_encoder_shapes_and_gradient():
     """uint8 frames (B, T, S, S, 3) -> (B, T, 1, D); the final BatchNorm makes every dim's batch std 1 in training."""
-    enc = wm.JEPAEncoder(img_size=32, dim=16, width=4)
+    enc = dino.JEPAEncoder(img_size=32, dim=16, width=4)
     z = enc(torch.randint(0, 256, (6, 2, 32, 32, 3), dtype=torch.uint8))
     assert z.shape == (6, 2, 1, 16)
     assert torch.allclose(z.flatten(0, 2).std(0, unbiased=False), torch.ones(16), atol=1e-2)
@@ -2137,16 +2137,16 @@ def test_token_stats_and_probe():
     """Isotropic tokens: effective rank ~D, not collapsed; constant tokens: collapsed, rank 1; a probe reads a linear
     code of the state exactly and a random code not at all."""
     torch.manual_seed(0)
-    st = wm.token_stats(torch.randn(4000, 1, 8))
+    st = train.token_stats(torch.randn(4000, 1, 8))
     assert not st["collapsed"] and st["effective_rank"] > 7.8
-    st = wm.token_stats(torch.full((100, 1, 8), 3.0) + 1e-5 * torch.randn(100, 1, 8))
-    assert st["collapsed"] and st["token_std_median"] < wm.COLLAPSE_STD
-    st = wm.token_stats(torch.randn(1, 1, 8).expand(100, 1, 8) + 1e-5 * torch.randn(100, 1, 8))
+    st = train.token_stats(torch.full((100, 1, 8), 3.0) + 1e-5 * torch.randn(100, 1, 8))
+    assert st["collapsed"] and st["token_std_median"] < train.COLLAPSE_STD
+    st = train.token_stats(torch.randn(1, 1, 8).expand(100, 1, 8) + 1e-5 * torch.randn(100, 1, 8))
     assert st["collapsed"]  # every frame the same token: collapsed, however much its dimensions differ
-    y = wm.probe_targets(torch.rand(400, 7) * torch.tensor([512, 512, 512, 512, 6.28, 1, 1]))  # (400, 6)
+    y = train.probe_targets(torch.rand(400, 7) * torch.tensor([512, 512, 512, 512, 6.28, 1, 1]))  # (400, 6)
     z = (y @ torch.randn(6, 10, dtype=torch.float64))[:, None]  # (400, 1, 10) a linear code
-    assert min(wm.probe_r2(z[:200], y[:200], z[200:], y[200:]).values()) > 0.999
-    assert max(wm.probe_r2(torch.randn(200, 1, 10), y[:200], torch.randn(200, 1, 10), y[200:]).values()) < 0.2
+    assert min(train.probe_r2(z[:200], y[:200], z[200:], y[200:]).values()) > 0.999
+    assert max(train.probe_r2(torch.randn(200, 1, 10), y[:200], torch.randn(200, 1, 10), y[200:]).values()) < 0.2
 
 
 def test_training_log_flags_a_collapsed_encoder(capsys):
@@ -2240,7 +2240,7 @@ def test_method_decoded_latents_replay_the_recorded_transitions(la_run):
     decoder, stats = decode.load_head(la_run, ckpt, "cpu")[0], ckpt["stats"]
     tasks, split = plan.make_tasks(root, "val", "open-loop", 60, 0, 64), data.load_split(root, "val")
     g = split["starts"][tasks["episode"]] + tasks["step"]  # (n,) global start frames
-    z = wm.state_tokens(split["states"][g[:, None] + 5 * np.arange(6)])  # (n, 6, 1, 12) recorded macro steps
+    z = dino.state_tokens(split["states"][g[:, None] + 5 * np.arange(6)])  # (n, 6, 1, 12) recorded macro steps
     with torch.no_grad():
         pairs = torch.stack([z[:, :-1], z[:, 1:]], 2).flatten(0, 1)  # (n*5, 2, 1, 12)
         latents = model.conditioning(pairs)["latent"][:, 0].view(len(g), 5, -1)  # (n, 5, L)
@@ -2262,7 +2262,7 @@ def test_method_adapter_imagines_the_recorded_actions_to_the_goal(la_run):
     model, ckpt, root = wm.load_run(la_run)
     adapter, stats = decode.load_head(la_run, ckpt, "cpu", "adapter")[0], ckpt["stats"]
     tasks = plan.make_tasks(root, "val", "open-loop", 60, 0, 64)
-    z0, zg = (wm.state_tokens(tasks[k]) for k in ("start_state", "goal_state"))  # (n, 1, 12) each
+    z0, zg = (dino.state_tokens(tasks[k]) for k in ("start_state", "goal_state"))  # (n, 1, 12) each
     a = torch.as_tensor(data.env_to_macro(tasks["actions"], stats["action_mean"], stats["action_std"]),
                         dtype=torch.float32)  # (n, 5, A) the recorded macro actions
     with torch.no_grad():

@@ -3,7 +3,8 @@
 Reads DIR (data.py layout; for --tokens dinov2 also DIR/{split}/features.npy from `dino.py encode` when it matches,
 else frames are rendered by loader workers and encoded every step; --features memory encodes every frame once, into
 GPU memory as int8, for datasets whose cache no disk holds). Writes RUN/ckpt.pt (raw weights, optimiser,
-step, configs, data stats and fingerprint, la/vq latent prior, RNG; atomic), RUN/config.json, RUN/log.jsonl.
+step, configs, data stats and fingerprint, la/vq latent prior, RNG; atomic), RUN/config.json, RUN/log.jsonl; each
+validation logs the seed's collapse diagnostics (swap score, shuffle delta, codebook use) defined here.
 Re-running with the same --out resumes exactly: the run's settings win, flags given again must match (except
 runtime ones such as --steps, which may rise, --device or --num-workers). The run folder is locked while training.
 GPU:  python train.py --data runs/full/data --variant vq --out runs/full/vq     (DINOv2 tokens; H200: not yet measured)
@@ -27,6 +28,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -187,6 +189,90 @@ def check_finite(first_bad, parts, ckpt_path):
                                  f"{ckpt_path} is left untouched (resume from it, e.g. with a lower lr)")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Diagnostics of a trained world model (the seed's collapse checks, codebook usage, what jepa tokens keep): logged at
+# every validation, reported by eval.py.
+# Both regularisers aim at a per-dimension std of 1; an encoder whose median per-dimension token std (eval mode, val
+# frames) is below this has collapsed (a collapsed pixel encoder sits at 1e-4 and below), and plan.py refuses it.
+COLLAPSE_STD = 0.01
+
+
+@torch.no_grad()
+def _diagnostic_predictions(model, z, action, proprio, perms):
+    """Eval-mode visual predictions of frames 1..n under each cond permutation -> list of (B, n, P, D), target."""
+    was = model.training
+    model.eval()  # dropout off, no EMA update
+    n, D = model.cfg.num_hist, model.cfg.visual_dim
+    cond = model.conditioning(z, action)["cond"][:, :n]  # (B, n, C)
+    obs = model.observe(z, proprio)[:, :n]  # (B, n, P, O)
+    preds = [model.predict(obs, cond if p is None else cond[p])[..., :D].float() for p in perms]
+    model.train(was)
+    return preds, z[:, 1:].float()
+
+
+def swap_score(model, z, action=None, proprio=None, num_perms=8, generator=None):
+    """Information-bypass score (the seed's collapse check): fraction of (i, perm) where sample i, conditioned on
+    A[perm(i)], lands closer to target perm(i) than to its own (margin 1e-3 * median distance). High (> 0.65) =
+    shortcut."""
+    B = z.shape[0]
+    perms = [torch.randperm(B, generator=generator).to(z.device) for _ in range(num_perms)]
+    preds, tgt = _diagnostic_predictions(model, z, action, proprio, perms)
+    tgt = F.normalize(tgt.flatten(1), dim=1)  # (B, n*P*D)
+    wins = []
+    for perm, pred in zip(perms, preds):
+        pred = F.normalize(pred.flatten(1), dim=1)  # (B, n*P*D)
+        d_own, d_swap = (pred - tgt).norm(dim=1), (pred - tgt[perm]).norm(dim=1)  # (B,), (B,)
+        wins.append((d_swap < d_own - 1e-3 * d_own.median()).float().mean())
+    return torch.stack(wins).mean().item()
+
+
+def shuffle_delta(model, z, action=None, proprio=None, generator=None):
+    """Relative MSE increase when the conditioning is permuted within the batch (the seed's check). ~0 = ignored."""
+    perm = torch.randperm(z.shape[0], generator=generator).to(z.device)
+    (base, shuf), tgt = _diagnostic_predictions(model, z, action, proprio, [None, perm])
+    mse_base, mse_shuf = F.mse_loss(base, tgt), F.mse_loss(shuf, tgt)
+    return ((mse_shuf - mse_base) / mse_base).item()
+
+
+def perplexity(codes, K):
+    """Codebook usage over a set of code indices (any shape) -> (perplexity exp(H(p)), dead codes = never used)."""
+    counts = torch.bincount(codes.flatten(), minlength=K).float()  # (K,)
+    p = counts / counts.sum()
+    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item(), int((counts == 0).sum())
+
+
+def token_stats(z):
+    """Collapse statistics of tokens z (N, D) over N frames: per-dimension std (min, median), the effective rank
+    (exp of the entropy of the normalised covariance spectrum, Roy & Vetterli 2007; D = no redundancy, 1 = a line),
+    and collapsed = median std < COLLAPSE_STD."""
+    z = z.double().flatten(1)  # (N, D)
+    std = z.std(0)  # (D,)
+    ev = torch.linalg.eigvalsh(torch.cov(z.T)).clamp_min(0)  # (D,)
+    p = ev / ev.sum().clamp_min(1e-300)
+    rank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum())
+    med = std.median().item()
+    return {"token_std_min": std.min().item(), "token_std_median": med, "effective_rank": rank.item(),
+            "collapsed": med < COLLAPSE_STD}
+
+
+# What a probe reads from one frame's tokens: agent xy and block xy (px), and the block angle as cos and sin.
+PROBE_GROUPS = {"agent": slice(0, 2), "block": slice(2, 4), "angle": slice(4, 6)}
+
+
+def probe_targets(state):
+    """(..., 7) simulator states -> (..., 6) probe targets [agent xy, block xy, cos, sin]."""
+    s = torch.as_tensor(state, dtype=torch.float64)
+    return torch.cat([s[..., :4], s[..., 4:5].cos(), s[..., 4:5].sin()], -1)
+
+
+def probe_r2(x_fit, y_fit, x, y):
+    """What one frame's tokens keep: R^2 of a linear probe per group of PROBE_GROUPS (mean over its dims); NaN with
+    too few frames."""
+    pred = wm.linear_probe(x_fit, y_fit, x)
+    r = wm.r2(pred, y.double()) if pred is not None else torch.full((y.shape[1],), math.nan)  # (6,)
+    return {f"probe_{k}": r[s].mean().item() for k, s in PROBE_GROUPS.items()}
+
+
 @torch.no_grad()
 def evaluate(model, loader, input_of, device, ctx, seed):
     """Validation: one-step latent MSE (visual dims) and, for la/vq, the seed's collapse diagnostics."""
@@ -200,8 +286,8 @@ def evaluate(model, loader, input_of, device, ctx, seed):
             z = out["tokens"]  # (B, T, P, D)
             row = {"val_latent_mse": out["visual_loss"].item(), "val_loss": out["pred_loss"].item()}
             if variant != "baseline":
-                row.update(swap_score=wm.swap_score(model, z, a, p, generator=g),
-                           shuffle_delta=wm.shuffle_delta(model, z, a, p, generator=g))
+                row.update(swap_score=swap_score(model, z, a, p, generator=g),
+                           shuffle_delta=shuffle_delta(model, z, a, p, generator=g))
         if variant == "vq":
             codes.append(out["codes"].flatten())
         if model.encoder is not None:  # jepa: first-frame tokens and states for the collapse statistics and probes
@@ -212,7 +298,7 @@ def evaluate(model, loader, input_of, device, ctx, seed):
     require(math.isfinite(metrics["val_loss"]), "the validation loss is not finite: a corrupt feature cache? rebuild "
                                                 "it with `python dino.py encode --data DIR --overwrite`")
     if codes:
-        metrics["perplexity"], metrics["dead_codes"] = wm.perplexity(torch.cat(codes), model.cfg.num_codes)
+        metrics["perplexity"], metrics["dead_codes"] = perplexity(torch.cat(codes), model.cfg.num_codes)
     if toks:
         trained = model.encoder.convs[1].num_batches_tracked.item() > 0  # step 0: BatchNorm has no statistics yet
         metrics.update(jepa_metrics(torch.cat([t[0] for t in toks]), torch.cat([t[1] for t in toks]), trained))
@@ -221,13 +307,13 @@ def evaluate(model, loader, input_of, device, ctx, seed):
 
 
 def jepa_metrics(z, state, warn=True):
-    """jepa tokens (N, 1, D) of val frames and their states (N, 7) -> collapse statistics (wm.token_stats) and linear
+    """jepa tokens (N, 1, D) of val frames and their states (N, 7) -> collapse statistics (token_stats) and linear
     probe R^2 of agent, block and angle, fitted on the first half of the frames and scored on the second."""
-    h, y = len(z) // 2, wm.probe_targets(state)
-    m = {**wm.token_stats(z), **wm.probe_r2(z[:h], y[:h], z[h:], y[h:])}
+    h, y = len(z) // 2, probe_targets(state)
+    m = {**token_stats(z), **probe_r2(z[:h], y[:h], z[h:], y[h:])}
     if m["collapsed"] and warn:
         print(f"WARNING: the jepa encoder has collapsed: median per-dimension token std {m['token_std_median']:.2e} "
-              f"< {wm.COLLAPSE_STD} (plan.py will refuse this run)")
+              f"< {COLLAPSE_STD} (plan.py will refuse this run)")
     return m
 
 
@@ -265,7 +351,7 @@ def log_line(step, names, values, dt, cfg, mc, world, device):
 def make_loaders(cfg, mc, device, ctx, start, rank, world):
     """Windows of num_hist + 1 frames: the train stream (resumed at `start`), fixed val and latent-prior batches,
     and input_of(batch), the token source's frozen part (state features, the DINOv2 feature cache or encoder)."""
-    ds = {s: wm.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features, device, ctx)
+    ds = {s: dino.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features, device, ctx)
           for s in ("train", "val")}
     workers = cfg.num_workers
     # The labels-only control trains on a fixed subset of the labelled windows (all of them by default).
@@ -283,7 +369,7 @@ def make_loaders(cfg, mc, device, ctx, start, rank, world):
           f"loader workers: {train_loader.num_workers}" + (f" | labels: {len(subset)}" if cfg.labels > 0 else ""))
     labels = len(subset) if mc.variant == "baseline" else 0  # labelled windows the world model was trained on
     return (labels, train_loader, fixed(ds["val"], cfg.val_batches), fixed(ds["train"], cfg.stats_batches),
-            wm.make_input(mc, device, cfg.dino_weights or None))
+            dino.make_input(mc, device, cfg.dino_weights or None))
 
 
 def build(cfg, mc, ckpt, device, ddp):

@@ -1,11 +1,9 @@
 """World model: DINO-WM's frame-causal ViT predictor over per-frame tokens, conditioned per frame on ground-truth
 actions (`baseline`), continuous latent actions from an inverse dynamics model (`la`), or their EMA
-vector-quantised codes (`vq`); plus the token sources and the run folder every later stage reads.
+vector-quantised codes (`vq`); plus load_run, the run folder every later stage reads.
 
-Token sources (--tokens): `state`, one token per frame computed from the simulator state (state_tokens); `dinov2`,
-DINO-WM's frozen DINOv2 patch tokens (cached by dino.py encode, or computed on the fly); `jepa`, a pixel encoder
-trained with the predictor. The predictor, IDM, VQ and planners see only tokens (B, T, P, D), whatever the source.
-Reads RUN/ckpt.pt (load_run; written by train.py). Writes nothing.
+The predictor, IDM, VQ and planners see only tokens (B, T, P, D), whatever their source (--tokens, dino.py: the
+simulator state, frozen DINOv2 patches, or a pixel encoder trained with the predictor). Reads RUN/ckpt.pt (load_run; written by train.py). Writes nothing.
 Tensor contract: forward(z (B, num_hist+1, P, D), action (B, T, A), proprio (B, T, 4)) -> dict of losses;
 rollout(z0 (B, P, D), cond (B, H, C)) -> (B, H, P, D).
 GPU: python train.py --data DIR --variant vq --out runs/vq                  (model code; timings in train.py)
@@ -100,33 +98,6 @@ class WMConfig:
 # K codes, H horizon, N flattened transitions, W predictor token width = D + proprio_dim + C, S tokens of the IDM.
 PROPRIO_IN = 4  # [agent_x, agent_y, agent_vx, agent_vy], z-scored by data.py (DINO-WM datasets/pusht_dset.py)
 CKPT_FORMAT = "dinowm-la-v3"  # ckpt.pt "format"; bumped when the checkpoint layout changes
-# State tokens: positions in units of UNIT px, and the angle scaled so that 20 deg counts like 20 px (the success
-# radii of DINO-WM's eval_state), so the planner's latent MSE weighs position and angle as the success test does.
-UNIT = 100.0
-ANGLE = 20.0 / UNIT / math.radians(20.0)  # cos/sin of the angle times this: a small turn of 20 deg moves them 0.2
-SPEED = 1000.0  # px/s per unit: velocities inform the dynamics but weigh little in the planning cost
-# JEPA tokens. SIGReg as LeWM's module.py: 17 knots on t in [0, 3], 1024 random directions per call (lewm.yaml).
-SIGREG_KNOTS, SIGREG_PROJ = 17, 1024
-# Both regularisers aim at a per-dimension std of 1; an encoder whose median per-dimension token std (eval mode, val
-# frames) is below this has collapsed (a collapsed pixel encoder sits at 1e-4 and below), and plan.py refuses it.
-COLLAPSE_STD = 0.01
-
-
-def state_tokens(s):
-    """One token per frame from one frame's simulator state only, never the action: (..., 7) -> (..., 1, 12).
-
-    World frame: agent xy, block xy (centred, / UNIT) and the angle as ANGLE * (cos, sin), which has no wrap-around.
-    Block frame (rotated by -angle): the agent's position relative to the block and its velocity. These make contact
-    local: the same push from the same side looks the same wherever the T is and however it is turned. Plus the
-    agent's velocity in the world frame (the PD controller carries it over from one step to the next)."""
-    s = torch.as_tensor(s, dtype=torch.float32)
-    agent, block, th, vel = s[..., 0:2], s[..., 2:4], s[..., 4], s[..., 5:7]
-    c, sn = th.cos(), th.sin()
-    rot = lambda v: torch.stack([c * v[..., 0] + sn * v[..., 1], c * v[..., 1] - sn * v[..., 0]], -1)  # noqa: E731
-    z = torch.cat([(agent - 256) / UNIT, (block - 256) / UNIT, ANGLE * torch.stack([c, sn], -1),
-                   rot(agent - block) / UNIT, rot(vel) / SPEED, vel / SPEED], -1)  # (..., 12)
-    return z[..., None, :]  # (..., 1, 12)
-
 
 def frame_causal_mask(num_patches, num_frames):
     """DINO-WM generate_mask_matrix: token i in frame f_i sees token j iff f_j <= f_i. -> (T*P, T*P) bool."""
@@ -151,51 +122,6 @@ def rotary(x, theta=10000.0):
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., S, d/2) each: pairs (x0, x1), (x2, x3), ...
     out = torch.stack([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1)  # (..., S, d/2, 2)
     return out.flatten(-2).type_as(x)  # (..., S, d)
-
-
-def sigreg(z, num_proj=SIGREG_PROJ, knots=SIGREG_KNOTS):
-    """LeWM's SIGReg (le-wm module.py, from LeJEPA arXiv 2511.08544): the Epps-Pulley statistic of each 1-d random
-    projection of the batch against N(0, 1), averaged over directions and frames. z (B, T, D) -> ().
-    Known answers: ~1.06 for a standard normal batch, whatever B; B * 0.41 for a collapsed batch (all rows 0)."""
-    z = z.float().transpose(0, 1)  # (T, B, D): one test per frame over the batch, as LeWM's emb.transpose(0, 1)
-    t = torch.linspace(0, 3, knots, device=z.device)  # (K,) where the characteristic functions are compared
-    phi = torch.exp(-t.square() / 2)  # (K,) characteristic function of N(0, 1), also the integration window
-    w = torch.full_like(t, 6 / (knots - 1))  # trapezoid weights of the integral over [-3, 3] (even integrand)
-    w[[0, -1]] /= 2
-    A = torch.randn(z.shape[-1], num_proj, device=z.device)  # (D, M) fresh directions at every call
-    x = (z @ (A / A.norm(dim=0)))[..., None] * t  # (T, B, M, K)
-    err = (x.cos().mean(1) - phi).square() + x.sin().mean(1).square()  # (T, M, K) |empirical CF - phi|^2
-    return (err @ (w * phi)).mean() * z.shape[1]  # times B: the test statistic, not the distance
-
-
-def var_cov(x):
-    """VICReg's variance and covariance terms over axis 1 (Bardes et al. 2022): x (G, N, D) -> std hinge (),
-    squared off-diagonal covariance / (D (D - 1)) () (PLDM's adjust_cov), each averaged over the G groups."""
-    x = x - x.mean(1, keepdim=True)
-    std = (x.var(1) + 1e-4).sqrt()  # (G, D); eps 1e-4 as VICReg
-    cov = x.transpose(1, 2) @ x / max(x.shape[1] - 1, 1)  # (G, D, D)
-    D = x.shape[-1]
-    off = cov.square().sum((1, 2)) - cov.diagonal(dim1=1, dim2=2).square().sum(-1)  # (G,)
-    return F.relu(1 - std).mean(), (off / (D * (D - 1))).mean()  # hinge: push each dimension's std to >= 1
-
-
-def vcreg(z, mc):
-    """PLDM's anti-collapse terms (Sobal et al., arXiv 2502.14819): std hinge and covariance over the batch at every
-    frame, temporal smoothness ||z_t+1 - z_t||^2, optionally std and covariance over each window's frames. z (B, T, D)
-    -> () weighted sum."""
-    z = z.float()
-    std, cov = var_cov(z.transpose(0, 1))  # (T, B, D): over the batch, per frame
-    loss = mc.jepa_std * std + mc.jepa_cov * cov + mc.jepa_temp_sim * (z[:, 1:] - z[:, :-1]).square().mean()
-    if mc.jepa_temp_std or mc.jepa_temp_cov:
-        std_t, cov_t = var_cov(z)  # (B, T, D): over each window's frames
-        loss = loss + mc.jepa_temp_std * std_t + mc.jepa_temp_cov * cov_t
-    return loss
-
-
-def jepa_reg(z, mc):
-    """The weighted anti-collapse loss of jepa tokens: z (B, T, P, D) -> ()."""
-    z = z.flatten(2)  # (B, T, P*D)
-    return mc.jepa_sigreg * sigreg(z) if mc.jepa_reg == "sigreg" else vcreg(z, mc)
 
 
 class Attention(nn.Module):
@@ -392,35 +318,6 @@ class VectorQuantizer(nn.Module):
             return x + (z_q - x).detach(), codes, commit
 
 
-class JEPAEncoder(nn.Module):
-    """The pixel encoder of --tokens jepa, trained with the predictor: 4 stride-2 conv blocks, then an MLP projector
-    with BatchNorm (LeWM's projector: Linear -> BatchNorm1d -> GELU -> Linear) -> one D-dim token per frame.
-
-    LeWM encodes with a ViT-tiny CLS token; a CNN is cheaper on a CPU budget (PLDM's encoders are CNNs). IMPORTANT:
-    with SIGReg the token ends in a BatchNorm without affine parameters. SIGReg's gradient vanishes when the tokens
-    shrink towards one point (the statistic is even in the scale), so an encoder without it can collapse while
-    SIGReg stays stuck at its maximum; the BatchNorm pins every dimension's batch std at 1 and leaves SIGReg the
-    shape (Gaussian marginals, no redundant directions). PLDM's VCReg brings its own std hinge, so it goes without."""
-
-    def __init__(self, img_size, dim, width, final_norm=True):
-        super().__init__()
-        chans = [3, width, 2 * width, 4 * width, 4 * width]
-        blocks = []
-        for cin, cout in zip(chans[:-1], chans[1:]):  # S -> S/16: 96 px -> 6 x 6 cells of 6 px (the agent: ~6 px)
-            blocks += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-        self.convs = nn.Sequential(*blocks)
-        cells = (img_size // 16) ** 2
-        # Flatten, not pool: the cell index is where things are, and where is what the planner needs.
-        self.projector = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * cells, 512), nn.BatchNorm1d(512), nn.GELU(),
-                                       nn.Linear(512, dim), nn.BatchNorm1d(dim, affine=False) if final_norm else
-                                       nn.Identity())
-
-    def forward(self, obs):
-        """uint8 frames (B, T, S, S, 3) -> tokens (B, T, 1, D)."""
-        x = obs.flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B*T, 3, S, S) in [-1, 1]
-        return self.projector(self.convs(x)).view(*obs.shape[:2], 1, -1)  # (B, T, 1, D)
-
-
 class WorldModel(nn.Module):
     """Conditioning module (action encoder or IDM [+ VQ]) + optional proprio encoder + ViT predictor."""
 
@@ -429,7 +326,7 @@ class WorldModel(nn.Module):
         self.cfg = cfg
         self.encoder = None  # the trained pixel encoder of --tokens jepa; frozen sources arrive as tokens
         if cfg.tokens == "jepa":
-            self.encoder = JEPAEncoder(cfg.img_size, cfg.jepa_dim, cfg.jepa_width, cfg.jepa_reg == "sigreg")
+            self.encoder = dino.JEPAEncoder(cfg.img_size, cfg.jepa_dim, cfg.jepa_width, cfg.jepa_reg == "sigreg")
         # PLDM's inverse-dynamics head, sized as stable-worldmodel scripts/train/pldm.py (MLP, LayerNorm, hidden 512).
         self.jepa_idm = nn.Sequential(nn.Linear(2 * cfg.jepa_dim, 512), nn.LayerNorm(512), nn.GELU(),
                                       nn.Linear(512, cfg.action_dim)) if cfg.jepa_idm else None
@@ -502,7 +399,7 @@ class WorldModel(nn.Module):
         out["visual_loss"] = F.mse_loss(pred[..., :self.cfg.visual_dim].float(), z[:, 1:].float()).detach()
         out["loss"] = out["pred_loss"] + out.get("commit_loss", 0.0)  # commit_loss is already beta-weighted
         if self.encoder is not None:  # jepa: the anti-collapse term (weighted), without which z = const is optimal
-            out["reg_loss"] = jepa_reg(z, self.cfg)
+            out["reg_loss"] = dino.jepa_reg(z, self.cfg)
             if self.jepa_idm is not None:  # the action a_t from (z_t+1, z_t): makes the encoder keep what moved
                 zz = torch.cat([z[:, 1:], z[:, :-1]], -1).flatten(2)  # (B, T-1, 2*P*D)
                 out["idm_loss"] = F.mse_loss(self.jepa_idm(zz).float(), action[:, :-1].float())
@@ -537,74 +434,6 @@ class WorldModel(nn.Module):
         return obs[:, 1:, :, :D], (obs[:, 1:, 0, D:] if self.cfg.proprio else None)
 
 
-@torch.no_grad()
-def _diagnostic_predictions(model, z, action, proprio, perms):
-    """Eval-mode visual predictions of frames 1..n under each cond permutation -> list of (B, n, P, D), target."""
-    was = model.training
-    model.eval()  # dropout off, no EMA update
-    n, D = model.cfg.num_hist, model.cfg.visual_dim
-    cond = model.conditioning(z, action)["cond"][:, :n]  # (B, n, C)
-    obs = model.observe(z, proprio)[:, :n]  # (B, n, P, O)
-    preds = [model.predict(obs, cond if p is None else cond[p])[..., :D].float() for p in perms]
-    model.train(was)
-    return preds, z[:, 1:].float()
-
-
-def swap_score(model, z, action=None, proprio=None, num_perms=8, generator=None):
-    """Information-bypass score (the seed's collapse check): fraction of (i, perm) where sample i, conditioned on
-    A[perm(i)], lands closer to target perm(i) than to its own (margin 1e-3 * median distance). High (> 0.65) =
-    shortcut."""
-    B = z.shape[0]
-    perms = [torch.randperm(B, generator=generator).to(z.device) for _ in range(num_perms)]
-    preds, tgt = _diagnostic_predictions(model, z, action, proprio, perms)
-    tgt = F.normalize(tgt.flatten(1), dim=1)  # (B, n*P*D)
-    wins = []
-    for perm, pred in zip(perms, preds):
-        pred = F.normalize(pred.flatten(1), dim=1)  # (B, n*P*D)
-        d_own, d_swap = (pred - tgt).norm(dim=1), (pred - tgt[perm]).norm(dim=1)  # (B,), (B,)
-        wins.append((d_swap < d_own - 1e-3 * d_own.median()).float().mean())
-    return torch.stack(wins).mean().item()
-
-
-def shuffle_delta(model, z, action=None, proprio=None, generator=None):
-    """Relative MSE increase when the conditioning is permuted within the batch (the seed's check). ~0 = ignored."""
-    perm = torch.randperm(z.shape[0], generator=generator).to(z.device)
-    (base, shuf), tgt = _diagnostic_predictions(model, z, action, proprio, [None, perm])
-    mse_base, mse_shuf = F.mse_loss(base, tgt), F.mse_loss(shuf, tgt)
-    return ((mse_shuf - mse_base) / mse_base).item()
-
-
-def perplexity(codes, K):
-    """Codebook usage over a set of code indices (any shape) -> (perplexity exp(H(p)), dead codes = never used)."""
-    counts = torch.bincount(codes.flatten(), minlength=K).float()  # (K,)
-    p = counts / counts.sum()
-    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item(), int((counts == 0).sum())
-
-
-def token_stats(z):
-    """Collapse statistics of tokens z (N, D) over N frames: per-dimension std (min, median), the effective rank
-    (exp of the entropy of the normalised covariance spectrum, Roy & Vetterli 2007; D = no redundancy, 1 = a line),
-    and collapsed = median std < COLLAPSE_STD."""
-    z = z.double().flatten(1)  # (N, D)
-    std = z.std(0)  # (D,)
-    ev = torch.linalg.eigvalsh(torch.cov(z.T)).clamp_min(0)  # (D,)
-    p = ev / ev.sum().clamp_min(1e-300)
-    rank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum())
-    med = std.median().item()
-    return {"token_std_min": std.min().item(), "token_std_median": med, "effective_rank": rank.item(),
-            "collapsed": med < COLLAPSE_STD}
-
-
-# What a probe reads from one frame's tokens: agent xy and block xy (px), and the block angle as cos and sin.
-PROBE_GROUPS = {"agent": slice(0, 2), "block": slice(2, 4), "angle": slice(4, 6)}
-
-
-def probe_targets(state):
-    """(..., 7) simulator states -> (..., 6) probe targets [agent xy, block xy, cos, sin]."""
-    s = torch.as_tensor(state, dtype=torch.float64)
-    return torch.cat([s[..., :4], s[..., 4:5].cos(), s[..., 4:5].sin()], -1)
-
-
 def r2(pred, y):
     """R^2 per target dimension, 1 - SS_res / SS_tot: 1 = read exactly, 0 = no better than the mean. (N, A) -> (A,)"""
     return 1 - (pred - y).pow(2).sum(0) / (y - y.mean(0)).pow(2).sum(0).clamp_min(1e-12)
@@ -617,14 +446,6 @@ def linear_probe(x_fit, y_fit, x):
     if len(x_fit) <= ones(x_fit[:1]).shape[1]:
         return None
     return ones(x) @ torch.linalg.lstsq(ones(x_fit), y_fit.double()).solution  # (N, A)
-
-
-def probe_r2(x_fit, y_fit, x, y):
-    """What one frame's tokens keep: R^2 of a linear probe per group of PROBE_GROUPS (mean over its dims); NaN with
-    too few frames."""
-    pred = linear_probe(x_fit, y_fit, x)
-    r = r2(pred, y.double()) if pred is not None else torch.full((y.shape[1],), math.nan)  # (6,)
-    return {f"probe_{k}": r[s].mean().item() for k, s in PROBE_GROUPS.items()}
 
 
 def derive(mc, meta):
@@ -652,49 +473,6 @@ def refuse_pixel_flags(mc, **flags):
 def run_dino_weights(ckpt, flag=""):
     """The DINOv2 weights a stage uses for a run: its --dino-weights flag, else the run's own (None = official)."""
     return flag or ckpt["train_config"]["dino_weights"] or None
-
-
-def windows(mc, root, split, num_frames, dino_weights=None, features="cache", device="cpu", ctx=None):
-    """A run's WindowDataset: states only for state tokens; for dinov2 (features) "cache": the feature cache when one
-    matches (written by `dino.py encode` with the same encoder, size, weights and dataset), else frames; "memory":
-    every frame encoded now into a dino.FeatureStore on device (int8); "off": frames (DINOv2 runs on every batch)."""
-    feats = None
-    if mc.tokens == "dinov2" and features == "cache":
-        feats = dino.load_features(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size)
-    elif mc.tokens == "dinov2" and features == "memory":
-        feats = dino.feature_store(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size,
-                                   torch.device(device), ctx or contextlib.nullcontext())
-    return data.WindowDataset(root, split, num_frames, mc.frameskip, mc.tokens != "state", mc.img_size, feats)
-
-
-def make_input(mc, device, dino_weights=None):
-    """The run's token source, frozen part: batch -> x, what WorldModel.encode reads. state: state_tokens(state);
-    dinov2: the cached features, or DINOv2 on the frames now; jepa: the frames themselves (its encoder is trained)."""
-    encoder = None
-    require(mc.tokens != "dinov2" or dino_weights in (None, "", "random") or Path(dino_weights).is_file(),
-            f"--dino-weights {dino_weights}: no such file; pass an official {dino.weights_file(mc.dino_name)} "
-            "or random")
-
-    def input_of(batch):
-        nonlocal encoder
-        if mc.tokens == "state":
-            return state_tokens(batch["state"].to(device))  # (B, T, 1, 12)
-        if mc.tokens == "jepa":
-            return batch["obs"].to(device, non_blocking=True)  # (B, T, S, S, 3) uint8
-        if "feat" in batch:
-            return batch["feat"].to(device, non_blocking=True).float()  # (B, T, P, D)
-        encoder = encoder or dino.load_dinov2(mc.dino_name, dino_weights, device)  # built on first use only
-        obs = batch["obs"].to(device, non_blocking=True)  # (B, T, S, S, 3)
-        return dino.encode(encoder, obs.flatten(0, 1), mc.dino_size).unflatten(0, obs.shape[:2])  # (B, T, P, D)
-    return input_of
-
-
-def batch_of_states(states, mc):
-    """Simulator states (E, 7) -> a batch of one-frame windows for make_input: state, and frames for pixel tokens."""
-    batch = {"state": torch.as_tensor(np.asarray(states), dtype=torch.float32)[:, None]}  # (E, 1, 7)
-    if mc.tokens != "state":
-        batch["obs"] = torch.from_numpy(data.render_batch(np.asarray(states)[:, None], mc.img_size))  # (E, 1, S, S, 3)
-    return batch
 
 
 def load_run(run, device="cpu", data_dir="", dino_weights=None):
