@@ -16,7 +16,7 @@ CPU:  python decode.py --run runs/quick/vq --pairs 20000 --val-pairs 2000     (s
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -53,7 +53,6 @@ class DecodeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     seed: int = 0  # seeds pair sampling, init and shuffling (seed: 0)
     dino_weights: str = ""  # DINOv2 weights PATH or "random"; "" = the run's own (pixel tokens only)
-    dry_run: bool = False  # print the GPU time, memory and RAM of labelling and fitting (counted on meta tensors), exit
 
     def __post_init__(self):
         data.check_choices(self)
@@ -291,54 +290,8 @@ def code_meanings(decoder, model, K, p, device, stats):
     return macro_px(torch.stack(mean_a), stats)  # (K, F, 2)
 
 
-def run_config(run):
-    """(model config, train config) of RUN from the RUN/config.json that train.py writes when it starts (and
-    `train.py --dry-run` before training): what the --dry-run of later stages plans with."""
-    c = data.load_json(Path(run) / "config.json", f"start the run (or plan it) with `python train.py --out {run} ...`",
-                       ("model", "train"))
-    try:
-        return wm.WMConfig(**c["model"]), c["train"]
-    except TypeError as e:
-        raise data.UserError(f"{run}/config.json holds another model config ({e}); plan the run again") from None
-
-
-def dry_run(cfg):
-    """--dry-run: FLOPs of labelling the pairs (DINOv2 unless cached, IDM) and of fitting the decoder (max_epochs,
-    an upper bound: early stopping ends sooner), counted on meta tensors; where the token store fits."""
-    mc, tc = run_config(cfg.run)
-    if mc.variant == "baseline":
-        return dino.report("decode-baseline", 0, 0)  # nothing to decode
-    n, B, P, D = cfg.pairs + cfg.val_pairs, cfg.encode_batch, mc.num_patches, mc.visual_dim
-    with torch.device("meta"):  # conditioning as la: the VQ's fp32 block needs autocast, which meta lacks (~0 FLOPs)
-        model = wm.WorldModel(replace(mc, variant="la"))
-        decoder = ActionDecoder(D, mc.cond_dim, mc.action_dim, cfg.use_delta)
-        per_pair = mc.tokens == "dinov2" and tc["features"] != "cache"  # decode reads the disk cache, if any
-        encoder = dino.DinoVisionTransformer(mc.dino_name) if per_pair else None
-    z, frames = torch.zeros(B, 2, P, D, device="meta"), torch.zeros(2 * B, mc.img_size, mc.img_size, 3,
-                                                                     dtype=torch.uint8, device="meta")
-    x, lat = torch.zeros(cfg.batch_size, P, D, device="meta"), torch.zeros(cfg.batch_size, mc.cond_dim, device="meta")
-    with torch.no_grad():
-        enc, enc_peak = dino.measure(lambda: dino.encode(encoder, frames, mc.dino_size)) if encoder else (0, 0)
-        label, label_peak = dino.measure(lambda: model.rollout(z[:, 0], model.conditioning(z)["cond"][:, :1])
-                                         if cfg.use_delta else model.conditioning(z))
-    fit, fit_peak = dino.measure(lambda: decoder(x, lat, x if cfg.use_delta else None).square().mean().backward())
-    batches = cfg.max_epochs * math.ceil(cfg.pairs / cfg.batch_size)
-    store = n * P * D * 2 * (1 + cfg.use_delta)  # fp16 tokens of frame t (and the predicted t + 1)
-    on_gpu = store < 0.5 * dino.gpu_budget()[0]  # main's rule, with the planned GPU's memory
-    require(on_gpu or store < 0.8 * dino.available_ram(), f"the pair token store ({store / 1e9:.1f} GB) fits neither "
-            f"the GPU nor the {dino.available_ram() / 1e9:.0f} GB of available RAM: lower --pairs")
-    print(f"decode.py --dry-run: {n:,} pairs ({cfg.pairs:,} + {cfg.val_pairs:,}) of {mc.tokens} tokens; store "
-          f"{store / 1e9:.1f} GB on the {'GPU' if on_gpu else 'host'}; labelling {(enc + label) / B / 1e9:.1f} GFLOP "
-          f"per pair; fit: up to {batches:,} batches (~1 ms each: launch-bound, not FLOP-bound)")
-    peak = on_gpu * store + max(enc_peak, label_peak, fit_peak)
-    dino.report(f"decode-{mc.variant}", n / B * (enc + label) + batches * fit, peak, flag="lower --encode-batch",
-                overhead_s=1e-3 * batches)
-
-
 def main(cfg: DecodeConfig):
     # --- setup: the frozen world model of the run; the baseline has nothing to decode or adapt
-    if cfg.dry_run:
-        return dry_run(cfg)
     device, ctx = data.setup(cfg.device, cfg.seed)
     model, ckpt, root = wm.load_run(cfg.run, device, cfg.data, cfg.dino_weights)
     mc, run, stats = model.cfg, Path(cfg.run), ckpt["stats"]

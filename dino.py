@@ -10,7 +10,6 @@ Writes: DIR/{split}/features.npy float16 (F, P, D) + features.json {name, size, 
         frames, dtype, done, images_per_s, peak_gpu_gb}: resumable; refused up front when the disk cannot hold it.
         Where no disk can, train.py --features memory holds a FeatureStore instead: int8 in GPU memory, built at start.
 GPU:    python dino.py encode --data runs/full/data   (1.01M frames -> 152 GB of fp16 features; H200: not yet measured)
-        python dino.py encode --data runs/full/data --dry-run   (sizes, free disk and RAM, estimated GPU time)
 CPU:    python dino.py encode --data runs/quick/data --dino-weights random --size 28
         python dino.py check --weights ~/Downloads/dinov2_vits14_pretrain.pth   (22,056,576 params, shapes)
 """
@@ -21,7 +20,6 @@ import os
 import shutil
 import sys
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -31,8 +29,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
@@ -52,8 +48,6 @@ class EncodeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA: bf16 autocast, or fp32 with TF32 off (DINO-WM ran fp32)
     overwrite: bool = False  # discard an existing cache written with other weights, size, name or precision
-    dry_run: bool = False  # print frames, cache size against free disk and RAM, FLOPs and GPU time; encode nothing
-    frames: int = 0  # for --dry-run before the dataset exists: frames to plan for (0 = count them in --data)
 
     def __post_init__(self):
         data.check_choices(self)
@@ -62,8 +56,8 @@ class EncodeConfig:
         require(self.name.removesuffix("_reg") in ARCHS, f"--name {self.name!r}: choose one of {', '.join(ARCHS)} "
                                                          "(optionally + _reg)")
         require(set(self.split.split(",")) <= {"train", "val"}, f"--split {self.split!r}: train, val or train,val")
-        require(self.batch_size >= 1 and self.workers >= -1 and self.img_size >= 0 and self.frames >= 0,
-                "--batch-size must be >= 1, --workers >= -1, --img-size and --frames >= 0")
+        require(self.batch_size >= 1 and self.workers >= -1 and self.img_size >= 0,
+                "--batch-size must be >= 1, --workers >= -1, --img-size >= 0")
 
 
 @dataclass
@@ -90,17 +84,21 @@ ARCHS = {  # name -> (width D, depth, heads of 64 dims, FFN); dinov2/hub/backbon
 BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 DISK_RESERVE = 2 ** 30  # bytes a feature cache leaves free for checkpoints, logs and other writers
 STORE_SPARE = 8 * 2 ** 30  # bytes the in-memory store leaves free for training (the seed's la step peaks near 10 GB)
-# Dry runs (every stage's --dry-run): the GPU a recipe is planned for when none is visible, and the sustained rate
-# assumed for it. ASSUMPTION, not a measurement: ~30 % of the H200's 989 dense bf16 TFLOP/s (small 384-wide ViTs
-# rarely do better), ~60 % of its 67 fp32 TFLOP/s without TF32. `reproduce.sh gpu-check` measures the real rate.
-H200_BYTES = 139 * 2 ** 30  # what torch reports for one H200 (141 GB of HBM3e)
-ASSUMED_TFLOPS = {"bfloat16": 300, "float32": 40}
 
 
 def weights_file(name):
     """Official checkpoint file name: register models add _reg4 to the file name only (dinov2/hub/backbones.py)."""
     arch = name.removesuffix("_reg")
     return f"{arch}_reg4_pretrain.pth" if name.endswith("_reg") else f"{arch}_pretrain.pth"
+
+
+def encoder_flops(name="dinov2_vits14", size=196):
+    """FLOPs of one image through DINOv2 at size x size px, from the layer sizes (2 per multiply-add): patch embedding,
+    then per block qkv + projection (4 D^2), the MLP (8 D^2; SwiGLU about the same) and attention (2 N^2 D)."""
+    D, depth, _, _ = ARCHS[name.removesuffix("_reg")]
+    P = (size // PATCH) ** 2
+    N = 1 + P + (4 if name.endswith("_reg") else 0)  # CLS, registers, patches
+    return 2 * (P * 3 * PATCH ** 2 * D + depth * (12 * N * D * D + 2 * N * N * D))
 
 
 def weights_tag(weights, name="dinov2_vits14"):
@@ -535,6 +533,15 @@ class FeatureStore:
         return math.sqrt(self.sq_error / max(self.sq_norm, 1e-30))
 
 
+def available_ram():
+    """Bytes of RAM available to new work (Linux MemAvailable: free plus reclaimable page cache)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def feature_store(root, split, name, size, weights, img_size, device, ctx):
     """Encode every frame of a split once into a FeatureStore on device (a fresh DINOv2, freed afterwards)."""
     states, P, D = data.load_split(root, split)["states"], (size // PATCH) ** 2, ARCHS[name.removesuffix("_reg")][0]
@@ -698,117 +705,10 @@ def batch_of_states(states, mc):
     return batch
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Cost estimates for every stage's --dry-run: FLOPs and peak memory of the real modules, counted on meta tensors
-# (shapes only, no data, no compute: the real batch size costs nothing), turned into GPU seconds at an assumed rate.
-# PeakMemory is a class only because torch's dispatch-mode API is one (as torch.utils.flop_counter's).
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of the tensors created while active (parameters and inputs excluded): a storage counts from the op
-    that makes it until the last tensor on it is freed. fp32 on meta tensors: an upper bound for bf16 autocast."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.users = 0, 0, {}  # users: storage id -> live tensors on it
-
-    def _drop(self, key, nbytes):
-        self.users[key] -= 1
-        if self.users[key] == 0:
-            del self.users[key]
-            self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
-        for t in _tensors(out):
-            key, nbytes = t.untyped_storage()._cdata, t.untyped_storage().nbytes()
-            if key not in self.users:
-                if key in inputs:
-                    continue  # a view of an input or a parameter: no new memory
-                self.users[key] = 0
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-            self.users[key] += 1
-            weakref.finalize(t, self._drop, key, nbytes)
-        return out
-
-
-def _tensors(x):
-    """The tensors in nested tuples, lists and dicts."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    items = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
-    return [t for item in items for t in _tensors(item)]
-
-
-def measure(fn):
-    """(FLOPs, peak bytes of new tensors) of fn(): torch.utils.flop_counter counts matmuls, convolutions and
-    attention, forward and backward, as the real kernels would do them."""
-    with FlopCounterMode(display=False) as flops, PeakMemory() as memory:
-        fn()
-    return flops.get_total_flops(), memory.peak
-
-
-def gpu_budget():
-    """(bytes, words): the memory of this machine's GPU, else of the H200 the recipes are planned for."""
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
-        return total, f"this {torch.cuda.get_device_name(0)} ({total / 2**30:.0f} GiB)"
-    return H200_BYTES, f"an assumed H200 ({H200_BYTES / 2**30:.0f} GiB; no CUDA device here)"
-
-
-def available_ram():
-    """Bytes of RAM available to new work (Linux MemAvailable: free plus reclaimable page cache)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def report(stage, flops, gpu_bytes, disk_bytes=0, dtype="bfloat16", flag="", overhead_s=0.0):
-    """Check that gpu_bytes fit the GPU (else a UserError naming `flag`), then print the last line of a --dry-run in
-    the one format that `reproduce.sh full` adds up: FLOPs at the assumed rate, plus launch-bound seconds."""
-    budget, words = gpu_budget()
-    require(gpu_bytes <= 0.9 * budget, f"{stage} needs {gpu_bytes / 1e9:.1f} GB of GPU memory, more than 90 % of "
-                                       f"{words}: {flag or 'lower the batch size'}")
-    rate = ASSUMED_TFLOPS[dtype]
-    print(f"estimate {stage}: {flops / rate / 1e12 + overhead_s:.0f} GPU-s, {gpu_bytes / 1e9:.1f} GB GPU memory, "
-          f"{disk_bytes / 1e9:.2f} GB disk ({flops / 1e15:.1f} PFLOP at an assumed {rate} TFLOP/s {dtype} on {words}"
-          + (f"; + {overhead_s:.0f} s launch-bound" if overhead_s else "") + ")")
-
-
-def dry_run(cfg, model_dim):
-    """encode --dry-run: frames, cache size against free disk and RAM, encoder FLOPs and memory; loads no weights."""
-    root, P = Path(cfg.data), (cfg.size // PATCH) ** 2
-    if (root / "meta.json").is_file():
-        plans = {s: cache_plan(cfg, s, model_dim, precision(cfg.device, cfg.dtype)) for s in cfg.split.split(",")}
-        frames, img_size = sum(p["shape"][0] for p in plans.values()), cfg.img_size or data.load_meta(root)["img_size"]
-    else:
-        require(cfg.frames, f"--data {root} does not exist yet: collect it first, or pass --frames N to plan for it")
-        plans = {"all": dict(need=cfg.frames * P * model_dim * 2, freed=0, done=0)}
-        frames, img_size = cfg.frames, cfg.img_size or 224  # data.py collect renders 224 px by default
-    todo, size, ram = frames - sum(p["done"] for p in plans.values()), frames * P * model_dim * 2, available_ram()
-    with torch.device("meta"):
-        model = DinoVisionTransformer(cfg.name)
-    x = torch.zeros(cfg.batch_size, img_size, img_size, 3, dtype=torch.uint8, device="meta")  # (B, S, S, 3)
-    flops, peak = measure(lambda: encode(model, x, cfg.size))
-    print(f"{root}: {frames:,} frames, {todo:,} to encode at {img_size} px; {cfg.name} at {cfg.size} px: "
-          f"{flops / cfg.batch_size / 1e9:.2f} GFLOP per image (counted)")
-    print(f"feature cache: {frames:,} x {P} x {model_dim} x 2 bytes = {size / 1e9:.1f} GB; RAM available "
-          f"{ram / 1e9:.0f} GB" + (": the page cache can hold it" if size < ram else
-                                    ": larger than RAM, so training reads its rows from disk (fine on local NVMe)"))
-    check_disk(next(p for p in [root, *root.parents] if p.exists()), plans)
-    weights = sum(p.numel() for p in model.parameters()) * 4
-    report("encode", flops / cfg.batch_size * todo, weights + peak, size, cfg.dtype, flag="lower --batch-size")
-
-
 def main(cfg: EncodeConfig):
     """Cache DINO patch features of a dataset (resumable; refused up front when the disk cannot hold them)."""
     print(asdict(cfg))
     model_dim = ARCHS[cfg.name.removesuffix("_reg")][0]
-    if cfg.dry_run:
-        return dry_run(cfg, model_dim)
     device, ctx = data.setup(cfg.device, 0, cfg.dtype)
     plans = {s: cache_plan(cfg, s, model_dim, precision(device.type, cfg.dtype)) for s in cfg.split.split(",")}
     check_disk(cfg.data, plans)

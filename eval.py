@@ -15,7 +15,6 @@ GPU:  python eval.py --run runs/full/baseline runs/full/la runs/full/vq --result
 CPU:  python eval.py --run runs/quick/baseline runs/quick/la runs/quick/vq --results runs/quick/results/*.json
       --out runs/quick/metrics.json                                             (state tokens: ~20 s on 2 cores)
 """
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -317,7 +316,7 @@ def draw_plot(lines, title, xlabel, ylabel, log_x=False, hlines=(), top=None, w=
     x0, x1, y0, y1 = 90, w - 30, h - 70, 50  # plot area in image px (y grows downwards)
     tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)  # noqa: E731
     xs = [tx(x) for _, xx, *_ in lines for x in xx]
-    pad = 0.06 * (max(xs) - min(xs)) if log_x else 0  # points off the axes on a log scale
+    pad = 0.08 * (max(xs) - min(xs)) if log_x else 0  # points off the axes on a log scale
     xmin, xmax = min(xs) - pad, (max(xs) if max(xs) > min(xs) else min(xs) + 1) + pad
     top = top or max([hi for *_, his in lines for hi in his] + [y for _, y in hlines]) or 1.0
     base = 10 ** np.floor(np.log10(top / 5))
@@ -330,7 +329,8 @@ def draw_plot(lines, title, xlabel, ylabel, log_x=False, hlines=(), top=None, w=
     cv2.line(img, (x0, y0), (x1, y0), black, 1), cv2.line(img, (x0, y0), (x0, y1), black, 1)
     for t in sorted({x for _, xx, *_ in lines for x in xx}):  # x ticks at the measured points
         cv2.line(img, (X(t), y0), (X(t), y0 + 5), black, 1)
-        put(f"{t:,.0f}" if t >= 1000 else f"{t:g}", (X(t) - 14, y0 + 22), 0.45)
+        tick = f"{t:,.0f}" if t >= 1000 else f"{t:g}"
+        put(tick, (X(t) - 4 * len(tick), y0 + 22), 0.45)
     for v in np.arange(0, ymax + step / 2, step):  # y ticks with light grid lines
         cv2.line(img, (x0 - 5, Y(v)), (x0, Y(v)), black, 1), cv2.line(img, (x0, Y(v)), (x1, Y(v)), (230, 230, 230), 1)
         put(f"{v:.3g}", (8, Y(v) + 5), 0.45)

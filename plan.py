@@ -34,7 +34,7 @@ import dino
 import train
 import wm
 from data import PushT, UserError, distances, is_success, load_split, macro_to_env, render_state, require
-from decode import load_head, run_config
+from decode import load_head
 
 
 @dataclass
@@ -67,7 +67,6 @@ class PlanConfig:
     compile: bool = True  # torch.compile the batched rollout-and-cost function on CUDA (never on CPU)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA: bf16 autocast (the encoder included), or fp32, TF32 off
     allow_collapsed: bool = False  # plan even with a collapsed jepa encoder (median token std < train.COLLAPSE_STD)
-    dry_run: bool = False  # print GPU time and memory of this planning run (FLOPs counted on meta tensors) and exit
 
     def __post_init__(self):
         data.check_choices(self)
@@ -413,7 +412,8 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
     keys = ("num_samples", "topk", "opt_steps", "horizon", "var_scale", "seed")
     budget_cfg = {k: getattr(cfg, k) for k in keys}
     digest = hashlib.sha256(json.dumps([tasks["start_state"][:n].tolist(), tasks["goal_state"][:n].tolist(),
-                                        budget, every_step, budget_cfg, stats["action_std"]]).encode()).hexdigest()[:16]
+                                        budget, every_step, budget_cfg, stats["action_std"], "placed once"]).encode()
+                            ).hexdigest()[:16]  # "placed once": caches of the earlier, twice-placed model are stale
     path = Path(cache_dir) / f"ceiling-{digest}.json"
     keys = ("ceiling", "ceiling_episodes", "ceiling_successes")
     if path.is_file():
@@ -453,61 +453,30 @@ def plan_prior(mc, via, la_prior, var_scale, H, stats, device):
     return mu.float().to(device).expand(H, -1), var_scale * sigma.float().to(device).expand(H, -1)  # (H, A|L)
 
 
-def probe(mc, cfg, E, device):
-    """Start/goal tokens (E, P, D) and zero plans (E, N, H[, A|L]) of the solve's shapes: for memory and FLOP counts."""
-    z = torch.zeros(E, mc.num_patches, mc.visual_dim, device=device)  # (E, P, D)
-    if mc.variant == "vq":
-        return z, torch.zeros(E, cfg.num_samples, cfg.horizon, dtype=torch.long, device=device)  # (E, N, H)
-    width = mc.cond_dim if mc.variant == "la" else mc.action_dim
-    return z, torch.zeros(E, cfg.num_samples, cfg.horizon, width, device=device)  # (E, N, H, A|L)
-
-
-def episode_memory(mc, cfg):
-    """Peak bytes of one episode's batched rollout_cost (N samples), counted on meta tensors (fp32: an upper bound)."""
-    with torch.device("meta"):
-        model = wm.WorldModel(mc).eval()
-    z, plan = probe(mc, cfg, 1, "meta")
-    p0, pg = (torch.zeros(1, 4, device="meta"), torch.zeros(1, mc.proprio_dim, device="meta")) if mc.proprio \
-        else (None, None)  # (1, 4) start proprio, (1, proprio_dim) goal embedding
-    with torch.no_grad():
-        return dino.measure(lambda: rollout_cost(model, z, z, plan, p0, pg, cfg.alpha, cfg.objective))
-
-
-def auto_batch(cfg, model, n, device):
+def auto_batch(cfg, model, n, device, width, adapter=None):
     """Episodes per solve (E): cfg.batch_episodes, else as many as fit in half the free memory: on CUDA the measured
-    peak of a 2-episode batched rollout, on the CPU the peak counted on meta tensors against the available RAM."""
+    peak of a 2-episode batched rollout (plans of `width` per step, None = code indices), on the CPU an upper bound
+    from the shapes (the predictor's activations and attention weights of N samples) against the available RAM."""
     if cfg.batch_episodes:
         return min(n, cfg.batch_episodes)
+    mc, N, H = model.cfg, cfg.num_samples, cfg.horizon
     if device.type == "cuda":
-        z, plan = probe(model.cfg, cfg, 2, device)
+        z = torch.zeros(2, mc.num_patches, mc.visual_dim, device=device)  # (2, P, D)
+        plan = torch.zeros(2, N, H, dtype=torch.long, device=device) if width is None else \
+            torch.zeros(2, N, H, width, device=device)  # (2, N, H[, A|L])
         torch.cuda.synchronize(device), torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            rollout_cost(model, z, z, plan)
+            rollout_cost(model, z, z, plan, adapter=adapter)
         per_episode, free = (torch.cuda.max_memory_allocated(device) - base) / 2, torch.cuda.mem_get_info(device)[0]
     else:
-        per_episode, free = episode_memory(model.cfg, cfg)[1], dino.available_ram()
-    require(per_episode < 0.5 * free, f"one episode's {cfg.num_samples} samples need {per_episode / 1e9:.1f} GB, more "
-                                      f"than half of the {free / 1e9:.1f} GB free on {device}: lower --num-samples")
+        W, T = mc.visual_dim + mc.cond_dim + mc.proprio_dim * mc.proprio, mc.num_hist * mc.num_patches
+        per_episode, free = N * 4 * (16 * T * max(W, mc.mlp_dim) + 2 * mc.heads * T * T), dino.available_ram()
+    require(per_episode < 0.5 * free, f"one episode's {N} samples need {per_episode / 1e9:.1f} GB, more than half of "
+                                      f"the {free / 1e9:.1f} GB free on {device}: lower --num-samples")
     E = max(1, min(n, int(0.5 * free / max(per_episode, 1))))
     print(f"batch episodes: {E} (one episode's rollout peaks at {per_episode / 1e9:.2f} GB; {free / 1e9:.0f} GB free)")
     return E
-
-
-def dry_run(cfg):
-    """--dry-run: FLOPs of every solve (rollout_cost over N samples x opt_steps, counted on meta tensors), episodes
-    per batch as auto_batch picks them on the planned GPU, GPU time and memory; no simulator, no weights."""
-    mc, _ = run_config(cfg.run)
-    n = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol]
-    solves = 1 if cfg.protocol == "open-loop" else math.ceil(MPC_BUDGET / (cfg.horizon * mc.frameskip))  # per episode
-    flops, per_episode = episode_memory(mc, cfg)
-    budget, words = dino.gpu_budget()
-    E = max(1, min(n, int(0.5 * budget / max(per_episode, 1))))
-    print(f"plan.py --dry-run: {mc.variant} {cfg.protocol}, {n} episodes x {solves} solve(s) of {cfg.num_samples} "
-          f"samples x {cfg.opt_steps} iterations, horizon {cfg.horizon}: {flops * cfg.opt_steps / 1e12:.0f} TFLOP per "
-          f"solve (counted); {E} episodes at once ({per_episode / 1e9:.2f} GB each, fp32 count)")
-    dino.report(f"plan-{mc.variant}-{cfg.protocol}", n * solves * cfg.opt_steps * flops, E * per_episode, 0,
-                cfg.dtype, flag="pass --batch-episodes or lower --num-samples")
 
 
 def results_json(cfg, tasks, res, planner, variant, tokens, ref, via, labels, extra):
@@ -591,8 +560,6 @@ def planner_of(cfg, mc, via):
 
 def main(cfg: PlanConfig):
     # --- setup: the run (world model; la/vq: its decoder or adapter), device and precision
-    if cfg.dry_run:
-        return dry_run(cfg)
     t_start = time.perf_counter()
     device, ctx = data.setup(cfg.device, cfg.seed, cfg.dtype)
     data.writable(cfg.out, "--out", RESULT_KEYS)  # a .json, never a checkpoint or another file of the user's
@@ -612,7 +579,8 @@ def main(cfg: PlanConfig):
     input_of = dino.make_input(mc, device, wm.run_dino_weights(ckpt, cfg.dino_weights))
     n, every_step = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol], cfg.protocol == "mpc"
     budget = MPC_BUDGET if every_step else H * mc.frameskip  # open loop: one plan, executed whole
-    E = auto_batch(cfg, model, n, device)
+    width = None if planner == "cem_categorical" else mc.cond_dim if via == "decoder" else mc.action_dim
+    E = auto_batch(cfg, model, n, device, width, adapter)
     print(f"{mc.variant} ({mc.tokens} tokens) | via {via}, {labels} labels | planner {planner} | {n} episodes, {E} at "
           f"once | budget {budget} env steps | split {cfg.split} of {root}")
 

@@ -7,6 +7,9 @@
 #                                   on the state table's 100 open-loop tasks, with a table and a PNG plot
 #   bash reproduce.sh jepa  [OUT]   CPU, ~25 min on 2 cores: a pixel encoder trained from scratch (PLDM/LeWM-style,
 #                                   SIGReg) with the labelled baseline, planned on 100 open-loop tasks
+#   bash reproduce.sh jepa-labels [OUT]  CPU, about an hour on 2 cores: the label question on pixels: a jepa world
+#                                   model trained without any label (la) + decoder / adapter against labels-only
+#                                   jepa baselines, at 1k and 10k labels, with what the label-free encoder keeps
 #   bash reproduce.sh full  [OUT]   the seed paper's table with DINOv2 tokens on one GPU (default OUT runs/full); it
 #                                   prints its plan first and stops (exit 2) if disk, RAM or GPU memory cannot hold it
 #   bash reproduce.sh full --dry-run [OUT]   only that plan: stages, sizes, feature mode, GPU memory and time (seconds)
@@ -22,8 +25,8 @@ mode=${1:-}
 dry=0
 if [ "$mode" = full ] && [ "${2:-}" = --dry-run ]; then dry=1; shift; fi
 case "$mode" in
-  quick|state|labels|jepa|full|gpu-check) OUT=${2:-runs/$mode} ;;
-  *) echo "usage: bash reproduce.sh quick|state|labels|jepa|full|gpu-check [OUT]  (or: full --dry-run [OUT])" >&2
+  quick|state|labels|jepa|jepa-labels|full|gpu-check) OUT=${2:-runs/$mode} ;;
+  *) echo "usage: bash reproduce.sh quick|state|labels|jepa|jepa-labels|full|gpu-check [OUT]  (or: full --dry-run"           "[OUT])" >&2
      exit 2 ;;
 esac
 PY=${PYTHON:-python3}
@@ -127,59 +130,69 @@ if [ "$mode" = quick ] || [ "$mode" = state ]; then
   state_pipeline "$OUT" "$DATA"
 fi
 
-if [ "$mode" = labels ]; then  # success against labelled transitions (state tokens, the state table's 100 tasks)
+if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against labelled transitions, same tasks
   DATA=${DATA:-$OUT/data}
-  [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 2000 --steps 100
+  if [ "$mode" = labels ]; then  # state tokens: the state table's dataset and its 100 open-loop tasks
+    [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 2000 --steps 100
+    BUDGETS=(1000 10000 100000)  # labelled transitions (macro-action windows); the train split holds 165,600
+    WM=(--steps 12000 "${STATE_MODEL[@]}") BASELINE=() GCBC=(--tokens state --steps 8000) VQ=vq
+    LANE_A=(la 1000 10000) LANE_B=(vq 100000 all) first=baseline-all  # two lanes of world models, one core each
+  else  # pixels: the jepa mode's 96-px data; the label-free encoder learns from frames alone
+    [ -f "$DATA/meta.json" ] ||
+      stage collect $PY data.py collect --out "$DATA" --episodes 1000 --steps 100 --img-size 96
+    BUDGETS=(1000 10000)
+    WM=(--tokens jepa --steps 1800 --schedule cosine --batch-size 128 --depth 4 --heads 4 --dim-head 32 --mlp-dim 512
+        --dropout 0 --lr-predictor 1e-3 --lr-action 1e-3 --lr-idm 1e-3 --jepa-width 16 --eval-every 300
+        --val-batches 8 --log-every 50 --num-workers 1 --idm-depth 2 --idm-heads 4 --idm-dim 64 --idm-mlp-dim 128)
+    BASELINE=(--jepa-idm 1.0) GCBC=() VQ=  # the labels-only baselines: PLDM's IDM term, on the same N windows
+    LANE_A=(la) LANE_B=("" 1000 10000) first=baseline-1000
+  fi
   same_data "$DATA"
-  BUDGETS=(1000 10000 100000)  # labelled transitions (macro-action windows); the train split holds ~166k
-  open=(--protocol open-loop --episodes 100 --ceiling-episodes 100 --opt-steps 10)  # the ceiling on every task
+  open=(--protocol open-loop --episodes 100 --ceiling-episodes 100 --opt-steps 10 --videos 0)  # ceiling: every task
   LA=(--latent-dim 4 --cond-dim 4)  # a narrow latent: an action, not the next state (README experiment log)
   wm_lane() {  # VARIANT N...: the label-free world model, then baselines trained on N labelled windows (all: every one)
     local v=$1 n; shift
-    stage "train-$v" $PY train.py --data "$DATA" --variant $v --out "$OUT/$v" --steps 12000 "${STATE_MODEL[@]}" \
+    [ -z "$v" ] || stage "train-$v" $PY train.py --data "$DATA" --variant $v --out "$OUT/$v" "${WM[@]}" \
       $([ $v = la ] && echo "${LA[@]}")
     for n in "$@"; do
       stage "train-baseline-$n" $PY train.py --data "$DATA" --variant baseline --out "$OUT/baseline-$n" \
-        --steps 12000 --labels $([ $n = all ] && echo -1 || echo $n) "${STATE_MODEL[@]}"
+        --labels $([ $n = all ] && echo -1 || echo $n) "${WM[@]}" "${BASELINE[@]}"
     done
   }
   head_lane() {  # VARIANT: its decoder and adapter at every budget (90 % train, 10 % val pairs), each planned
     local v=$1 n h
     for n in "${BUDGETS[@]}"; do for h in decoder adapter; do
       stage "$h-$v-$n" $PY decode.py --run "$OUT/$v" --head $h --pairs $((n * 9 / 10)) --val-pairs $((n / 10))
-      stage "plan-$v-$h-$n" $PY plan.py --run "$OUT/$v" --via $h "${open[@]}" --videos 0 \
-        --out "$OUT/results/$v-$h-$n.json"
+      stage "plan-$v-$h-$n" $PY plan.py --run "$OUT/$v" --via $h "${open[@]}" --out "$OUT/results/$v-$h-$n.json"
     done; done
   }
   plan_baselines() {
     local n
     for n in "${BUDGETS[@]}"; do
-      stage "plan-baseline-$n" $PY plan.py --run "$OUT/baseline-$n" "${open[@]}" --videos 0 \
-        --out "$OUT/results/baseline-$n.json"
+      stage "plan-baseline-$n" $PY plan.py --run "$OUT/baseline-$n" "${open[@]}" --out "$OUT/results/baseline-$n.json"
     done
   }
-  gcbc_lane() {  # GCBC on N labels: N / 5 chunks of 5 labelled macro actions
+  la_gcbc_lane() {  # GCBC on N labels: N / 5 chunks of 5 labelled macro actions (state tokens)
     local n
     head_lane la
+    [ -n "${GCBC[*]}" ] || return 0
     for n in "${BUDGETS[@]}"; do
-      stage "train-gcbc-$n" $PY policy.py train --algo gcbc --data "$DATA" --tokens state --out "$OUT/gcbc-$n" \
-        --steps 8000 --labels $n
-      stage "policy-gcbc-$n" $PY policy.py eval --policy "$OUT/gcbc-$n" "${open[@]}" --videos 0 \
-        --out "$OUT/results/gcbc-$n.json"
+      stage "train-gcbc-$n" $PY policy.py train --algo gcbc --data "$DATA" --out "$OUT/gcbc-$n" --labels $n \
+        "${GCBC[@]}"
+      stage "policy-gcbc-$n" $PY policy.py eval --policy "$OUT/gcbc-$n" "${open[@]}" --out "$OUT/results/gcbc-$n.json"
     done
   }
-  vq_baselines_lane() { head_lane vq; plan_baselines; }
-  background lane-la wm_lane la 1000 10000
-  background lane-vq wm_lane vq 100000 all
+  vq_baselines_lane() { [ -z "$VQ" ] || head_lane vq; plan_baselines; }
+  background lane-la wm_lane "${LANE_A[@]}"
+  background lane-vq wm_lane "${LANE_B[@]}"
   join
   # both cores: the ceiling on all 100 tasks (simulator as the planner's model), cached for every later row
-  stage plan-baseline-all $PY plan.py --run "$OUT/baseline-all" "${open[@]}" --videos 0 \
-    --out "$OUT/results/baseline-all.json"
-  background lane-la-gcbc gcbc_lane
+  stage "plan-$first" $PY plan.py --run "$OUT/$first" "${open[@]}" --out "$OUT/results/$first.json"
+  background lane-la-gcbc la_gcbc_lane
   background lane-vq-baselines vq_baselines_lane
   join
   rm -f "$OUT/.done/eval"
-  stage eval $PY eval.py --run "$OUT/baseline-all" "$OUT/la" "$OUT/vq" --results "$OUT"/results/*.json \
+  stage eval $PY eval.py --run "$OUT/$first" "$OUT/la" ${VQ:+"$OUT/vq"} --results "$OUT"/results/*.json \
     --out "$OUT/metrics.json" --windows 600 --probe-windows 5000
 fi
 
@@ -211,74 +224,45 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (batch 64, 1
   PLANS=("open-loop 10" "mpc 30")  # protocol, CEM iterations: the seed's open loop ran 10, stable-worldmodel's mpc 30
   POLICY_STEPS=20000  # GCBC and IQL (policy.py) on the same DINOv2 tokens
 
-  dry() {  # dry NAME COMMAND...: the command's --dry-run in the background, output in OUT/plan/NAME.{txt,rc}
-    local name=$1; shift
-    (set +e; "$@" --dry-run > "$OUT/plan/$name.txt" 2>&1; echo $? > "$OUT/plan/$name.rc") &
-  }
-  full_plan() {  # every stage's own --dry-run (counted FLOPs and memory, no weights, no data needed), then the verdict
+  full_plan() {  # train.py --dry-run per variant (FLOPs from the layer sizes; no weights, no data needed), the verdict
     rm -rf "$OUT/plan"; mkdir -p "$OUT/plan"
-    echo "== plan of \`reproduce.sh full\` in $OUT: estimates from FLOPs counted on the real modules, not measurements"
+    echo "== plan of \`reproduce.sh full\` in $OUT: estimates from FLOPs counted on the layer sizes, not measurements"
     echo "recipe: the seed's (see README), except $STEPS world-model steps (the seed: $SEED_STEPS; STEPS=N sets it)," \
          "IDM depth 4 (the seed: 12), validation every 10k steps"
     [ -f "$DATA/meta.json" ] && echo "collect: $DATA exists" ||
       echo "collect: 10000 episodes x 101 = $FRAMES frames into $DATA (CPU; ~65 MB of states, frames are rendered)"
-    FEAT=$FEATURES
-    if [ "$FEATURES" = auto ] || [ "$FEATURES" = cache ]; then
-      dry encode $PY dino.py encode --data "$DATA" --frames $FRAMES ${W:+--dino-weights "$W"}; wait
-      grep -v "^{" "$OUT/plan/encode.txt" | sed 's/^/  /' || true
-      if [ "$(cat "$OUT/plan/encode.rc")" = 0 ]; then FEAT=cache
-      elif [ "$FEATURES" = cache ]; then
-        echo "error: FEATURES=cache, but the feature cache cannot be written (above); FEATURES=auto, memory or off" \
-             "train without it" >&2; exit 2
-      else FEAT=memory; rm "$OUT/plan/encode.txt"  # no cache: its encode stage is not part of the plan
-      fi
-    fi
-    train_plans() {
+    train_plans() {  # FEATURE MODE -> OUT/plan/train-V.{txt,rc}; 0 when every variant's plan fits
+      local v ok=0
       for v in baseline la vq; do
-        dry "train-$v" $PY train.py "${TRAIN[@]}" "${WM[@]}" --variant $v --out "$OUT/$v" --features $FEAT \
-          --frames $FRAMES
+        (set +e; $PY train.py "${TRAIN[@]}" "${WM[@]}" --variant $v --out "$OUT/$v" --features $1 --frames $FRAMES \
+          --dry-run > "$OUT/plan/train-$v.txt" 2>&1; echo $? > "$OUT/plan/train-$v.rc") &
       done; wait
+      for v in baseline la vq; do [ "$(cat "$OUT/plan/train-$v.rc")" = 0 ] || ok=1; done
+      return $ok
     }
-    train_plans
-    if [ $FEAT = memory ] && [ "$FEATURES" = auto ] && [ "$(cat "$OUT/plan/train-la.rc")" != 0 ]; then
-      echo "  GPU memory cannot hold the int8 features next to training: $(grep -h "^error" "$OUT/plan/train-la.txt")"
-      FEAT=off; train_plans
-    fi
-    case $FEAT in
-      cache) echo "feature mode: cache (FEATURES=$FEATURES; the disk holds it)" ;;
-      memory) echo "feature mode: memory (FEATURES=$FEATURES): each training process encodes every frame once into" \
-                   "int8 GPU memory and prints its error against the exact features (0.5 % with random weights)" ;;
-      off) echo "feature mode: DINOv2 on every training batch (FEATURES=$FEATURES)" ;;
+    case $FEATURES in  # auto: the fp16 disk cache when the disk holds it, else int8 in GPU memory, else DINOv2 per batch
+      auto) for FEAT in cache memory off; do train_plans $FEAT && break
+              echo "  --features $FEAT: $(grep -h "^error" "$OUT/plan/train-la.txt")"; done ;;
+      *) FEAT=$FEATURES; train_plans $FEAT ||
+           { grep -h "^error" "$OUT"/plan/train-*.txt | sort -u >&2; exit 2; } ;;
     esac
-    for v in la vq; do dry "decode-$v" $PY decode.py --run "$OUT/$v"; done
-    for v in baseline la vq; do for p in "${PLANS[@]}"; do set -- $p
-      dry "plan-$v-$1" $PY plan.py --run "$OUT/$v" --protocol $1 --opt-steps $2 --out "$OUT/results/$v-$1.json"
-    done; done; wait
-    local stages=(train-baseline train-la train-vq decode-la decode-vq) bad=0
-    for v in baseline la vq; do for p in "${PLANS[@]}"; do set -- $p; stages+=("plan-$v-$1"); done; done
-    for name in "${stages[@]}"; do
-      grep -v "^{" "$OUT/plan/$name.txt" | sed 's/^/  /' || true
-      [ "$(cat "$OUT/plan/$name.rc")" = 0 ] || bad=1
-    done
-    [ $bad = 0 ] || { echo "error: a stage above does not fit (its error names the flag that changes it)" >&2; exit 2; }
-    echo "  gcbc, iql: MLPs over 196 x 16 projected patches, ${POLICY_STEPS} steps each (not FLOP-counted; DINOv2: as" \
-         "training (feature mode $FEAT), beyond the seed table)"
-    echo "  eval: ~15k frames through DINOv2 and forward passes over 600 + 600 + 5000 windows: well under a minute"
-    echo "stage                      GPU-s  GPU memory  disk   (plan: auto_batch fills half the GPU by design)"
-    for name in encode "${stages[@]}"; do cat "$OUT/plan/$name.txt" 2>/dev/null || true; done |
-      awk -v target=$TARGET -v steps=$STEPS -v seed=$SEED_STEPS '/^estimate /{sub(":", "", $2); s += $3; d += $9
-                                          if ($2 ~ /^train-/) t += $3
-                                          printf "  %-22s %7d %8.1f GB %5.1f GB\n", $2, $3, $5, $9}
-        END {printf "total: %d GPU-s = %.2f GPU-h on one H200 at the assumed rate (target %.1f GPU-h: %s), %.0f GB " \
-             "disk\n", s, s / 3600, target / 3600, s <= target ? "fits" : "OVER, see below", d
+    echo "feature mode: $FEAT (FEATURES=$FEATURES)"
+    grep -h "^train.py --dry-run" "$OUT"/plan/train-*.txt | sed 's/^/  /'
+    echo "  gcbc, iql: MLPs over 196 x 16 projected patches, ${POLICY_STEPS} steps each (not FLOP-counted; beyond the" \
+         "seed table); eval: forward passes over ~6k windows, well under a minute"
+    echo "stage                        GPU-s"
+    cat "$OUT"/plan/train-*.txt |
+      awk -v target=$TARGET -v steps=$STEPS -v seed=$SEED_STEPS '/^estimate /{sub(":", "", $2); if (seen[$2]++) next
+                                          s += $3; if ($2 ~ /^train-/) t += $3; printf "  %-24s %7d\n", $2, $3}
+        END {printf "total: %d GPU-s = %.2f GPU-h on one H200 at the assumed rate (target %.1f GPU-h: %s)\n", s,
+             s / 3600, target / 3600, s <= target ? "fits" : "OVER, see below"
              if (steps != seed) printf "  with the seed'"'"'s %d steps (STEPS=%d): ~%.2f GPU-h (training is linear " \
              "in steps)\n", seed, seed, (s + t * (seed / steps - 1)) / 3600
              exit s > target}' && return
     echo "Over the target. Nothing is changed silently; the levers, each a flag:"
     echo "  - FEATURES=cache or memory when it says off: DINOv2 paid once per frame, not twice per window"
-    echo "  - --idm-depth (la, vq): the IDM is 40 % of their world-model step; the seed's 12 costs 3.6x our 4"
+    echo "  - --idm-depth (la, vq): the seed's 12 costs 3.6x our 4"
     echo "  - --steps (linear): 162k = 10 epochs of the seed's 10k-episode subset"
-    echo "  - mpc at --opt-steps 10 instead of 30 (the seed's open loop ran 10)"
   }
 
   full_plan
@@ -287,7 +271,7 @@ if [ "$mode" = full ]; then  # DINOv2 tokens with the seed's recipe (batch 64, 1
     { echo "error: reproduce.sh full needs a CUDA GPU; none is visible (\`state\`: the CPU table)" >&2; exit 2; }
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 10000 --steps 100
   same_data "$DATA"
-  [ $FEAT != cache ] || stage encode $PY dino.py encode --data "$DATA" ${W:+--dino-weights "$W"}
+  [ "$FEAT" != cache ] || stage encode $PY dino.py encode --data "$DATA" ${W:+--dino-weights "$W"}
   for v in baseline la vq; do
     stage "train-$v" $PY train.py "${TRAIN[@]}" "${WM[@]}" --variant "$v" --out "$OUT/$v" --features $FEAT
   done

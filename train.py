@@ -21,8 +21,9 @@ import json
 import math
 import os
 import secrets
+import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -65,8 +66,8 @@ class TrainConfig:
     # per batch); memory: every frame encoded once at start into device memory as int8; off: DINOv2 on every batch
     compile: bool = True  # torch.compile the predictor and IDM (CUDA only; ignored on CPU)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA precision: bf16 autocast, or fp32 everywhere (TF32 off)
-    dry_run: bool = False  # print this run's FLOPs, GPU time, memory and disk (counted on meta tensors) and exit
-    frames: int = 0  # for --dry-run --features memory before the dataset exists: its frames (0 = count them in --data)
+    dry_run: bool = False  # print this run's GPU time in `reproduce.sh full` (FLOPs from the layer sizes) and exit
+    frames: int = 0  # for --dry-run of dinov2 tokens before the dataset exists: its frames (0 = count them in --data)
 
     def __post_init__(self):
         data.check_choices(self)
@@ -113,17 +114,23 @@ def lr_factor(step, cfg):
     return 1.0
 
 
-def train_flops(mc):
-    """Model FLOPs per training window: 3 x forward (backward = 2x), matmuls + attention, frozen encoder excluded."""
+def model_macs(mc):
+    """Multiply-adds per window of the predictor's forward pass (num_hist frames) and of the IDM's (la/vq), matmuls
+    and attention, counted from the layer sizes; the frozen encoder excluded."""
     W = mc.visual_dim + (mc.proprio_dim if mc.proprio else 0) + mc.cond_dim
     inner, tok = mc.heads * mc.dim_head, mc.num_hist * mc.num_patches
-    macs = mc.depth * tok * (4 * W * inner + 2 * W * mc.mlp_dim + 2 * tok * inner)  # full mask computed by SDPA
-    if mc.variant != "baseline":
-        d, S, T = mc.idm_dim, mc.num_patches + 1, mc.num_hist + 1
-        block = 8 * d * d + 2 * d * mc.idm_mlp_dim + 2 * (S + T) * d  # per token: spatial + temporal attention, FFN
-        # the last block: k, v of every token (spatial attention), the rest for the prompt token only (wm.IDM)
-        macs += T * S * (mc.visual_dim * d + (mc.idm_depth - 1) * block + 2 * d * d) + T * (block - 2 * d * d)
-    return 3 * 2 * macs
+    pred = mc.depth * tok * (4 * W * inner + 2 * W * mc.mlp_dim + 2 * tok * inner)  # full mask computed by SDPA
+    if mc.variant == "baseline":
+        return pred, 0
+    d, S, T = mc.idm_dim, mc.num_patches + 1, mc.num_hist + 1
+    block = 8 * d * d + 2 * d * mc.idm_mlp_dim + 2 * (S + T) * d  # per token: spatial + temporal attention, FFN
+    # the last block: k, v of every token (spatial attention), the rest for the prompt token only (wm.IDM)
+    return pred, T * S * (mc.visual_dim * d + (mc.idm_depth - 1) * block + 2 * d * d) + T * (block - 2 * d * d)
+
+
+def train_flops(mc):
+    """Model FLOPs per training window: 3 x forward (backward = 2x), 2 FLOPs per multiply-add."""
+    return 3 * 2 * sum(model_macs(mc))
 
 
 def resume(cfg, mc, given):
@@ -394,61 +401,65 @@ def build(cfg, mc, ckpt, device, ddp):
     return raw, model, opt
 
 
+# --dry-run plans a run of the seed's table before anything exists: FLOPs from the layer sizes, at an assumed rate.
+# ASSUMPTION, not a measurement: ~30 % of an H200's 989 dense bf16 TFLOP/s (small 384-wide ViTs rarely do better),
+# ~60 % of its 67 fp32 TFLOP/s; `reproduce.sh gpu-check` measures the real rate.
+ASSUMED_TFLOPS, GPU_BYTES = {"bfloat16": 300, "float32": 40}, 139 * 2 ** 30  # one H200, as torch reports it
+SEED_PAIRS, SEED_PLANS = 110_000, {"open-loop": (100, 1, 10), "mpc": (50, 2, 30)}  # decoder pairs; tasks, solves, iters
+
+
 def dry_run(cfg, mc, ckpt):
-    """--dry-run: FLOPs of one training step and of the validations, counted on meta tensors at the real batch size,
-    as GPU time at the assumed rate, GPU memory and disk; writes RUN/config.json for decode.py and plan.py --dry-run."""
+    """--dry-run: this run's GPU time in reproduce.sh full, from FLOPs counted on the layer sizes: training and its
+    validations, then (la/vq) labelling the decoder's pairs, and planning the seed's tasks (SEED_PLANS, CEM 300
+    samples, horizon 5); with the feature mode's disk or GPU memory checked. One `estimate STAGE: N GPU-s` line per
+    stage (reproduce.sh adds them up). Writes RUN/config.json for the stages that follow."""
     require(mc.tokens != "jepa", "--dry-run covers --tokens state and dinov2")
-    root, start, la = Path(cfg.data), ckpt["step"] if ckpt else 0, mc.variant != "baseline"
+    root, start = Path(cfg.data), ckpt["step"] if ckpt else 0
     have = (root / "meta.json").is_file()
     mc = wm.derive(mc, data.load_meta(root) if have else {"img_size": 224})  # no dataset yet: collect's 224 px
-    found = have and dino.load_features(root, "train", mc.dino_name, mc.dino_size, cfg.dino_weights or None,
-                                        mc.img_size) is not None
-    cached = cfg.features == "cache" and (found or not have)  # no dataset yet: `dino.py encode` makes the cache first
-    memory = mc.tokens == "dinov2" and cfg.features == "memory"  # every frame encoded once, held as int8
-    count = (sum(len(data.load_split(root, s)["states"]) for s in ("train", "val")) if have else cfg.frames) if memory \
-        else 0  # frames the store holds
-    require(not memory or count, f"--features memory --dry-run: --data {root} does not exist yet; pass --frames N, "
-                                  "the frames it will hold")
-    B, T, n = cfg.batch_size, mc.num_hist + 1, mc.num_hist
-    with torch.device("meta"):  # the VQ's fp32 block needs autocast, which meta lacks; its 32-code argmin is ~0 FLOPs
-        model = WorldModel(replace(mc, variant="la") if mc.variant == "vq" else mc)
-        encoder = dino.DinoVisionTransformer(mc.dino_name) if mc.tokens == "dinov2" and not cached else None
-    z, a, p = (torch.zeros(B, T, *s, device="meta") for s in ((mc.num_patches, mc.visual_dim), (mc.action_dim,), (4,)))
-    frames = torch.zeros(B * T, mc.img_size, mc.img_size, 3, dtype=torch.uint8, device="meta")  # (B*T, S, S, 3)
-    with torch.no_grad():  # DINOv2 runs before the world model and leaves only its tokens
-        enc, enc_peak = dino.measure(lambda: dino.encode(encoder, frames, mc.dino_size)) if encoder else (0, 0)
-    step, peak = dino.measure(lambda: model(z, a, p)["loss"].backward())  # (B, T, P, D) tokens in, fwd + bwd
-    with torch.no_grad():  # validation: a forward pass; la/vq add swap (8) and shuffle (2) predictions, 2 IDM passes
-        obs, cond = model.observe(z, p)[:, :n], model.conditioning(z, a)["cond"][:, :n]
-        fwd, pred, idm = (dino.measure(f)[0] for f in (lambda: model(z, a, p), lambda: model.predict(obs, cond),
-                                                         lambda: model.conditioning(z, a)))
-    store = (count * enc / (B * T), count * mc.num_patches * (mc.visual_dim + 4)) if memory else (0, 0)
-    enc = 0 if memory else enc  # store: (FLOPs, bytes) of the int8 features, which replace DINOv2 on every batch
-    per_eval = cfg.val_batches * (enc + fwd + la * (10 * pred + 2 * idm)) + la * cfg.stats_batches * (enc + idm)
-    evals, params = (cfg.steps - start) // cfg.eval_every + 1, sum(t.numel() for t in model.parameters())
-    if cached:
-        dinov2 = "feature cache"
-    elif memory:
-        dinov2 = f"{count:,} frames encoded once into {store[1] / 1e9:.1f} GB of int8 in GPU memory"
+    frames = sum(len(data.load_split(root, s)["states"]) for s in ("train", "val")) if have else cfg.frames
+    require(frames or mc.tokens == "state", f"--dry-run: --data {root} does not exist yet; pass --frames N, the "
+                                            "frames it will hold")
+    dino_flops = dino.encoder_flops(mc.dino_name, mc.dino_size) if mc.tokens == "dinov2" else 0  # per image
+    pred, idm = model_macs(mc)
+    found = have and mc.tokens == "dinov2" and dino.load_features(root, "train", mc.dino_name, mc.dino_size,
+                                                                   cfg.dino_weights or None, mc.img_size) is not None
+    size = frames * mc.num_patches * mc.visual_dim * (2 if cfg.features == "cache" else 1)  # fp16 cache, int8 store
+    if mc.tokens != "dinov2" or cfg.features == "off":
+        per_window, once, note = 2 * dino_flops * (mc.num_hist + 1), 0, "DINOv2 on every batch" * (dino_flops > 0)
+    elif cfg.features == "cache":
+        free = shutil.disk_usage(next(p for p in [root.resolve(), *root.resolve().parents] if p.exists())).free
+        require(found or size + dino.DISK_RESERVE <= free, f"--features cache: the fp16 feature cache needs "
+                f"{size / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB are free: --features memory or off")
+        per_window, once, note = 0, 0 if found else frames * dino_flops, f"fp16 cache, {size / 1e9:.1f} GB of disk"
     else:
-        dinov2 = f"on every batch ({'no matching cache in --data' if cfg.features == 'cache' else '--features off'})"
-    tag = dino.weights_tag(cfg.dino_weights or None, mc.dino_name)  # "...:missing": not downloaded yet
-    dinov2 = "none" if mc.tokens == "state" else f"{dinov2}, weights {tag}"
+        require(size + dino.STORE_SPARE <= GPU_BYTES, f"--features memory: {size / 1e9:.1f} GB of int8 features do "
+                f"not fit next to training in {GPU_BYTES / 2 ** 30:.0f} GiB: --features off")
+        per_window, once, note = 0, frames * dino_flops, f"{frames:,} frames as int8 in GPU memory, {size / 1e9:.1f} GB"
+    B, evals = cfg.batch_size, (cfg.steps - start) // cfg.eval_every + 1
+    la = mc.variant != "baseline"  # validation: a forward pass; la/vq add 10 predictions (swap, shuffle), 2 IDM passes
+    per_eval = cfg.val_batches * B * (per_window / 2 + 2 * pred + la * (20 * pred + 4 * idm))
+    stages = {f"train-{mc.variant}": (cfg.steps - start) * B * (train_flops(mc) + per_window) + evals * per_eval}
+    if mc.tokens == "dinov2" and once and cfg.features == "cache":
+        stages["encode"] = once  # `dino.py encode`, once per dataset
+    elif once:
+        stages[f"train-{mc.variant}"] += once  # every training process fills its own store
+    rate = ASSUMED_TFLOPS[cfg.dtype] * 1e12
+    if la:  # labelling the pairs, then fitting: up to 200 epochs of batch 256, launch-bound at ~1 ms a batch
+        stages[f"decode-{mc.variant}"] = SEED_PAIRS * (2 * idm + (0 if found else 2 * dino_flops)) + rate * (
+            200 * math.ceil(SEED_PAIRS / 256) * 1e-3)
+    for protocol, (tasks, solves, iters) in SEED_PLANS.items():  # 300 samples x horizon 5 predictor calls per iteration
+        stages[f"plan-{mc.variant}-{protocol}"] = tasks * solves * (iters * 300 * 5 * 2 * pred + 2 * dino_flops)
     print(f"train.py --dry-run: {mc.variant}, {mc.tokens} tokens (P {mc.num_patches}, D {mc.visual_dim}), batch {B}, "
-          f"steps {start} -> {cfg.steps}; DINOv2: {dinov2}")
-    print(f"  per step (counted): world model forward + backward {step / 1e12:.2f} TFLOP" + (
-        f" + DINOv2 on {B * T} frames {enc / 1e12:.2f} TFLOP" if enc else "")
-        + f"; {evals} validations of {per_eval / 1e12:.1f} TFLOP")
-    print(f"  GPU memory: weights + AdamW {12 * params / 1e9:.2f} GB + step peak {max(peak, enc_peak) / 1e9:.1f} GB "
-          "(fp32 count; bf16 autocast keeps less)" + (f" + int8 features {store[1] / 1e9:.1f} GB" if memory else ""))
-    if ckpt is None:  # what decode.py and plan.py --dry-run read before the run has a checkpoint
+          f"steps {start} -> {cfg.steps}; features: {note or 'none'}; {train_flops(mc) / 1e9:.3g} GFLOP per window, "
+          f"DINOv2 {dino_flops / 1e9:.3g} GFLOP per frame")
+    for name, flops in stages.items():  # FLOP-equivalents: the decoder's launch-bound fitting is counted at the rate
+        print(f"estimate {name}: {flops / rate:.0f} GPU-s ({flops / 1e15:.1f} PFLOP at an assumed "
+              f"{ASSUMED_TFLOPS[cfg.dtype]} TFLOP/s {cfg.dtype})")
+    if ckpt is None:  # what the later stages of the recipe read before the run has a checkpoint
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         data.atomic_write(Path(cfg.out) / "config.json", {"train": asdict(cfg), "model": asdict(mc)})
-    weights = 12 * params + (4 * sum(t.numel() for t in encoder.parameters()) if encoder else 0)  # + AdamW moments
-    # disk: ckpt.pt holds weights + AdamW (12 B per parameter), twice while an atomic write replaces it
-    dino.report(f"train-{mc.variant}", (cfg.steps - start) * (step + enc) + evals * per_eval + store[0],
-                weights + max(peak, enc_peak) + store[1], 24 * params, cfg.dtype, flag="--features off (DINOv2 per "
-                "batch) instead of memory" if memory else "lower --batch-size (the seed's is 64) or use a larger GPU")
+    return stages
 
 
 def main(cfg: TrainConfig, mc: WMConfig = None, given=None):

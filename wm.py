@@ -3,19 +3,18 @@ actions (`baseline`), continuous latent actions from an inverse dynamics model (
 vector-quantised codes (`vq`); plus load_run, the run folder every later stage reads.
 
 The predictor, IDM, VQ and planners see only tokens (B, T, P, D), whatever their source (--tokens, dino.py: the
-simulator state, frozen DINOv2 patches, or a pixel encoder trained with the predictor). Reads RUN/ckpt.pt (load_run; written by train.py). Writes nothing.
+simulator state, frozen DINOv2 patches, or a pixel encoder trained with the predictor). Reads RUN/ckpt.pt
+(load_run; written by train.py). Writes nothing.
 Tensor contract: forward(z (B, num_hist+1, P, D), action (B, T, A), proprio (B, T, 4)) -> dict of losses;
 rollout(z0 (B, P, D), cond (B, H, C)) -> (B, H, P, D).
 GPU: python train.py --data DIR --variant vq --out runs/vq                  (model code; timings in train.py)
 CPU: python -m pytest -q test_all.py -k wm                                    (tiny sizes, seconds)
 """
-import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
