@@ -1375,7 +1375,7 @@ def test_dry_runs_plan_a_recipe_without_data(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert all(f"estimate {s}: " in out for s in stages) and jload(run / "config.json")["model"]["num_patches"] == 4
     fwd = 2 * sum(train.model_macs(wm.derive(WMConfig(variant="vq", tokens="dinov2", **SMALL), {"img_size": 224})))
-    assert stages["train-vq"] > 100 * 4 * (3 * fwd + 2 * 2 * dino.encoder_flops("dinov2_vits14", 28))  # off: DINOv2
+    assert stages["train-vq"] > 100 * 4 * (3 * fwd + 2 * dino.encoder_flops("dinov2_vits14", 28))  # off: + DINOv2
     user_error(train.main, replace(cfg, frames=0), WMConfig(tokens="dinov2", **SMALL), names=[missing, "--frames"])
     monkeypatch.setattr(train, "GPU_BYTES", 2 ** 20)  # a 1 MiB "GPU"
     user_error(train.main, replace(cfg, features="memory"), WMConfig(tokens="dinov2", **SMALL),

@@ -424,9 +424,10 @@ def dry_run(cfg, mc, ckpt):
     pred, idm = model_macs(mc)
     found = have and mc.tokens == "dinov2" and dino.load_features(root, "train", mc.dino_name, mc.dino_size,
                                                                    cfg.dino_weights or None, mc.img_size) is not None
-    size = frames * mc.num_patches * mc.visual_dim * (2 if cfg.features == "cache" else 1)  # fp16 cache, int8 store
+    size = frames * mc.num_patches * (2 * mc.visual_dim if cfg.features == "cache" else mc.visual_dim + 4)  # fp16
+    # cache, or int8 codes + a float32 scale per token (dino.FeatureStore)
     if mc.tokens != "dinov2" or cfg.features == "off":
-        per_window, once, note = 2 * dino_flops * (mc.num_hist + 1), 0, "DINOv2 on every batch" * (dino_flops > 0)
+        per_window, once, note = dino_flops * (mc.num_hist + 1), 0, "DINOv2 on every batch" * (dino_flops > 0)
     elif cfg.features == "cache":
         free = shutil.disk_usage(next(p for p in [root.resolve(), *root.resolve().parents] if p.exists())).free
         require(found or size + dino.DISK_RESERVE <= free, f"--features cache: the fp16 feature cache needs "
@@ -438,7 +439,7 @@ def dry_run(cfg, mc, ckpt):
         per_window, once, note = 0, frames * dino_flops, f"{frames:,} frames as int8 in GPU memory, {size / 1e9:.1f} GB"
     B, evals = cfg.batch_size, (cfg.steps - start) // cfg.eval_every + 1
     la = mc.variant != "baseline"  # validation: a forward pass; la/vq add 10 predictions (swap, shuffle), 2 IDM passes
-    per_eval = cfg.val_batches * B * (per_window / 2 + 2 * pred + la * (20 * pred + 4 * idm))
+    per_eval = cfg.val_batches * B * (per_window + 2 * pred + la * (20 * pred + 4 * idm))
     stages = {f"train-{mc.variant}": (cfg.steps - start) * B * (train_flops(mc) + per_window) + evals * per_eval}
     if mc.tokens == "dinov2" and once and cfg.features == "cache":
         stages["encode"] = once  # `dino.py encode`, once per dataset
