@@ -45,8 +45,7 @@ class PlanConfig:
     episodes: int = 0  # evaluation episodes; 0 = the protocol's own (open-loop 100 as the seed, mpc 50 as swm)
     protocol: Literal["open-loop", "mpc"] = "open-loop"  # one 25-step plan (the seed), or replan under 50 steps (swm)
     split: Literal["val", "train"] = "val"  # dataset split the tasks come from; stable-worldmodel used train
-    via: Literal["auto", "actions", "decoder", "adapter"] = "auto"  # how a plan becomes actions; auto: the baseline
-    # plans actions, la/vq plan latents for their decoder; adapter (la/vq): plan actions through decode.py's adapter
+    via: Literal["auto", "actions", "decoder", "adapter"] = "auto"  # auto: actions (baseline), decoder (la/vq); adapter
     planner: Literal["auto", "cem", "mppi"] = "auto"  # auto: categorical CEM for vq latents, Gaussian CEM otherwise
     num_samples: int = 300  # N candidate plans per iteration; DINO-WM conf/planner/cem.yaml
     topk: int = 30  # M elites per iteration; DINO-WM cem.yaml (MPPI weights these too, as stable-worldmodel)

@@ -62,8 +62,7 @@ class TrainConfig:
     log_every: int = 500  # steps between log lines (with a fixed validation batch's chunk MSE)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     seed: int = 0  # seeds init, window order and goal draws
-    labels: int = -1  # labelled macro transitions to learn from: a fixed, seeded subset of labels // horizon chunks
-    #                   (a chunk holds horizon of them); -1 = every chunk of the train split
+    labels: int = -1  # labelled macro transitions: a fixed seeded subset of labels // horizon chunks; -1 = all
     dino_name: str = "dinov2_vits14"  # frozen encoder for --tokens dinov2; DINO-WM ViT-S/14
     dino_size: int = 196  # encoder input side in px (DINO-WM: 224 resized to 196, 14 x 14 patches)
     dino_weights: str = ""  # DINOv2 .pth, "" = the official file from the hub cache, random = tests only
