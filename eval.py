@@ -244,7 +244,7 @@ def success_table(paths):
         k, n = sum(r["successes"]), len(r["successes"])
         cols.setdefault(column, []).append(dict(k=k, n=n, rate=k / n, ci95=plan.wilson(k, n), file=str(path),
                                                 tokens=r.get("tokens"), seconds_per_solve=r.get("seconds_per_solve"),
-                                                via=r.get("via"), labels=r.get("labels")))
+                                                via=r.get("via"), labels=r.get("labels"), data=r.get("data")))
         for name in ("random", "replay"):
             cols.setdefault(name, []).append(dict(rate=ref[name], n=n, k=round(ref[name] * n),
                                                   ci95=plan.wilson(round(ref[name] * n), n), file=str(path)))
@@ -289,13 +289,15 @@ def label_rows(table):
 
 
 def labels_markdown(rows, table):
-    """Success against labelled transitions: one row per method, one column per label count; the largest count (all
-    of the train windows, the labelled baseline's) heads the fractions."""
+    """Success against labelled transitions: one row per method, one column per label count, with its fraction of the
+    dataset's labelled train windows (when the results' dataset is at hand)."""
     out = []
     for protocol, methods in sorted(rows.items()):
         counts = sorted({c["labels"] for cs in methods.values() for c in cs})
-        pool = max(counts)
-        head = [f"{n:,} ({n / pool:.1%})" if n < pool else f"{n:,} (all)" for n in counts]
+        roots = {c["data"] for cs in methods.values() for c in cs if c.get("data") and Path(c["data"]).is_dir()}
+        pool = max(len(data.WindowDataset(r, "train", 2)) for r in roots) if roots else None  # the labelled windows
+        head = [f"{n:,}" + (f" ({n / pool:.1%})" if pool and n < pool else " (all)" if n == pool else "")
+                for n in counts]
         out += [f"success on {protocol} tasks against labelled transitions (windows of 5 env steps):",
                 "| method | " + " | ".join(head) + " |", "|---" * (len(counts) + 1) + "|"]
         for name, cs in methods.items():

@@ -1127,12 +1127,13 @@ def test_eval_success_tables_from_floor_to_ceiling_and_against_labels(pipe, tmp_
     assert table["open-loop"]["vq"][0]["k"] == sum(r["successes"]) and table["open-loop"]["vq"][0]["n"] == 3
     assert table["open-loop"]["ceiling"][0]["n"] == 2 and table["open-loop"]["replay"][0]["rate"] == 1.0
     assert not (tmp_path / "m.json").exists()  # no run given: no metrics
+    pool = len(WindowDataset(pipe.data, "train", 2))  # the labelled train windows of the dataset
     sweep = [str(pipe.planned["vq-open-loop"])] + [str(written(tmp_path / "sweep" / f"b{n}.json", json.dumps(
         {**jload(pipe.planned["baseline-open-loop"]), "labels": n, "successes": [1] * k + [0] * (3 - k)})))
-        for n, k in ((20, 0), (200, 1), (2000, 3))]  # one method at several label counts
+        for n, k in ((20, 0), (130, 1), (pool, 3))]  # one method at several label counts
     evaluate.main(evaluate.EvalConfig(results=sweep, out=str(tmp_path / "sweep" / "m.json")))
-    out = capsys.readouterr().out  # one row per method, one column per count, the largest heading the fractions
-    assert "| method | 20 (1.0%) | 80 (4.0%) | 200 (10.0%) | 2,000 (all) |" in out
+    out = capsys.readouterr().out  # one row per method, one column per count, its fraction of the dataset's windows
+    assert pool == 260 and "| method | 20 (7.7%) | 80 (30.8%) | 130 (50.0%) | 260 (all) |" in out
     assert "| baseline | 0.00 [0.00, 0.56] | – | 0.33 [0.06, 0.79] | 1.00 [0.44, 1.00] |" in out
     img = cv2.imread(str(tmp_path / "sweep" / "m_labels.png"))
     assert "| vq + decoder | – | " in out and img is not None and img.shape == (500, 760, 3)
