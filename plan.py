@@ -53,6 +53,7 @@ class PlanConfig:
     horizon: int = 5  # H macro actions per plan (goal_H 5 = 25 env steps)
     var_scale: float = 1.0  # multiplies the initial std sigma0; DINO-WM cem.yaml var_scale 1
     temperature: float = 0.5  # MPPI softmax temperature in cost units; stable-worldmodel MPPISolver default
+    pseudocount: float = 1.0  # categorical CEM: added to every code's elite count; the seed's discrete_cem.py 1.0
     la_prior: Literal["data", "standard"] = "data"  # la start: the run's latent mean/std, or N(0, 1) as the seed
     objective: Literal["last", "all"] = "last"  # last imagined frame (seed, DINO-WM) or DINO-WM's 2^i-weighted frames
     alpha: float = 1.0  # weight of the proprio-embedding MSE in the cost (DINO-WM objective alpha; proprio runs)
@@ -74,8 +75,8 @@ class PlanConfig:
                 "--num-samples, --topk, --opt-steps and --horizon must be >= 1, with --topk <= --num-samples")
         require(self.episodes >= 0 and self.batch_episodes >= 0 and self.ceiling_episodes >= 0 and self.videos >= 0
                 and self.workers >= -1, "--episodes, --batch-episodes, --ceiling-episodes and --videos must be >= 0")
-        require(self.var_scale > 0 and self.temperature > 0 and self.alpha >= 0,
-                "--var-scale and --temperature must be > 0, --alpha >= 0")
+        require(self.var_scale > 0 and self.temperature > 0 and self.alpha >= 0 and self.pseudocount >= 0,
+                "--var-scale and --temperature must be > 0, --alpha and --pseudocount >= 0")
 
 
 # Shape legend: E episodes, N samples, M elites, H horizon (macro steps), A macro-action width (2*frameskip),
@@ -505,7 +506,7 @@ def solve(planner, cost_fn, cfg, mu0, sigma0, E, K, generators, device):
     """One batched solve for E episodes with the chosen planner -> (E, H, A|L) plans, or (E, H) code indices."""
     kw = dict(num_samples=cfg.num_samples, topk=cfg.topk, opt_steps=cfg.opt_steps, generator=generators)
     if planner == "cem_categorical":
-        return cem_categorical(cost_fn, E, cfg.horizon, K, device=device, **kw)
+        return cem_categorical(cost_fn, E, cfg.horizon, K, pseudocount=cfg.pseudocount, device=device, **kw)
     mu, sigma = mu0.expand(E, -1, -1), sigma0.expand(E, -1, -1)  # (E, H, A|L)
     if planner == "mppi":
         return mppi(cost_fn, mu, sigma, temperature=cfg.temperature, **kw)
@@ -570,7 +571,7 @@ def main(cfg: PlanConfig):
     planner = planner_of(cfg, mc, via)
     data.unused(cfg, ("la_prior",) if (mc.variant, via) != ("la", "decoder") else (), "la latents only")
     data.unused(cfg, ("temperature",) if planner != "mppi" else (), f"the planner is {planner}")
-    data.unused(cfg, ("var_scale",) if planner == "cem_categorical" else (), "categorical CEM samples codes")
+    data.unused(cfg, ("var_scale",) if planner == "cem_categorical" else ("pseudocount",), f"the planner is {planner}")
     data.unused(cfg, ("alpha",) if not mc.proprio else (), f"{cfg.run} has no proprio")
     head, report = load_head(cfg.run, ckpt, device, via) if via != "actions" else (None, {"labels": 0})
     decoder, adapter = (head, None) if via == "decoder" else (None, head)

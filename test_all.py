@@ -594,6 +594,11 @@ def test_shapes_every_variant(variant):
         assert cond.shape == (6, 5, 8)
         zs, ps = m.rollout(z[:, 0], cond, p[:, 0] if proprio else None)
         assert zs.shape == (6, 5, 4, 16) and (ps.shape == (6, 5, 3) if proprio else ps is None)
+    if variant == "la":  # --latent-noise: training noise in units of the latent's batch std, none in eval mode
+        m, (z, a, p) = WorldModel(tiny_wm("la", latent_noise=0.5)), batch(B=256, seed=1)
+        out = m(z, a, p)
+        noise = (out["cond"][:, 0] - out["latent"][:, 0]) / out["latent"][:, 0].std(0)  # (B, L)
+        assert 0.45 < noise.std().item() < 0.55 and torch.equal(m.eval()(z, a, p)["cond"][:, 0], out["latent"][:, 0])
 
 def test_predictor_and_idm_do_not_see_later_frames_and_the_idm_computes_only_its_token():
     """Frame-causal predictor and IDM; the IDM's last block computes only its token, as running every block in full."""
@@ -1259,6 +1264,9 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "img-size-absurd": ("data.py collect --out {t}/d --img-size 100000", ["--img-size"]),
     "jepa-flag-on-a-state-run": (TRAIN + " --data {r}/data --out {t}/run --jepa-dim 32", ["--jepa-dim"]),
     "la-prior-on-vq": (PLAN + " --run {r}/vq --out {t}/r.json --la-prior standard", ["--la-prior"]),
+    "pseudocount-off-codes": (PLAN + " --run {r}/baseline --out {t}/r.json --pseudocount 0.1", ["--pseudocount"]),
+    "latent-noise-on-vq": (TRAIN.replace("baseline", "vq") + " --data {r}/data --out {t}/run --latent-noise 0.5",
+                           ["--latent-noise"]),
     "meta-missing-a-key": (TRAIN + " --data {t}/data --out {t}/run", ["meta.json"], edited_data(lambda d: written(
         d / "meta.json", json.dumps({**jload(d / "meta.json"), "action_std": None})))),
     "meta-not-an-object": (TRAIN + " --data {t}/data --out {t}/run", ["meta.json"],

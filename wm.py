@@ -54,6 +54,7 @@ class WMConfig:
     num_codes: int = 32  # K, VQ codebook size; seed's final commit 32
     commitment: float = 0.05  # beta, commitment loss weight; seed 0.05
     ema_decay: float = 0.99  # gamma, EMA decay of the codebook statistics; seed 0.99
+    latent_noise: float = 0.0  # la: training noise on the latent, in units of its batch std (an SNR bottleneck); seed 0
     jepa_dim: int = 64  # D of --tokens jepa: one token per frame; LeWM 192 (ViT-tiny CLS), smaller for CPU runs
     jepa_width: int = 16  # channels of the jepa CNN's first layer (doubled twice on the way down); CPU-sized
     jepa_reg: Literal["sigreg", "vcreg"] = "sigreg"  # anti-collapse term: LeWM's SIGReg or PLDM's variance-covariance
@@ -74,8 +75,9 @@ class WMConfig:
                 "model sizes (--num-hist, --depth, --heads, --cond-dim, --idm-*, --latent-dim, --num-codes ...) "
                 "must be >= 1")
         require(self.idm_dim % self.idm_heads == 0, f"--idm-dim {self.idm_dim} must be a multiple of --idm-heads")
-        require(0 <= self.dropout < 1 and 0 < self.ema_decay < 1 and self.commitment >= 0,
-                "--dropout in [0, 1), --ema-decay in (0, 1), --commitment >= 0")
+        require(0 <= self.dropout < 1 and 0 < self.ema_decay < 1 and self.commitment >= 0 and self.latent_noise >= 0,
+                "--dropout in [0, 1), --ema-decay in (0, 1), --commitment and --latent-noise >= 0")
+        data.unused(self, ("latent_noise",) if self.variant != "la" else (), f"--variant {self.variant}")
         require(self.variant == "baseline" or self.latent_dim == self.cond_dim,
                 f"--latent-dim {self.latent_dim} must equal --cond-dim {self.cond_dim}: la/vq condition on the latent")
         require(self.dino_size % dino.PATCH == 0 and max(self.img_size, self.dino_size) <= data.MAX_IMG,
@@ -372,6 +374,9 @@ class WorldModel(nn.Module):
         latent = u[:, 1:]  # (B, T-1, L)
         out = {"latent": latent}
         a = latent
+        if self.training and self.cfg.latent_noise:  # la: at most ~log2(1 + 1/noise^2) / 2 bits per dim get through,
+            # whatever the latent's scale (the std is the batch's, detached): too little to copy the next frame
+            a = latent + self.cfg.latent_noise * latent.detach().std(0, keepdim=True) * torch.randn_like(latent)
         if self.cfg.variant == "vq":
             q, codes, commit = self.quantizer(latent.flatten(0, 1))  # (N, L), (N,), ()
             a = q.view(latent.shape)  # (B, T-1, L)
