@@ -456,7 +456,7 @@ def plan_prior(mc, via, la_prior, var_scale, H, stats, device):
 def auto_batch(cfg, model, n, device, width, adapter=None):
     """Episodes per solve (E): cfg.batch_episodes, else as many as fit in half the free memory: on CUDA the measured
     peak of a 2-episode batched rollout (plans of `width` per step, None = code indices), on the CPU an upper bound
-    from the shapes (the predictor's activations and attention weights of N samples) against the available RAM."""
+    by the shapes (the predictor's activations and attention weights of N samples) against the available RAM."""
     if cfg.batch_episodes:
         return min(n, cfg.batch_episodes)
     mc, N, H = model.cfg, cfg.num_samples, cfg.horizon
