@@ -149,43 +149,6 @@ def resume(cfg, mc, given):
     return cfg, mc, ckpt
 
 
-def train_step(model, raw, opt, batch, input_of, step, cfg, ctx, parts, device):
-    """One optimiser step on a batch of windows -> the logged loss parts and the gradient norm (len(parts) + 1,),
-    left on the device (no host sync). model: the DDP/compiled wrapper that runs, raw: the module it wraps."""
-    for g in opt.param_groups:
-        g["lr"] = g["base_lr"] * lr_factor(step, cfg)
-    with ctx:
-        out = model(input_of(batch), batch["action"].to(device), batch["proprio"].to(device))
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or math.inf)
-    opt.step()
-    return torch.stack([out[k].detach().float() for k in parts] + [gnorm.float()])
-
-
-def open_run(cfg, mc, given):
-    """resume(), then the dataset's meta and the model sizes it implies (wm.derive) -> (cfg, mc, ckpt, meta)."""
-    cfg, mc, ckpt = resume(cfg, mc, given)
-    meta = data.load_meta(cfg.data, verify=True)  # the fingerprint the checkpoint records: the arrays' own
-    mc = wm.derive(mc, meta)
-    wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
-    require(cfg.labels == -1 or mc.variant == "baseline", f"--labels {cfg.labels}: a {mc.variant} run learns "
-            "without action labels; its decoder or adapter takes them (decode.py --pairs)")
-    return cfg, mc, ckpt, meta
-
-
-def make_optimizer(raw, cfg):
-    """AdamW with one learning rate per module (the seed's param groups), torch defaults otherwise."""
-    lrs = {"predictor": cfg.lr_predictor, "action_encoder": cfg.lr_action, "proprio_encoder": cfg.lr_action,
-           "idm": cfg.lr_idm, "latent_action_down": cfg.lr_idm, "encoder": cfg.lr_predictor,
-           "jepa_idm": cfg.lr_predictor}
-    groups = {}
-    for name, prm in raw.named_parameters():
-        groups.setdefault(name.split(".")[0], []).append(prm)
-    return torch.optim.AdamW([{"params": v, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, v in groups.items()],
-                             betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-
-
 def check_finite(first_bad, parts, ckpt_path):
     """Stop at the first non-finite loss part (first_bad: (len(parts),) first bad step or -1, kept on the device)."""
     bad = first_bad.tolist()  # host sync: called only at log and eval steps
@@ -336,71 +299,6 @@ def latent_stats(model, loader, input_of, ctx):
     return {"latent_mean": x.mean(0).tolist(), "latent_std": x.std(0).tolist(), "latent_count": x.shape[0]}
 
 
-def loss_parts(mc):
-    """The names of the losses a run logs (model outputs), in log order."""
-    return ["loss", "pred_loss", "visual_loss"] + (["commit_loss"] if mc.variant == "vq" else []) + (
-        ["reg_loss"] if mc.tokens == "jepa" else []) + (["idm_loss"] if mc.jepa_idm else [])
-
-
-def log_line(step, names, values, dt, cfg, mc, world, device):
-    """One fixed-format log row and line: step | loss parts | grad norm | lr | ms/step | samples/s [| GPU]."""
-    row = {"step": step, **dict(zip(names, values)), "lr": lr_factor(step - 1, cfg) * cfg.lr_predictor,
-           "ms_per_step": 1e3 * dt, "samples_per_s": cfg.batch_size * world / dt}
-    line = (f"step {step:7d} | " + " | ".join(f"{k} {x:.4g}" for k, x in zip(names, values))
-            + f" | lr {row['lr']:.2e} | {row['ms_per_step']:.1f} ms/step | {row['samples_per_s']:.0f} samples/s")
-    if device.type == "cuda":
-        row["tflops"] = train_flops(mc) * row["samples_per_s"] / world / 1e12
-        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        line += f" | {row['tflops']:.1f} TFLOP/s/GPU | peak {row['peak_mem_gb']:.1f} GB"
-    return row, line
-
-
-def make_loaders(cfg, mc, device, ctx, start, rank, world):
-    """Windows of num_hist + 1 frames: the train stream (resumed at `start`), fixed val and latent-prior batches,
-    and input_of(batch), the token source's frozen part (state features, the DINOv2 feature cache or encoder)."""
-    ds = {s: dino.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features, device, ctx)
-          for s in ("train", "val")}
-    workers = cfg.num_workers
-    # The labels-only control trains on a fixed subset of the labelled windows (all of them by default).
-    subset = data.label_subset(len(ds["train"]), cfg.labels, cfg.seed)  # (N,) window indices
-    order = (int(subset[i]) for i in train_order(len(subset), cfg.seed, start * cfg.batch_size * world, rank, world))
-
-    def fixed(d, n):  # the same n batches at every evaluation
-        return data.loader(d, cfg.batch_size, fixed_subset(len(d), n * cfg.batch_size), workers, device)
-
-    train_loader = data.loader(ds["train"], cfg.batch_size, order, workers, device, drop_last=True)
-    source = "computed per batch" if ds["train"].features is None else "feature cache" if cfg.features == "cache" \
-        else "int8 features in device memory"
-    print(f"windows: train {len(ds['train'])}, val {len(ds['val'])} | tokens: {mc.tokens} (P {mc.num_patches}, "
-          f"D {mc.visual_dim}; {source}) | "
-          f"loader workers: {train_loader.num_workers}" + (f" | labels: {len(subset)}" if cfg.labels > 0 else ""))
-    labels = len(subset) if mc.variant == "baseline" else 0  # labelled windows the world model was trained on
-    return (labels, train_loader, fixed(ds["val"], cfg.val_batches), fixed(ds["train"], cfg.stats_batches),
-            dino.make_input(mc, device, cfg.dino_weights or None))
-
-
-def build(cfg, mc, ckpt, device, ddp):
-    """The world model (raw: uncompiled, what we save), the module that trains (compiled, DDP), the optimiser."""
-    raw = WorldModel(mc).to(device)
-    opt = make_optimizer(raw, cfg)
-    if ckpt:
-        raw.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        print(f"resuming {cfg.out} at step {ckpt['step']} (ckpt_id {ckpt['ckpt_id']})")
-    if device.type == "cuda" and cfg.compile:
-        # Compile the hot, fixed-shape transformers in place (Module.compile keeps state_dict keys, so raw is what we
-        # save). The VQ's in-place EMA and its DDP collectives stay eager: no graph breaks to reason about.
-        for module in (raw.predictor, getattr(raw, "idm", None), raw.encoder):
-            if module is not None:
-                module.compile()
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    print(f"parameters: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M | model GFLOPs per training window: "
-          f"{train_flops(mc) / 1e9:.3g}")
-    return raw, model, opt
-
-
 # --dry-run plans a run of the seed's table before anything exists: FLOPs from the layer sizes, at an assumed rate.
 # ASSUMPTION, not a measurement: ~30 % of an H200's 989 dense bf16 TFLOP/s (small 384-wide ViTs rarely do better),
 # ~60 % of its 67 fp32 TFLOP/s; `reproduce.sh gpu-check` measures the real rate.
@@ -472,24 +370,72 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
     ddp = "WORLD_SIZE" in os.environ  # launched by torchrun: DDP even for one process (NCCL path of gpu-check)
     run, main_proc = Path(cfg.out), rank == 0
     with data.locked(run) if main_proc else contextlib.nullcontext():
-        cfg, mc, ckpt, meta = open_run(cfg, mc or WMConfig(), given)
+        cfg, mc, ckpt = resume(cfg, mc or WMConfig(), given)
+        meta = data.load_meta(cfg.data, verify=True)  # the fingerprint the checkpoint records: the arrays' own
+        mc = wm.derive(mc, meta)  # the model sizes the token source and the dataset imply
+        wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
+        require(cfg.labels == -1 or mc.variant == "baseline", f"--labels {cfg.labels}: a {mc.variant} run learns "
+                "without action labels; its decoder or adapter takes them (decode.py --pairs)")
         device, ctx = data.setup(cfg.device, cfg.seed, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
         if ddp:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         print({**asdict(cfg), **asdict(mc)})
-        # --- data and model
+
+        # --- data: windows of num_hist + 1 frames; the train stream (resumed where the checkpoint stopped), fixed val
+        # and latent-prior batches, and input_of(batch), the token source's frozen part
         start = ckpt["step"] if ckpt else 0
-        labels, train_loader, val_loader, stats_loader, input_of = make_loaders(cfg, mc, device, ctx, start, rank,
-                                                                                world)
-        raw, model, opt = build(cfg, mc, ckpt, device, ddp)
+        ds = {s: dino.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features, device, ctx)
+              for s in ("train", "val")}
+        # The labels-only control trains on a fixed subset of the labelled windows (all of them by default).
+        subset = data.label_subset(len(ds["train"]), cfg.labels, cfg.seed)  # (N,) window indices
+        order = (int(subset[i]) for i in train_order(len(subset), cfg.seed, start * cfg.batch_size * world, rank,
+                                                     world))
+        train_loader = data.loader(ds["train"], cfg.batch_size, order, cfg.num_workers, device, drop_last=True)
+        val_loader, stats_loader = (data.loader(ds[s], cfg.batch_size, fixed_subset(len(ds[s]), n * cfg.batch_size),
+                                                cfg.num_workers, device)  # the same batches at every evaluation
+                                    for s, n in (("val", cfg.val_batches), ("train", cfg.stats_batches)))
+        input_of = dino.make_input(mc, device, cfg.dino_weights or None)
+        source = "computed per batch" if ds["train"].features is None else "feature cache" if cfg.features == "cache" \
+            else "int8 features in device memory"
+        print(f"windows: train {len(ds['train'])}, val {len(ds['val'])} | tokens: {mc.tokens} (P {mc.num_patches}, "
+              f"D {mc.visual_dim}; {source}) | loader workers: {train_loader.num_workers}"
+              + (f" | labels: {len(subset)}" if cfg.labels > 0 else ""))
+
+        # --- model: raw is the uncompiled module (what we save), model what trains (compiled, DDP); AdamW with one
+        # learning rate per module (the seed's param groups), torch defaults otherwise
+        raw = WorldModel(mc).to(device)
+        lrs = {"predictor": cfg.lr_predictor, "action_encoder": cfg.lr_action, "proprio_encoder": cfg.lr_action,
+               "idm": cfg.lr_idm, "latent_action_down": cfg.lr_idm, "encoder": cfg.lr_predictor,
+               "jepa_idm": cfg.lr_predictor}
+        groups = {}
+        for name, prm in raw.named_parameters():
+            groups.setdefault(name.split(".")[0], []).append(prm)
+        opt = torch.optim.AdamW([{"params": v, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, v in groups.items()],
+                                betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        if ckpt:
+            raw.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+            print(f"resuming {cfg.out} at step {ckpt['step']} (ckpt_id {ckpt['ckpt_id']})")
+        if device.type == "cuda" and cfg.compile:
+            # Compile the hot, fixed-shape transformers in place (Module.compile keeps state_dict keys, so raw is what
+            # we save). The VQ's in-place EMA and its DDP collectives stay eager: no graph breaks to reason about.
+            for module in (raw.predictor, getattr(raw, "idm", None), raw.encoder):
+                if module is not None:
+                    module.compile()
+        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
         params = sum(p.numel() for p in raw.parameters())
+        print(f"parameters: {params / 1e6:.2f} M | model GFLOPs per training window: {train_flops(mc) / 1e9:.3g}")
         data.need_disk(run, 2 * 12 * params + 10 ** 6, "the checkpoint (weights + AdamW, twice while it is replaced)")
+        labels = len(subset) if mc.variant == "baseline" else 0  # labelled windows the world model is trained on
         stats = ckpt["stats"] if ckpt else {**data.train_stats(meta), "labels": labels}
         data.atomic_write(run / "config.json", {"train": asdict(cfg), "model": asdict(mc)}) if main_proc else None
         log = run_logger(run, start if ckpt else -1) if main_proc else (lambda *row: None)
 
         # --- the loop
-        parts = loss_parts(mc)
+        parts = ["loss", "pred_loss", "visual_loss"] + (["commit_loss"] if mc.variant == "vq" else []) + (
+            ["reg_loss"] if mc.tokens == "jepa" else []) + (["idm_loss"] if mc.jepa_idm else [])  # logged, in order
         first_bad = torch.full((len(parts),), -1, device=device)  # first step at which each part was non-finite
         it, t0, t_step = iter(train_loader), time.perf_counter(), start
         bar = tqdm(total=cfg.steps, initial=start, disable=None if main_proc else True, unit="step")
@@ -501,45 +447,60 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                 if main_proc:
                     metrics = evaluate(raw, val_loader, input_of, device, ctx, cfg.seed)
                     stats.update(latent_stats(raw, stats_loader, input_of, ctx) if mc.variant != "baseline" else {})
-                    save(run, raw, opt, step, cfg, mc, stats, meta, device)
+                    # atomically: the uncompiled weights, optimiser, step, configs, statistics, the dataset's
+                    # fingerprint and where it is (also relative to the run folder, so a run moved together with
+                    # its data still finds it), and the RNG state for exact resume
+                    root = Path(cfg.data).resolve()
+                    rng = {"torch": torch.get_rng_state(),
+                           **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+                    data.atomic_write(run / "ckpt.pt", {
+                        "format": CKPT_FORMAT, "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "model_config": asdict(mc), "train_config": asdict(cfg), "stats": stats, "rng": rng,
+                        "data": {"root": str(root), "relative": os.path.relpath(root, run.resolve()),
+                                 "fingerprint": meta["fingerprint"]},
+                        "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
                     log({"step": step, **metrics})
                 if ddp:
                     dist.barrier()
                 t0, t_step = time.perf_counter(), step  # validation is not part of the throughput
             if last:
                 break
-            # train step
-            vals = train_step(model, raw, opt, next(it), input_of, step, cfg, ctx, parts, device)
+            # train step: the loss parts and the gradient norm stay on the device (no host sync)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(step, cfg)
+            batch = next(it)
+            with ctx:
+                out = model(input_of(batch), batch["action"].to(device), batch["proprio"].to(device))
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or math.inf)
+            opt.step()
+            vals = torch.stack([out[k].detach().float() for k in parts] + [gnorm.float()])  # (len(parts) + 1,)
             first_bad = torch.where(~torch.isfinite(vals[:-1]) & (first_bad < 0), step, first_bad)
             bar.update(1)
             if device.type == "cuda" and step == start and main_proc:
                 torch.cuda.synchronize()  # one-off sync: compile + first step reported apart from the throughput
                 bar.write(f"first step (compile, warm-up): {time.perf_counter() - t0:.1f} s")
                 t0, t_step = time.perf_counter(), step + 1
-            # logging
+            # logging: step | loss parts | grad norm | lr | ms/step | samples/s [| GPU]
             if (step + 1) % cfg.log_every == 0 and main_proc:
                 check_finite(first_bad, parts, run / "ckpt.pt")  # host sync point: the only one per log interval
                 dt = (time.perf_counter() - t0) / max(1, step + 1 - t_step)
-                log(*log_line(step + 1, parts + ["grad_norm"], vals.tolist(), dt, cfg, mc, world, device))
+                row = {"step": step + 1, **dict(zip(parts + ["grad_norm"], vals.tolist())),
+                       "lr": lr_factor(step, cfg) * cfg.lr_predictor, "ms_per_step": 1e3 * dt,
+                       "samples_per_s": cfg.batch_size * world / dt}
+                line = (f"step {step + 1:7d} | " + " | ".join(f"{k} {row[k]:.4g}" for k in parts + ["grad_norm"])
+                        + f" | lr {row['lr']:.2e} | {1e3 * dt:.1f} ms/step | {row['samples_per_s']:.0f} samples/s")
+                if device.type == "cuda":
+                    row["tflops"] = train_flops(mc) * row["samples_per_s"] / world / 1e12
+                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                    line += f" | {row['tflops']:.1f} TFLOP/s/GPU | peak {row['peak_mem_gb']:.1f} GB"
+                log(row, line)
                 t0, t_step = time.perf_counter(), step + 1
         bar.close()
         if ddp:
             dist.destroy_process_group()
     return raw
-
-
-def save(run, raw, opt, step, cfg, mc, stats, meta, device):
-    """ckpt.pt, atomically: the uncompiled weights, optimiser, step, configs, statistics, the dataset's fingerprint
-    and where it was (absolute, and relative to the run folder, so a run moved together with its data still finds
-    it), and the RNG state for exact resume."""
-    root = Path(cfg.data).resolve()
-    rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
-    data.atomic_write(run / "ckpt.pt", {
-        "format": CKPT_FORMAT, "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-        "model_config": asdict(mc), "train_config": asdict(cfg), "stats": stats, "rng": rng,
-        "data": {"root": str(root), "relative": os.path.relpath(root, run.resolve()),
-                 "fingerprint": meta["fingerprint"]},
-        "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
 
 
 def run_logger(run, start):
