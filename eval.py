@@ -239,12 +239,12 @@ def success_table(paths):
                 (ref.get("ceiling") is None or ok(ref["ceiling"]) and isinstance(ref.get("ceiling_episodes"), int)),
                 fix)
         column = r["planner"] if r["planner"] in ("gcbc", "iql") else r["variant"] + (
-            " + adapter" if r.get("via") == "adapter" else "")
+            " + adapter" if r["via"] == "adapter" else "")
         cols = table.setdefault(r["protocol"], {})
         k, n = sum(r["successes"]), len(r["successes"])
         cols.setdefault(column, []).append(dict(k=k, n=n, rate=k / n, ci95=plan.wilson(k, n), file=str(path),
                                                 tokens=r.get("tokens"), seconds_per_solve=r.get("seconds_per_solve"),
-                                                via=r.get("via"), labels=r.get("labels"), data=r.get("data")))
+                                                via=r["via"], labels=r["labels"], data=r.get("data")))
         for name in ("random", "replay"):
             cols.setdefault(name, []).append(dict(rate=ref[name], n=n, k=round(ref[name] * n),
                                                   ci95=plan.wilson(round(ref[name] * n), n), file=str(path)))
@@ -253,7 +253,7 @@ def success_table(paths):
             cols.setdefault("ceiling", []).append(dict(rate=ref["ceiling"], n=m, k=round(ref["ceiling"] * m),
                                                        ci95=plan.wilson(round(ref["ceiling"] * m), m), file=str(path)))
     for cols in table.values():  # the references repeat in every file of a protocol: keep one, warn if they differ
-        for name in ("random", "replay", "ceiling"):
+        for name in REFS:
             cells = cols.get(name, [])
             if len({(c["k"], c["n"]) for c in cells}) > 1:
                 print(f"warning: the {name} reference differs between files ({[c['file'] for c in cells]}): "
@@ -280,7 +280,7 @@ def label_rows(table):
     for protocol, cols in table.items():
         for col, cells in cols.items():
             for c in cells:
-                if c.get("labels") is not None and col not in ("random", "replay", "ceiling"):
+                if c.get("labels") is not None and col not in REFS:
                     name = col if c["via"] != "decoder" else f"{col} + decoder"
                     rows.setdefault(protocol, {}).setdefault(name, []).append(c)
     sweep = any(len({c["labels"] for c in cs}) > 1 for r in rows.values() for cs in r.values())

@@ -844,10 +844,11 @@ def ddp_worker(rank, root, tmp, port):
     torch.save(train.main(*train_cfgs(root, f"{tmp}/run", steps=3)).state_dict(), f"{tmp}/rank{rank}.pt")
 
 def test_ddp_vq_and_training_agree_across_two_ranks(pipe, tmp_path):
-    """Two gloo ranks (forked): one first-batch codebook, EMA sums over ranks, identical replicas after training."""
+    """Two gloo ranks (spawned: a fork of this threaded process can deadlock): one first-batch codebook, EMA sums over
+    ranks, identical replicas after training."""
     with socket.socket() as s:
         port = s.bind(("127.0.0.1", 0)) or s.getsockname()[1]
-    mp.start_processes(ddp_worker, args=(str(pipe.data), str(tmp_path), port), nprocs=2, start_method="fork")
+    mp.start_processes(ddp_worker, args=(str(pipe.data), str(tmp_path), port), nprocs=2, start_method="spawn")
     a, b = tload(tmp_path / "first0.pt"), tload(tmp_path / "first1.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     (ref := preset_vq())(clustered(5))  # one process, the whole batch: DDP's buffer broadcast alone would hide a bug

@@ -371,7 +371,8 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
     run, main_proc = Path(cfg.out), rank == 0
     with data.locked(run) if main_proc else contextlib.nullcontext():
         cfg, mc, ckpt = resume(cfg, mc or WMConfig(), given)
-        meta = data.load_meta(cfg.data, verify=True)  # the fingerprint the checkpoint records: the arrays' own
+        # the fingerprint the checkpoint records: the arrays' own (resume() has checked them against it already)
+        meta = data.load_meta(cfg.data, verify=ckpt is None)
         mc = wm.derive(mc, meta)  # the model sizes the token source and the dataset imply
         wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
         require(cfg.labels == -1 or mc.variant == "baseline", f"--labels {cfg.labels}: a {mc.variant} run learns "
