@@ -18,6 +18,7 @@ import fcntl
 import functools
 import hashlib
 import inspect
+import io
 import json
 import math
 import multiprocessing
@@ -33,8 +34,6 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
 import cv2
 import numpy as np
 import pymunk
@@ -85,6 +84,7 @@ class FigureConfig:
 FORMAT = "pusht-v1"
 SUCCESS_PX, SUCCESS_ANGLE = 20.0, math.pi / 9  # DINO-WM eval_state: joint agent + block position, block angle
 MAX_IMG = 1024  # largest frame side in px a dataset or run may ask for (DINO-WM renders 224)
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # reported, not tracebacks
 WORLD = 512  # world = canvas, px, origin top-left, y down (DINO-WM env/pusht/pusht_env.py window_size)
 SIM_HZ, CONTROL_HZ = 100, 10  # 10 physics substeps of 0.01 s per env step (DINO-WM pusht_env.py)
 DT = 1.0 / SIM_HZ
@@ -92,13 +92,11 @@ KP, KV = 100, 20  # PD gains of the pusher (DINO-WM pusht_env.py); critically da
 AGENT_RADIUS = 15
 T_CAP = np.array([(-60, 30), (60, 30), (60, 0), (-60, 0)], np.float64)  # add_tee with its hard-coded scale 30
 T_STEM = np.array([(-15, 30), (-15, 120), (15, 120), (15, 30)], np.float64)
-T_CORNERS = np.concatenate([T_CAP, T_STEM])  # (8, 2) drawn as two outlined rectangles
 T_OUTLINE = np.array([(-60, 0), (60, 0), (60, 30), (15, 30), (15, 120), (-15, 120), (-15, 30), (-60, 30)], np.float64)
 WALLS = [((5, 506), (5, 5)), ((5, 5), (506, 5)), ((506, 5), (506, 506)), ((5, 506), (506, 506))]  # radius 2
 GOAL_POSE = (256.0, 256.0, math.pi / 4)  # the green anchor T: drawn only, not the task goal (pusht_env.py goal_pose)
 PROPRIO = [0, 1, 5, 6]  # proprio = [agent_x, agent_y, agent_vx, agent_vy] (DINO-WM pusht_dset.py)
-# RGB colours of DINO-WM's pygame renderer; "light" = colour x 1.2 capped at 255, rounded
-# (pymunk SpaceDebugDrawOptions, as pusht_env.py draws).
+# RGB colours as pusht_env.py draws (pymunk SpaceDebugDrawOptions); "light" = colour x 1.2 capped at 255, rounded.
 GOAL_RGB, BLOCK_RGB, BLOCK_LIGHT = (144, 238, 144), (119, 136, 153), (143, 163, 184)
 AGENT_RGB, AGENT_LIGHT, WALL_RGB = (65, 105, 225), (78, 126, 255), (211, 211, 211)
 ENV = dict(world=WORLD, sim_hz=SIM_HZ, control_hz=CONTROL_HZ, kp=KP, kv=KV, agent_radius=AGENT_RADIUS,
@@ -138,15 +136,13 @@ def _background():
 
 
 def render_state(state, img_size=224):
-    """RGB frame (S, S, 3) uint8 of a state, a pure function of its first 5 numbers (pusht_env.py
-    _render_frame). As upstream: drawn
-    at 512 px in pymunk's debug-draw order (block cap, stem, agent, walls), then cv2.resize(img, (S, S)) (INTER_LINEAR,
-    no anti-aliasing). DINO-WM's red contact marks are left out so that a frame depends on the state only. About
-    7,000 frames/s at 224 px on one core."""
+    """RGB frame (S, S, 3) uint8 of a state's first 5 numbers (pusht_env.py _render_frame): drawn at 512 px in pymunk's
+    debug-draw order (block cap, stem, agent, walls), then cv2.resize to S (INTER_LINEAR, no anti-aliasing); without
+    DINO-WM's red contact marks, so a frame depends on the state only. About 7,000 frames/s at 224 px on one core."""
     canvas = _background().copy()  # (512, 512, 3)
-    # World pixels rounded half-to-even, as pygame's to_pygame (Python round) does.
-    corners = np.rint(_world(T_CORNERS, state[2], state[3], state[4])).astype(np.int32)  # (8, 2)
-    for pts in (corners[:4], corners[4:]):  # each rectangle filled, then outlined: the dark seam is upstream's
+    for poly in (T_CAP, T_STEM):  # each rectangle filled, then outlined: the dark seam is upstream's
+        # World pixels rounded half-to-even, as pygame's to_pygame (Python round) does.
+        pts = np.rint(_world(poly, state[2], state[3], state[4])).astype(np.int32)  # (4, 2)
         cv2.fillPoly(canvas, [pts], BLOCK_LIGHT)
         cv2.polylines(canvas, [pts], True, BLOCK_RGB, 4)  # pygame's fat segments of radius 2
     centre = (round(state[0]), round(state[1]))
@@ -158,8 +154,7 @@ def render_state(state, img_size=224):
 
 
 def distances(goal, state):
-    """The success test's two terms for (..., 7) states, NumPy or torch: ||d[agent_xy, block_xy]|| in px and
-    |d angle| wrapped to [0, pi] (mod 2 pi first: also right for unwrapped angles)."""
+    """The success test's terms for (..., 7) states, NumPy or torch: ||d[agent_xy, block_xy]|| px, |d angle| <= pi."""
     if not torch.is_tensor(state):
         goal, state = np.asarray(goal, np.float64), np.asarray(state, np.float64)
     d = (goal[..., 4] - state[..., 4]) % (2 * math.pi)
@@ -169,16 +164,15 @@ def distances(goal, state):
 
 
 def is_success(goal_state, state):
-    """DINO-WM's eval_state (pusht_env.py): joint agent + block position error < 20 px and angle error < pi / 9. One
-    state -> bool; a batch (..., 7), NumPy or torch -> (...) bool (IQL's goal-reached reward)."""
+    """DINO-WM's eval_state (pusht_env.py): position error < 20 px, angle error < pi / 9; batched, NumPy or torch."""
     pos, ang = distances(goal_state, state)
     return (pos < SUCCESS_PX) & (ang < SUCCESS_ANGLE)
 
 
 class PushT:
-    """Push-T with DINO-WM's physics (env/pusht/pusht_env.py, with_velocity=True), quirks included.
-    State (7,): [agent_x, agent_y, block_x, block_y, block_angle mod 2 pi, agent_vx, agent_vy], px, rad, px/s.
-    Action (2,): PD target offset in px relative to the agent (DINO-WM's env action x action_scale 100)."""
+    """Push-T with DINO-WM's physics (env/pusht/pusht_env.py, with_velocity=True), quirks included. State (7,):
+    [agent_x, agent_y, block_x, block_y, block_angle mod 2 pi, agent_vx, agent_vy] (px, rad, px/s). Action (2,): PD
+    target offset in px relative to the agent (DINO-WM's env action x action_scale 100)."""
 
     def __init__(self, img_size=224):
         self.img_size = img_size
@@ -206,9 +200,7 @@ class PushT:
 
     def reset(self, seed=None):
         """DINO-WM's reset distribution (pusht_env.py reset) from a legacy RandomState; returns the first frame."""
-        if seed is None:
-            seed = np.random.randint(0, 25536)  # DINO-WM seed(): drawn from the global NumPy RNG
-        rs = np.random.RandomState(seed)
+        rs = np.random.RandomState(np.random.randint(0, 25536) if seed is None else seed)  # None: as DINO-WM seed()
         # Draw order as upstream; QUIRK: the angle is Gaussian, randn * 2 pi - pi (from Diffusion Policy).
         state = [rs.randint(50, 450), rs.randint(50, 450), rs.randint(100, 400), rs.randint(100, 400)]
         return self.set_state(state + [rs.randn() * 2 * np.pi - np.pi, 0, 0])
@@ -257,73 +249,58 @@ class PushT:
         return render_state(self.get_state(), self.img_size)
 
 
-def _cog(state):
-    """World position of the T's centre of gravity, (0, 45) in its body frame."""
-    return _world(np.array([[0.0, 45.0]]), state[2], state[3], state[4])[0]
-
-
-def _plan_push(state, rng):
-    """A stand-off point outside a random contact on the T's outline and a push direction into it: the nearest to
-    the agent of a few candidates that neither stand outside the arena nor push the T towards a near wall."""
+def collect_episode(seed, steps):
+    """One episode of the scripted pusher from reset(seed): states (steps+1, 7) f64, actions (steps+1, 2) f32 px. A
+    plan is a random walk or a push: to a stand-off point outside a random contact (round the T if needed), then in."""
     p, lo, hi = POLICY, POLICY["margin"], WORLD - POLICY["margin"]
     edges = np.roll(T_OUTLINE, -1, axis=0) - T_OUTLINE  # (8, 2)
     lengths = np.linalg.norm(edges, axis=1)
-    plans = []
-    for _ in range(20):
-        i = rng.choice(len(edges), p=lengths / lengths.sum())  # uniform along the outline
-        normal = np.array([edges[i][1], -edges[i][0]]) / lengths[i]  # outward for this vertex order
-        contact, normal = _world(np.stack([T_OUTLINE[i] + rng.random() * edges[i], normal]), 0, 0, state[4])
-        contact = contact + state[2:4]
-        direction = _world(-normal[None], 0, 0, math.radians(rng.uniform(-p["push_angle"], p["push_angle"])))[0]
-        standoff = contact + normal * rng.uniform(*p["standoff"])
-        ahead = _cog(state) + 60 * direction  # where the push heads the T
-        if lo <= standoff.min() and standoff.max() <= hi and 70 <= ahead.min() and ahead.max() <= WORLD - 70:
-            plans.append((standoff, direction))
-        if len(plans) == p["candidates"]:
-            break
-    return min(plans or [(standoff, direction)], key=lambda plan: np.linalg.norm(plan[0] - state[:2]))
-
-
-def _waypoint(state, goal, way):
-    """The goal if the agent can go straight there without touching the T, else a point on a circle round the T,
-    50 deg further in the direction way (+1 or -1)."""
-    outline = _world(T_OUTLINE, state[2], state[3], state[4]).astype(np.float32)  # (8, 2)
-    path = state[:2] + np.linspace(0.15, 0.9, 8)[:, None] * (goal - state[:2])  # (8, 2)
-    if all(cv2.pointPolygonTest(outline, (float(x), float(y)), True) < -AGENT_RADIUS for x, y in path):
-        return goal
-    u, v = state[:2] - _cog(state)
-    phi = math.atan2(v, u) + way * math.radians(50)
-    return _cog(state) + POLICY["detour_radius"] * np.array([math.cos(phi), math.sin(phi)])
-
-
-def collect_episode(seed, steps):
-    """One episode of the scripted pusher from reset(seed): states (steps+1, 7) f64, actions (steps+1, 2) f32 px.
-    Each plan is a random walk or a push: walk to a stand-off point outside a random contact on the T (round the T
-    if needed), then push along a direction into it. Noise on every command; targets stay in the arena."""
-    p = POLICY
     env, rng = PushT(), np.random.default_rng(seed)
     env.reset(seed)
     states, actions, mode, left = [env.get_state()], [], None, 0
     for _ in range(steps):
         s = states[-1]
+        cog = _world(np.array([[0.0, 45.0]]), s[2], s[3], s[4])[0]  # the T's centre of gravity, (0, 45) in its frame
         if left == 0:  # new plan
             if rng.random() < p["wander_prob"]:
                 mode, left = "wander", rng.integers(*p["wander_steps"], endpoint=True)
             else:
-                (standoff, direction), mode, left = _plan_push(s, rng), "approach", p["approach_timeout"]
-                cmd = rng.uniform(*p["push_cmd"])
-                (ua, va), (ug, vg) = s[:2] - _cog(s), standoff - _cog(s)
+                # A push from the nearest of a few random contacts that keep the agent in and the T off the walls.
+                plans = []
+                for _ in range(20):
+                    i = rng.choice(len(edges), p=lengths / lengths.sum())  # uniform along the outline
+                    normal = np.array([edges[i][1], -edges[i][0]]) / lengths[i]  # outward for this vertex order
+                    contact, normal = _world(np.stack([T_OUTLINE[i] + rng.random() * edges[i], normal]), 0, 0, s[4])
+                    turn = math.radians(rng.uniform(-p["push_angle"], p["push_angle"]))
+                    direction = _world(-normal[None], 0, 0, turn)[0]
+                    standoff = contact + s[2:4] + normal * rng.uniform(*p["standoff"])
+                    ahead = cog + 60 * direction  # where the push heads the T
+                    if lo <= standoff.min() <= standoff.max() <= hi and 70 <= ahead.min() <= ahead.max() <= WORLD - 70:
+                        plans.append((standoff, direction))
+                    if len(plans) == p["candidates"]:
+                        break
+                standoff, direction = min(plans or [(standoff, direction)], key=lambda c: np.linalg.norm(c[0] - s[:2]))
+                mode, left, cmd = "approach", p["approach_timeout"], rng.uniform(*p["push_cmd"])
+                (ua, va), (ug, vg) = s[:2] - cog, standoff - cog
                 way = 1 if (math.atan2(vg, ug) - math.atan2(va, ua)) % (2 * math.pi) < math.pi else -1  # short way
         if mode == "wander":
             offset = rng.normal(0, p["wander_std"], 2)
         elif mode == "approach":
-            offset = _waypoint(s, standoff, way) - s[:2]
+            # Straight to the stand-off point if that path misses the T, else along a circle round it (50 deg on).
+            outline = _world(T_OUTLINE, s[2], s[3], s[4]).astype(np.float32)  # (8, 2)
+            path = s[:2] + np.linspace(0.15, 0.9, 8)[:, None] * (standoff - s[:2])  # (8, 2)
+            goal = standoff
+            if not all(cv2.pointPolygonTest(outline, (float(x), float(y)), True) < -AGENT_RADIUS for x, y in path):
+                u, v = s[:2] - cog
+                phi = math.atan2(v, u) + way * math.radians(50)
+                goal = cog + p["detour_radius"] * np.array([math.cos(phi), math.sin(phi)])
+            offset = goal - s[:2]
             offset *= min(1.0, p["approach_cmd"] / max(np.linalg.norm(offset), 1e-9))
             if np.linalg.norm(standoff - s[:2]) < 8:  # arrived: push from this step on
                 mode, left = "push", rng.integers(*p["push_steps"], endpoint=True)
         if mode == "push":
             offset = cmd * direction
-        target = np.clip(s[:2] + offset + rng.normal(0, p["noise_std"], 2), p["margin"], WORLD - p["margin"])
+        target = np.clip(s[:2] + offset + rng.normal(0, p["noise_std"], 2), lo, hi)
         action = (target - s[:2]).astype(np.float32)  # applied as stored: replaying actions.npy is bit-exact
         env.advance(action)
         states.append(env.get_state())
@@ -349,25 +326,17 @@ def _existing(out, args):
     except UserError as e:
         raise UserError(f"--out {out} exists but is not a dataset ({e}); choose another --out or remove it") from e
     diff = differences(old, args, "the dataset has")
-    require(not diff, f"--out {out} already holds another dataset: {'; '.join(diff)}. Choose another --out or delete "
-                      "it")
+    require(not diff, f"--out {out} holds another dataset: {'; '.join(diff)}. Choose another --out or delete it")
     print(f"{out} already holds this dataset (same arguments); nothing to do")
     return True
 
 
 @contextlib.contextmanager
 def _staging(out):
-    """A temp folder next to out, renamed to out when the block succeeds and deleted when it fails. A lock next to
-    out keeps a second collect or import off the same folder; holding it, staging folders that an earlier, killed
-    run left behind (no cleanup ran) are removed first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.parent / f".{out.name}.lock"
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another process is writing the dataset {out}; wait for it, or choose another --out"
-                            ) from None
+    """A temp folder next to out, renamed to out on success; under a lock that also clears a killed run's leftovers."""
+    lock = f".{out.name}.lock"
+    with locked(out.parent, lock, f"another process is writing the dataset {out}; wait for it, or choose another "
+                                  "--out"):
         for old in out.parent.glob(f".{out.name}.tmp-*"):
             print(f"removing {old}, left by an interrupted earlier run")
             shutil.rmtree(old, ignore_errors=True)
@@ -377,19 +346,16 @@ def _staging(out):
             yield tmp
             require(not out.exists() or not any(out.iterdir()), f"--out {out} was filled while this ran; choose "
                                                                  "another --out")
-            if out.exists():
-                out.rmdir()  # _existing allowed only an empty folder
-            os.rename(tmp, out)  # atomic: a reader sees no dataset or a complete one
+            os.rename(tmp, out)  # atomic, also onto an empty folder: a reader sees no dataset or a complete one
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
-            lock.unlink(missing_ok=True)
+            (out.parent / lock).unlink(missing_ok=True)
 
 
 def _write(tmp, splits, meta):
-    """Arrays and meta.json into the staging folder, with the fingerprint and the train split's statistics: action
-    mean/std (px) over real steps (not each episode's last action), proprio mean/std over all frames."""
+    """Arrays and meta.json (fingerprint; train action stats over real steps, proprio over all frames) into tmp."""
     splits = {name: dict(states=np.asarray(sp["states"], np.float64), actions=np.asarray(sp["actions"], np.float32),
                          lengths=np.asarray(sp["lengths"], np.int64)) for name, sp in splits.items()}
     for name, split in splits.items():
@@ -406,19 +372,16 @@ def _write(tmp, splits, meta):
 
 
 def load_meta(root, verify=False):
-    """DIR/meta.json, checked; verify=True also recomputes the fingerprint from the arrays (a dataset is known by its
-    content, not its name: a run refuses data whose arrays changed under an old meta.json)."""
+    """DIR/meta.json, checked; verify=True recomputes the fingerprint (a dataset is its arrays, not its name)."""
     path, fix = Path(root) / "meta.json", "re-create the dataset with `python data.py collect`"
     require(Path(root).is_dir(), f"dataset folder {root} does not exist; make one with `python data.py collect --out "
                                  f"{root}` (or check the path)")
-    meta = load_json(path, f"{root} is not a dataset folder of this data.py; {fix}", ("format",))
+    meta = load_json(path, f"{root} is not a dataset folder of this data.py; {fix}", ("format", "fingerprint"))
     require(meta["format"] == FORMAT, f"{path}: format {meta['format']!r}, expected {FORMAT!r}; {fix}")
-    shapes = {"fingerprint": None, "img_size": None, "action_mean": 2, "action_std": 2, "proprio_mean": 4,
-              "proprio_std": 4}
-    bad = [k for k, n in shapes.items() if k not in meta or (n and not (
-        isinstance(meta[k], list) and len(meta[k]) == n and all(isinstance(v, (int, float)) and math.isfinite(v)
-                                                                for v in meta[k])))]
-    require(not bad and isinstance(meta["img_size"], int) and 14 <= meta["img_size"] <= MAX_IMG,
+    bad = [k for k, n in dict(action_mean=2, action_std=2, proprio_mean=4, proprio_std=4).items() if not (
+        isinstance(meta.get(k), list) and len(meta[k]) == n and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                    for v in meta[k]))]
+    require(not bad and isinstance(meta.get("img_size"), int) and 14 <= meta["img_size"] <= MAX_IMG,
             f"{path}: {', '.join(bad) or 'img_size'} missing or malformed; {fix}")
     if verify:
         fp = _fingerprint({name: load_split(root, name) for name in ("train", "val")})
@@ -434,23 +397,17 @@ def train_stats(meta):
 
 def load_split(root, split):
     """dict(states (F, 7) f64, actions (F, 2) f32, lengths (E,) i64, starts (E,) i64, frames (F, S, S, 3) or None)."""
-    d, out = Path(root) / split, {}
+    d, out, fix = Path(root) / split, {}, "re-create the dataset with `python data.py collect`"
     for key, dtype, shape in (("states", np.float64, (7,)), ("actions", np.float32, (2,)), ("lengths", np.int64, ())):
-        try:
-            out[key] = a = np.load(d / f"{key}.npy", allow_pickle=False)
-        except FileNotFoundError as e:
-            raise UserError(f"{d / key}.npy is missing; re-create the dataset with `python data.py collect`") from e
-        except (ValueError, OSError, EOFError) as e:
-            raise UserError(f"{d / key}.npy is corrupt ({e}); re-create the dataset with `python data.py collect`"
-                            ) from e
+        out[key] = a = load_pt(d / f"{key}.npy", fix, functools.partial(np.load, allow_pickle=False))
         require(a.dtype == dtype and a.shape[1:] == shape,
-                f"{d / key}.npy: {a.dtype} {a.shape}, expected {np.dtype(dtype)} (n, {shape}); re-create the dataset")
+                f"{d / key}.npy: {a.dtype} {a.shape}, expected {np.dtype(dtype)} (n, {shape}); {fix}")
     n, lengths = len(out["states"]), out["lengths"]
     require(len(lengths) > 0 and lengths.min() >= 1 and lengths.sum() == n and len(out["actions"]) == n,
             f"{d}: lengths.npy (sum {lengths.sum()}) must have positive entries summing to the rows of states.npy ({n})"
-            f" and actions.npy ({len(out['actions'])}); re-create the dataset")
+            f" and actions.npy ({len(out['actions'])}); {fix}")
     require(np.isfinite(out["states"]).all() and np.isfinite(out["actions"]).all(),
-            f"{d}: states.npy or actions.npy holds non-finite numbers; re-create the dataset")
+            f"{d}: states.npy or actions.npy holds non-finite numbers; {fix}")
     out["starts"] = np.cumsum(lengths) - lengths  # (E,) global index of each episode's first frame
     out["frames"] = np.load(d / "frames.npy", mmap_mode="r") if (d / "frames.npy").is_file() else None
     require(out["frames"] is None or (out["frames"].dtype == np.uint8 and out["frames"].shape[0] == n),
@@ -472,8 +429,7 @@ def collect(cfg):
     job, t0 = functools.partial(collect_episode, steps=cfg.steps), time.time()
     seeds = range(cfg.seed, cfg.seed + cfg.episodes)
     with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        runs = pool.imap(job, seeds, chunksize=4) if pool else map(job, seeds)
-        # any worker count gives the same arrays
+        runs = pool.imap(job, seeds, chunksize=4) if pool else map(job, seeds)  # any worker count: the same arrays
         episodes = list(tqdm(runs, total=cfg.episodes, desc="collect", unit="ep", disable=None))
     frames, dt = cfg.episodes * (cfg.steps + 1), time.time() - t0
     print(f"collected {cfg.episodes} episodes, {frames} frames in {dt:.1f} s: {frames / dt:.0f} frames/s with "
@@ -488,44 +444,27 @@ def collect(cfg):
 
 
 class _NoClasses(pickle.Unpickler):
-    """For seq_lengths.pkl, a list of ints: refuse every class except NumPy's integer scalars and arrays, whose
-    reconstructors only build numbers (a list of np.int64 is a plausible upstream pickle; torch objects are not)."""
+    """For seq_lengths.pkl: refuse every class but NumPy's number builders (np.int64 lists are plausible upstream)."""
     ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")}
+    ALLOWED |= {("numpy", "dtype"), ("numpy", "ndarray")}
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED | {("numpy", "dtype"), ("numpy", "ndarray")}:
+        if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load class {module}.{name}; save a plain list of ints instead")
 
 
 def _read(path, shape):
-    """A DINO-WM file as float64 (torch tensor, weights_only) or int64 (pickle) array, checked against shape."""
-    require(path.is_file(), f"{path} is missing: --src must be DINO-WM's pusht_noise folder (train/, val/)")
-    try:
-        if path.suffix == ".pth":
-            x = torch.load(path, map_location="cpu", weights_only=True)
-            x = x.double().numpy() if torch.is_tensor(x) else x
-        else:
-            with open(path, "rb") as f:
-                x = np.asarray(_NoClasses(f).load())
-            x = x.astype(np.int64) if x.dtype.kind in "iu" else x
-    except Exception as e:
-        raise UserError(f"{path} is corrupt or not the expected plain data ({e})") from e
+    """A DINO-WM file as an array, float64 (a torch tensor, weights_only) or as pickled, checked against shape."""
+    fix = "--src must be DINO-WM's pusht_noise folder (train/, val/) of plain tensors and lists"
+    if path.suffix == ".pth":
+        x = load_pt(path, fix)
+        x = x.double().numpy() if torch.is_tensor(x) else x
+    else:
+        x = load_pt(path, fix, lambda p: np.asarray(_NoClasses(io.BytesIO(p.read_bytes())).load()))
     require(isinstance(x, np.ndarray) and x.ndim == len(shape) and all(not w or w == v for w, v in zip(shape, x.shape)),
             f"{path}: got {getattr(x, 'shape', type(x))}, expected {shape} (0 = any)")
     return x
-
-
-def _decode_mp4(obses, i, length):
-    """RGB frames (length, S, S, 3) of obses/episode_{i:03d}.mp4 (or {i:04d}); error if the count differs."""
-    path = next((p for p in (obses / f"episode_{i:03d}.mp4", obses / f"episode_{i:04d}.mp4") if p.is_file()), None)
-    require(path is not None, f"{obses}/episode_{i:03d}.mp4 (or {i:04d}) is missing")
-    cap, frames = cv2.VideoCapture(str(path)), []
-    while (got := cap.read())[0]:
-        frames.append(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB))  # OpenCV decodes BGR; decord (upstream) gives RGB
-    cap.release()
-    require(len(frames) == length, f"{path}: {len(frames)} frames, but seq_lengths.pkl says {length}")
-    return np.stack(frames)  # (T, S, S, 3)
 
 
 def import_dinowm(cfg):
@@ -544,25 +483,32 @@ def import_dinowm(cfg):
             n, t_max, _ = states.shape
             vel, act = _read(d / "velocities.pth", (n, t_max, 2)), _read(d / "rel_actions.pth", (n, t_max, 2))
             lengths = _read(d / "seq_lengths.pkl", (n,))
-            require(lengths.dtype == np.int64 and lengths.min() >= 1 and lengths.max() <= t_max,
+            require(lengths.dtype.kind in "iu" and lengths.min() >= 1 and lengths.max() <= t_max,
                     f"{d}/seq_lengths.pkl: need {n} integers in [1, {t_max}]")
             real = np.arange(t_max) < lengths[:, None]  # (N, T_max) drops the padding
             splits[name] = dict(states=np.concatenate([states, vel], -1)[real], actions=act[real], lengths=lengths)
-            if cfg.keep_frames:
-                frames = None
-                starts = tqdm(np.cumsum(lengths) - lengths, desc=f"decode {name}", unit="ep", disable=None)
-                for i, start in enumerate(starts):
-                    ep = _decode_mp4(d / "obses", i, lengths[i])  # (T, S, S, 3)
-                    if frames is None:  # the first video fixes the size (train's for both splits)
-                        img_size = ep.shape[1] if name == "train" else img_size
-                        need_disk(tmp, int(lengths.sum()) * img_size ** 2 * 3, f"--keep-frames ({name} frames)")
-                        frames = np.lib.format.open_memmap(tmp / name / "frames.npy", "w+", np.uint8,
-                                                           (int(lengths.sum()), img_size, img_size, 3))
-                    require(ep.shape[1:] == frames.shape[1:],
-                            f"{d}/obses: episode {i} has {ep.shape[1:]} frames, not {frames.shape[1:]}")
-                    frames[start:start + lengths[i]] = ep
-                frames.flush()
-                del frames  # close the memmap before the folder is renamed
+            if not cfg.keep_frames:
+                continue
+            frames = None
+            starts = tqdm(np.cumsum(lengths) - lengths, desc=f"decode {name}", unit="ep", disable=None)
+            for i, start in enumerate(starts):
+                mp4 = [p for p in (d / f"obses/episode_{i:03d}.mp4", d / f"obses/episode_{i:04d}.mp4") if p.is_file()]
+                require(mp4, f"{d}/obses/episode_{i:03d}.mp4 (or {i:04d}) is missing")
+                cap, ep = cv2.VideoCapture(str(mp4[0])), []
+                while (got := cap.read())[0]:
+                    ep.append(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB))  # OpenCV decodes BGR; decord (upstream): RGB
+                cap.release()
+                require(len(ep) == lengths[i], f"{mp4[0]}: {len(ep)} frames, but seq_lengths.pkl says {lengths[i]}")
+                ep = np.stack(ep)  # (T, S, S, 3)
+                if frames is None:  # the first video fixes the size (train's for both splits)
+                    img_size = ep.shape[1] if name == "train" else img_size
+                    need_disk(tmp, int(lengths.sum()) * img_size ** 2 * 3, f"--keep-frames ({name} frames)")
+                    frames = np.lib.format.open_memmap(tmp / name / "frames.npy", "w+", np.uint8,
+                                                       (int(lengths.sum()), img_size, img_size, 3))
+                require(ep.shape[1:] == frames.shape[1:],
+                        f"{d}/obses: episode {i} has {ep.shape[1:]} frames, not {frames.shape[1:]}")
+                frames[start:start + lengths[i]] = ep
+            del frames  # close the memmap (its pages are the file's) before the folder is renamed
         _write(tmp, splits, dict(source="dinowm", img_size=img_size, seed=None, policy=None, args=args))
     agent, block = replay_drift(load_split(out, "train"))
     print(f"replay check (up to 5 train episodes x 25 steps): mean drift agent {agent:.3f} px, block {block:.3f} px")
@@ -570,8 +516,7 @@ def import_dinowm(cfg):
 
 
 def macro_to_env(a_norm, action_mean, action_std):
-    """(..., H, A) z-scored macro actions -> (..., H * A/2, 2) env actions in px, time-major (DINO-WM
-    datasets/traj_dset.py: "(n f) d -> n (f d)" undone, then de-normalised)."""
+    """(..., H, A) z-scored macro actions -> (..., H * A/2, 2) env actions in px (traj_dset.py's "(n f) d" undone)."""
     a = a_norm.reshape(*a_norm.shape[:-2], -1, 2)  # (..., H * frameskip, 2)
     return a * _like(a, action_std) + _like(a, action_mean)
 
@@ -599,13 +544,11 @@ def render_batch(states, img_size):
 
 class WindowDataset(torch.utils.data.Dataset):
     """Training windows (DINO-WM datasets/traj_dset.py): num_frames frames at s, s + frameskip, ..., every start s of
-    every episode. A batch of windows (fetched at once through __getitems__, one NumPy gather per key):
-      state float32 (B, T, 7); action float32 (B, T, A), A = 2 * frameskip: row k holds the frameskip env actions
-      after frame k, time-major (x0, y0, x1, y1, ...), z-scored with meta's stats (the last row leads past the
-      window and is unused); proprio float32 (B, T, 4) z-scored; index int64 (B,) = global frame index of frame 0;
-      with pixels=True also obs uint8 (B, T, S, S, 3), rendered from states (or read from frames.npy if it has
-      img_size), or feat (B, T, P, D) when features are given instead: float16 rows of a feature cache, or the
-      float32 rows of a dino.FeatureStore (already on its device)."""
+    every episode; a batch is one NumPy gather per key (__getitems__): state float32 (B, T, 7); action float32 (B, T,
+    A): row k = the frameskip env actions after frame k, time-major (x0, y0, x1, ...), z-scored (the last row leads
+    past the window, unused); proprio float32 (B, T, 4) z-scored; index int64 (B,) = global index of frame 0; with
+    pixels=True obs uint8 (B, T, S, S, 3) (frames.npy if at img_size, else rendered), or feat (B, T, P, D) when
+    features are given: float16 rows of a feature cache, or float32 rows of a dino.FeatureStore on its device."""
 
     def __init__(self, root, split, num_frames=2, frameskip=5, pixels=False, img_size=None, features=None):
         self.meta, d = load_meta(root), load_split(root, split)
@@ -620,10 +563,9 @@ class WindowDataset(torch.utils.data.Dataset):
                           f"window ({span} frames) and are skipped")
         first = np.cumsum(counts) - counts  # (E,) first window of each episode
         self.window_start = np.repeat(d["starts"] - first, counts) + np.arange(counts.sum())  # (N,) global frame
-        mean, std = np.asarray(self.meta["action_mean"]), np.asarray(self.meta["action_std"])
-        self.actions = ((d["actions"] - mean) / std).astype(np.float32)  # (F, 2)
-        pm, ps = np.asarray(self.meta["proprio_mean"]), np.asarray(self.meta["proprio_std"])
-        self.proprio = ((d["states"][:, PROPRIO] - pm) / ps).astype(np.float32)  # (F, 4)
+        m = {k: np.asarray(v) for k, v in train_stats(self.meta).items()}  # z-scored with the train split's stats
+        self.actions = ((d["actions"] - m["action_mean"]) / m["action_std"]).astype(np.float32)  # (F, 2)
+        self.proprio = ((d["states"][:, PROPRIO] - m["proprio_mean"]) / m["proprio_std"]).astype(np.float32)  # (F, 4)
         self.states, self.features = d["states"].astype(np.float32), features
         self.frames = d["frames"] if d["frames"] is not None and d["frames"].shape[1] == self.img_size else None
         require(features is None or len(features) == len(self.states),
@@ -653,45 +595,25 @@ class WindowDataset(torch.utils.data.Dataset):
 
 
 def label_subset(n, labels, seed):
-    """The fixed, seeded subset of `labels` of n labelled windows that a labels-only run trains on (sorted), or all
-    of them for labels = -1. The same seed and count always give the same windows."""
+    """The sorted subset, fixed by seed and count, of `labels` of n labelled windows a labels-only run trains on."""
     if labels < 0:
         return np.arange(n)
-    require(1 <= labels <= n, f"--labels {labels}: the train split has {n} labelled windows; choose 1..{n} (or -1 = "
-                              "all)")
+    require(1 <= labels <= n, f"--labels {labels}: the train split has {n} labelled windows; choose 1..{n} or -1 (all)")
     return np.sort(np.random.default_rng([seed, labels]).choice(n, labels, replace=False))
 
 
 def loader(ds, batch_size, sampler, workers=-1, device="cpu", drop_last=False):
-    """DataLoader over a WindowDataset that fetches whole batches (__getitems__), in the order of sampler (any
-    iterable of window indices). workers: processes that render or read frames, -1 = one per CPU core; state-only
-    windows and features held in device memory take none (a batch is one gather in this process)."""
+    """DataLoader of whole __getitems__ batches in sampler's order; workers (-1: per core) render or read frames."""
     in_memory = ds.features is not None and not isinstance(ds.features, np.ndarray)  # a dino.FeatureStore
     workers = 0 if not ds.pixels or in_memory else os.cpu_count() if workers < 0 else workers
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       collate_fn=_as_is, drop_last=drop_last, persistent_workers=workers > 0,
-                                       pin_memory=torch.device(device).type == "cuda" and not in_memory,
-                                       generator=torch.Generator())
-
-
-def _as_is(batch):
-    return batch  # __getitems__ already built the batch (a module-level function, so workers can pickle it)
-
-
-def block_motion(split, k=5):
-    """Largest shift (px) of any T outline vertex over each k-step window (t, t + k) inside an episode: (W,)."""
-    states = split["states"]
-    t = np.flatnonzero(np.arange(len(states)) + k < np.repeat(split["starts"] + split["lengths"], split["lengths"]))
-    c, s = np.cos(states[:, 4:5]), np.sin(states[:, 4:5])  # (F, 1)
-    vx = states[:, 2:3] + T_OUTLINE[:, 0] * c - T_OUTLINE[:, 1] * s  # (F, 8) world vertices
-    vy = states[:, 3:4] + T_OUTLINE[:, 0] * s + T_OUTLINE[:, 1] * c
-    return np.hypot(vx[t + k] - vx[t], vy[t + k] - vy[t]).max(1)  # (W,)
+                                       collate_fn=torch.utils.data.default_convert, drop_last=drop_last,
+                                       persistent_workers=workers > 0, generator=torch.Generator(),
+                                       pin_memory=torch.device(device).type == "cuda" and not in_memory)
 
 
 def replay_drift(split, episodes=5, steps=25):
-    """Mean position error (agent, block) in px when our simulator replays recorded actions from recorded states.
-    Expect ~0 for our data and small drift (set_state's extra step, float32), not divergence, for data from another
-    simulator."""
+    """Mean (agent, block) px error replaying recorded actions: ~0 for ours, small drift (no divergence) upstream."""
     env, err = PushT(), []
     for s0 in split["starts"][split["lengths"] > steps][:episodes]:
         env.place(split["states"][s0])
@@ -707,8 +629,13 @@ def info(cfg, bench=500):
     meta, splits = load_meta(root, verify=True), {name: load_split(root, name) for name in ("train", "val")}
     print(f"{root}: source {meta['source']}, img_size {meta['img_size']}, seed {meta.get('seed')}, "
           f"fingerprint {meta['fingerprint']} (verified)")
-    for name, sp in splits.items():
-        L, shift = sp["lengths"], block_motion(sp)
+    for name, sp in splits.items():  # block motion: the largest shift of a T vertex over each 5-step window (t, t + 5)
+        L, s = sp["lengths"], sp["states"]
+        t = np.flatnonzero(np.arange(len(s)) + 5 < np.repeat(sp["starts"] + L, L))  # (W,) windows inside an episode
+        c, sn = np.cos(s[:, 4:5]), np.sin(s[:, 4:5])  # (F, 1)
+        vx = s[:, 2:3] + T_OUTLINE[:, 0] * c - T_OUTLINE[:, 1] * sn  # (F, 8) world vertices
+        vy = s[:, 3:4] + T_OUTLINE[:, 0] * sn + T_OUTLINE[:, 1] * c
+        shift = np.hypot(vx[t + 5] - vx[t], vy[t + 5] - vy[t]).max(1)  # (W,) px
         print(f"  {name}: {len(L)} episodes, {L.sum()} frames (lengths {L.min()}..{L.max()}); the block moves in "
               f"{np.mean(shift > 1):.1%} of 5-step windows (> 1 px; > 0.01 px: {np.mean(shift > 0.01):.1%})")
     agent, block = replay_drift(splits["train"])
@@ -744,14 +671,10 @@ def figure(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Plumbing every stage shares (every script imports data.py): flags from dataclasses, expected errors, device and
-# precision, atomic writes, a lock per run folder.
+# Plumbing every stage shares: flags from dataclasses, expected errors, device and precision, atomic writes, locks.
 
 class UserError(Exception):
     """An expected mistake in the input (a flag, a file): reported as one line with the way out, exit status 2."""
-
-
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # reported, not tracebacks
 
 
 def require(ok, message):
@@ -764,11 +687,9 @@ def flag(name):
 
 
 def check_choices(cfg):
-    """What every config holds, whatever the script: Literal[...] fields one of their choices (argparse checks flags;
-    this, configs built in code), float fields finite (an inf lr or scale would fill a run with NaN), and a seed
-    that NumPy and torch both take (0 <= seed < 2^32)."""
+    """Every config's checks: Literal choices (configs built in code), finite floats (an inf lr means NaN), the seed."""
     for f in dataclasses.fields(cfg):
-        choices = typing.get_args(f.type) if typing.get_origin(f.type) is Literal else ()
+        choices = typing.get_args(f.type) if typing.get_origin(f.type) is typing.Literal else ()
         value = getattr(cfg, f.name)
         require(not choices or value in choices,
                 f"{flag(f.name)} {value!r}: choose one of {', '.join(map(str, choices))}")
@@ -778,23 +699,18 @@ def check_choices(cfg):
 
 
 def unused(cfg, names, why):
-    """Refuse flags that the run would silently ignore: each field in names must keep its default (why: the reason,
-    e.g. "this run uses state tokens")."""
+    """Refuse flags the run would silently ignore: each field in names must keep its default (why: the reason)."""
     given = [f"{flag(f.name)} {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
              if f.name in names and getattr(cfg, f.name) != f.default]
     require(not given, f"{', '.join(given)}: not used here ({why}); drop {'them' if len(given) > 1 else 'it'}")
 
 
 def add_flags(parser, cls):
-    """One flag per field of dataclass cls: --field-name, help = the field's trailing comment with its default,
-    choices from Literal[...], --x/--no-x for bools, one or more values for list fields. Flags not given are left
-    out of the parsed namespace (argparse.SUPPRESS), so callers can tell what the user typed."""
+    """A --field-name flag per field of cls, help = its trailing comment; flags not typed stay out (SUPPRESS)."""
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-    for f in dataclasses.fields(cls):
+    for f in [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]:  # derived: computed, not flags
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         kw = dict(help=f"{comments.get(f.name, '')} (default: {default!r})", default=argparse.SUPPRESS)
-        if f.metadata.get("derived"):
-            continue  # computed by the script from the data and the encoder, never a flag
         if f.metadata.get("positional"):
             parser.add_argument(f.name, help=comments.get(f.name))
             continue
@@ -802,7 +718,7 @@ def add_flags(parser, cls):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
             kw.update(action="extend", nargs="+")
-        elif typing.get_origin(f.type) is Literal:
+        elif typing.get_origin(f.type) is typing.Literal:
             kw["choices"] = typing.get_args(f.type)
         else:
             kw["type"] = type(default)
@@ -810,8 +726,7 @@ def add_flags(parser, cls):
 
 
 def parse_config(*classes, argv=None, doc=None):
-    """Configs from the command line: one instance per dataclass (each validates itself in __post_init__), then the
-    set of field names the user gave."""
+    """One config per dataclass from the command line (each validates itself), then the set of field names given."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in classes:
         add_flags(p.add_argument_group(cls.__name__), cls)
@@ -821,8 +736,7 @@ def parse_config(*classes, argv=None, doc=None):
 
 
 def cli(main, *classes, doc=None, commands=None):
-    """The entry point of every script: parse the flags (sub-commands: {name: (function, config class)}), run, and
-    turn an expected error into one line on stderr with exit status 2 (tracebacks are for bugs)."""
+    """Every script's entry point (commands: {name: (fn, config class)}); an expected error is one line, status 2."""
     try:
         if commands:
             p = argparse.ArgumentParser(description=doc)
@@ -848,9 +762,7 @@ def cli(main, *classes, doc=None, commands=None):
 
 
 def setup(device="auto", seed=0, dtype="bfloat16", rank=0):
-    """--device (auto = cuda when present; the choice is printed), seeds for random, NumPy and torch, and the
-    precision: bf16 autocast (+ TF32 for what stays fp32) on CUDA; dtype float32 = fp32 everywhere, TF32 off.
-    CPU is always fp32. Returns (device, autocast context)."""
+    """Device (auto: cuda if present), seeds, precision (CUDA: bf16 + TF32, or fp32 with TF32 off); (dev, ctx)."""
     require(device != "cuda" or torch.cuda.is_available(),
             "--device cuda: no CUDA device is visible here; use --device cpu (or auto)")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -865,16 +777,14 @@ def setup(device="auto", seed=0, dtype="bfloat16", rank=0):
 
 
 def differences(stored, asked, has, skip=()):
-    """The one settings check of every "same settings or refuse" (a dataset, a run, a policy, a feature cache):
-    ['--flag asked (<has> stored)'] for each setting that differs."""
+    """['--flag asked (<has> stored)'] per differing setting: the check of every "same settings or refuse"."""
     return [f"{flag(k)} {v!r} ({has} {stored.get(k)!r})" for k, v in asked.items() if k not in skip and
             stored.get(k) != v]
 
 
 def merge_resume(path, given, *pairs):
-    """Resume from the configs stored in `path`: pairs of (config, stored dict, runtime field names). A field the
-    user gave must equal the stored value, except runtime fields, which then override it; every other field takes
-    the stored value. given=None (configs built in code): fields that differ from their defaults count as given."""
+    """Resume from the configs stored in `path`: pairs of (config, stored dict, runtime field names). Given fields must
+    equal the stored ones, except runtime fields, which override them; given=None: fields off their defaults count."""
     merged, bad = [], []
     for cfg, stored, runtime in pairs:
         typed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("derived") and (
@@ -887,8 +797,7 @@ def merge_resume(path, given, *pairs):
 
 
 def dataset_of(folder, stored, data_dir="", what="run"):
-    """The dataset a run (or policy) folder was trained on: --data when given, else the stored path relative to the
-    folder (a folder moved together with its data), else the stored absolute path; its fingerprint must match."""
+    """The run's data: --data, else the stored path relative to the folder, else the absolute one; same fingerprint."""
     roots = [Path(data_dir)] if data_dir else [Path(folder) / stored["relative"], Path(stored["root"])]
     root = next((r.resolve() for r in roots if (r / "meta.json").is_file()), None)
     also = f" nor at {data_dir}" if data_dir else ""
@@ -901,9 +810,7 @@ def dataset_of(folder, stored, data_dir="", what="run"):
 
 
 def writable(path, name, keys=None):
-    """Fail before any work when the file `path` (given by flag `name`) could not be written: its folder is made
-    (an empty folder is all a failure leaves) and a probe file written and removed there. keys: the path must be a
-    .json file, and an existing one this script's own (a JSON object holding keys), never a checkpoint or data."""
+    """Fail before any work if `path` (flag `name`) cannot be written; keys: a .json whose existing file holds keys."""
     path = Path(path)
     require(not path.is_dir(), f"{name} {path} is a folder; give a file path")
     if keys is not None:
@@ -918,9 +825,7 @@ def writable(path, name, keys=None):
 
 
 def atomic_write(path, obj):
-    """Write path so that a reader (or a killed process) never sees half a file: a fresh temp file (a unique name,
-    created exclusively, so it never follows a link planted there), then a rename. obj: dict/list for .json, a dict
-    of tensors for .pt, bytes, or a function that writes the temp path it gets."""
+    """Write a fresh temp file (never a planted link), then rename: no reader sees half a file. obj: data or writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -944,18 +849,20 @@ def atomic_write(path, obj):
         tmp.unlink(missing_ok=True)
 
 
-def load_json(path, fix, keys=()):
-    """A JSON object from path, holding keys; a missing, unreadable or partial file is a UserError naming it and
-    the way out (fix)."""
-    path = Path(path)
-    require(path.is_file(), f"{path} is missing; {fix}")
+def load_pt(path, fix, read=functools.partial(torch.load, map_location="cpu", weights_only=True)):
+    """read(path), by default torch.load(weights_only=True); a missing or unreadable file is a UserError naming fix."""
+    require(Path(path).is_file(), f"{path} is missing; {fix}")
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}); {fix}") from None
-    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
-    require(isinstance(obj, dict) and not missing, f"{path} is not what it should be (missing {missing or 'all'}); "
-                                                   f"{fix}")
+        return read(path)
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}); {fix}") from e
+
+
+def load_json(path, fix, keys=()):
+    """A JSON object from path, holding keys; a missing, unreadable or partial file is a UserError naming fix."""
+    obj = load_pt(path, fix, lambda p: json.loads(Path(p).read_text()))
+    missing = [k for k in keys if k not in obj] if isinstance(obj, dict) else "all"
+    require(not missing, f"{path} is not what it should be (missing {missing}); {fix}")
     return obj
 
 
@@ -968,8 +875,7 @@ def need_disk(folder, nbytes, what):
 
 
 def output_folder(out, flag_name, marker, data_dir=None):
-    """A folder a stage writes its run into (--out of train.py, policy.py): given, not the dataset (or inside it), and
-    empty or one this stage made (it holds `marker`, or only the config.json and log of a run that was started)."""
+    """A stage's --out: not around the dataset, and empty or its own (`marker`, or a started run's config and log)."""
     out = Path(out)
     require(str(out) not in ("", "."), f"{flag_name} is empty: name the folder to write into")
     require(not out.exists() or out.is_dir(), f"{flag_name} {out} is a file, not a folder; choose another")
@@ -989,36 +895,23 @@ def write_png(path, img_bgr):
     atomic_write(path, cv2.imencode(".png", img_bgr)[1].tobytes())
 
 
-def load_pt(path, rebuild):
-    """torch.load(weights_only=True) with a clear error naming the file and the command that rebuilds it."""
-    require(Path(path).is_file(), f"{path} is missing; {rebuild}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}); {rebuild}") from e
-
-
 @contextlib.contextmanager
-def locked(folder):
-    """Hold folder/.lock (an OS lock, released when the process ends, even killed) while the block runs. A folder
-    this call created is removed again when the block fails before writing anything else into it."""
+def locked(folder, name=".lock", busy=""):
+    """Hold the OS lock folder/name (freed even if killed; busy: the error if taken); a folder made here is removed
+    again when the block fails before writing anything else into it."""
     folder = Path(folder)
     created = not folder.exists()
+    writable(folder / name, "--out")  # makes the folder; named as the stages that write there call it
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        f = open(folder / ".lock", "a")
-    except OSError as e:
-        raise UserError(f"{folder}: cannot write there ({e.strerror}); choose another --out") from None
-    try:
-        with f:
+        with open(folder / name, "a") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UserError(f"{folder} is in use by another process (a train.py or decode.py running in it); "
-                                "wait for it to finish or choose another --out") from None
+                raise UserError(busy or f"{folder} is in use by another process (a train.py or decode.py running in "
+                                        "it); wait for it to finish or choose another --out") from None
             yield
     except BaseException:
-        if created and [p.name for p in folder.iterdir()] == [".lock"]:
+        if created and {p.name for p in folder.iterdir()} <= {name}:
             shutil.rmtree(folder, ignore_errors=True)
         raise
 

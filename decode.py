@@ -1,14 +1,11 @@
-"""Action decoder and action adapter: the two ways a world model trained without action labels (`la`, `vq`) meets
-the simulator's actions, each fitted on a small labelled set.
-
-decoder (the seed's train_action_decoder.py, MacroActionDecoderStd in its "latent state + latent action"
-  configuration): (tokens P_t, latent action z) -> normalised 10-d macro action. plan.py plans latents and decodes them.
-adapter (ours): (tokens P_t, normalised macro action a_t) -> the conditioning the predictor saw for that transition
-  (la: the IDM's latent; vq: its code). plan.py --via adapter plans real actions through it, as the baseline plans.
-Labelled pairs: the frozen world model's IDM labels each window (o_t, o_t+5) with z, the dataset gives the true
-action. Reads RUN/ckpt.pt and the run's dataset (--data for a run moved away from it). Writes RUN/decoder.pt and
-RUN/decode.json (val RMSE in px per env step, R^2 per action dim, labels used; vq: each code's mean decoded action and
-RUN/codes.png), or RUN/adapter.pt and RUN/adapter.json. A baseline plans real actions: no decoder (exit 0) or adapter.
+"""The two ways a world model trained without action labels (`la`, `vq`) meets the simulator's actions, each fitted
+on a small labelled set of pairs (the frozen IDM labels a window (o_t, o_t+5) with z; the dataset gives the action):
+decoder (the seed's train_action_decoder.py, MacroActionDecoderStd): (tokens P_t, latent z) -> normalised 10-d macro
+  action; plan.py plans latents and decodes them.
+adapter (ours): (tokens P_t, macro action a_t) -> the conditioning the predictor saw (la: the IDM's latent; vq: its
+  code); plan.py --via adapter plans real actions through it, as the baseline plans.
+Reads RUN/ckpt.pt and the run's dataset (--data for a moved run). Writes RUN/decoder.pt + RUN/decode.json (val RMSE
+in px per env step, R^2 per dim, labels used; vq: each code's mean push, RUN/codes.png), or RUN/adapter.{pt,json}.
 GPU:  python decode.py --run runs/full/vq                 (100k + 10k pairs of DINOv2 tokens; H200: not yet measured)
 CPU:  python decode.py --run runs/quick/vq --pairs 20000 --val-pairs 2000     (state tokens: ~15 s on 2 cores)
       python decode.py --run runs/quick/la --head adapter --pairs 18000 --val-pairs 2000
@@ -40,7 +37,6 @@ class DecodeConfig:
     data: str = ""  # dataset folder, "" = the one the run was trained on (for a run moved away from its data)
     pairs: int = 100_000  # label budget: labelled train transitions the decoder may use (seed: 100,000)
     val_pairs: int = 10_000  # labelled val transitions for early stopping and the report (seed: 10,000)
-    use_delta: bool = False  # also feed the pooled predicted next state (seed's use_delta; off in its README config)
     batch_size: int = 256  # decoder training batch (seed train_action_decoder.py)
     lr: float = 1e-3  # AdamW learning rate (seed)
     weight_decay: float = 0.0  # AdamW weight decay (seed)
@@ -62,8 +58,6 @@ class DecodeConfig:
                                             "--encode-batch and --code-states must be >= 1")
         require(self.lr > 0 and self.weight_decay >= 0 and self.min_delta >= 0 and self.workers >= -1,
                 "--lr must be > 0; --weight-decay and --min-delta >= 0; --workers >= -1")
-        require(not (self.use_delta and self.head == "adapter"), "--use-delta feeds the decoder's Delta branch; the "
-                                                                   "adapter has none: drop it with --head adapter")
 
 
 # Shape legend: B batch, N pairs, P tokens per frame, D token width, L/C latent-action width, A macro-action width
@@ -78,11 +72,8 @@ def macro_px(a_norm, stats):
 
 
 def draw_codes(steps_px, usage, title, cols=8, cell=150):
-    """Grid picture, one cell per code: the mean decoded push as an arrow, start at the cell centre.
-
-    steps_px (K, F, 2) mean PD-target offsets per env step; the polyline runs through their cumulative sums and the
-    arrow ends at the total. Image axes match the world (x right, y down, as DINO-WM renders it). One scale for all
-    cells."""
+    """Grid picture, one cell per code: steps_px (K, F, 2) mean offsets per env step, drawn from the cell centre as a
+    polyline through their running sums and an arrow to their total; world axes (x right, y down), one scale."""
     K, F_ = steps_px.shape[:2]
     path = np.cumsum(steps_px, 1)  # (K, F, 2)
     rows, head = math.ceil(K / cols), 60
@@ -108,19 +99,15 @@ def draw_codes(steps_px, usage, title, cols=8, cell=150):
 
 
 class ActionDecoder(nn.Module):
-    """(P_t, z[, P^_t+1]) -> normalised macro action; the seed's MacroActionDecoderStd (use_e, use_z, use_delta)."""
+    """(P_t, z) -> normalised macro action: the seed's MacroActionDecoderStd as its README runs it (no Delta input)."""
 
-    def __init__(self, visual_dim=384, latent_dim=32, action_dim=10, use_delta=False):
+    def __init__(self, visual_dim=384, latent_dim=32, action_dim=10):
         super().__init__()
-        self.use_delta = use_delta
         # One learned query pools the 196 patch tokens into one state vector (seed: randn * 0.02).
         self.query = nn.Parameter(torch.randn(visual_dim) * 0.02)
         self.proj_e = nn.Sequential(nn.Linear(visual_dim, HID), nn.GELU(), nn.Linear(HID, FEAT))
-        if use_delta:
-            self.proj_d = nn.Sequential(nn.Linear(visual_dim, HID), nn.GELU(), nn.Linear(HID, FEAT))
-        else:
-            # A disabled branch becomes a learned constant so the head's input width stays 128 + 128 + L (seed).
-            self.d_const = nn.Parameter(torch.zeros(FEAT))
+        # The disabled Delta branch is a learned constant, so the head's input width stays 128 + 128 + L (seed).
+        self.d_const = nn.Parameter(torch.zeros(FEAT))
         self.head = nn.Sequential(nn.LayerNorm(2 * FEAT + latent_dim), nn.Linear(2 * FEAT + latent_dim, HID), nn.GELU(),
                                   nn.Linear(HID, HID), nn.GELU(), nn.Linear(HID, action_dim))  # no output bound (seed)
 
@@ -129,24 +116,18 @@ class ActionDecoder(nn.Module):
         w = torch.softmax(p @ self.query / math.sqrt(p.shape[-1]), dim=1)  # (B, P)
         return (w.unsqueeze(-1) * p).sum(1)  # (B, D)
 
-    def forward(self, p_t, z, p_next=None):
-        """p_t (B, P, D), z (B, L), p_next (B, P, D) only with use_delta -> (B, A)."""
+    def forward(self, p_t, z):
+        """p_t (B, P, D), z (B, L) -> (B, A)."""
         e = self.pool(p_t)  # (B, D)
         # LayerNorm without affine parameters before the projection (seed: F.layer_norm(e, [D])).
         f_e = self.proj_e(F.layer_norm(e, e.shape[-1:]))  # (B, FEAT)
-        if self.use_delta:
-            d = self.pool(p_next) - e  # (B, D) pooled change the world model predicts
-            f_d = self.proj_d(F.layer_norm(d, d.shape[-1:]))  # (B, FEAT)
-        else:
-            f_d = self.d_const.expand(len(e), -1)  # (B, FEAT)
-        return self.head(torch.cat([f_e, f_d, z], -1))  # (B, A)
+        return self.head(torch.cat([f_e, self.d_const.expand(len(e), -1), z], -1))  # (B, A)
 
 
 class ActionAdapter(nn.Module):
-    """g(P_t, a_t) -> the conditioning a label-free predictor saw for that transition: the planner then searches
-    real actions (as the baseline does) and imagines each step through g, so it cannot leave the latents the IDM
-    produces, and the plan it executes needs no decoder. The net is the decoder's architecture with the roles of
-    latent and action swapped; la regresses the z-scored latent, vq classifies the code."""
+    """g(P_t, a_t) -> the conditioning a label-free predictor saw: the planner searches real actions and imagines each
+    step through g, so it cannot leave the latents the IDM produces, and its plan needs no decoder. The decoder's net
+    with latent and action swapped; la regresses the z-scored latent, vq classifies the code."""
 
     def __init__(self, visual_dim=384, action_dim=10, cond_dim=32, num_codes=0):
         super().__init__()
@@ -174,73 +155,52 @@ def load_head(run, ckpt, device, head="decoder"):
     require(saved.get("wm_ckpt_id") == ckpt["ckpt_id"], f"{path} was fitted for world-model checkpoint "
             f"{saved.get('wm_ckpt_id')}, but {run}/ckpt.pt is now {ckpt['ckpt_id']} (retrained?); rerun "
             f"`python decode.py --run {run} --head {head}`")
-    module = cls(**saved["config"]["arch"]).to(device)
+    arch = dict(saved["config"]["arch"])  # a decoder of an earlier version may name the removed Delta branch
+    require(not arch.pop("use_delta", False), f"{path} feeds the removed Delta branch (--use-delta); refit it")
+    module = cls(**arch).to(device)
     module.load_state_dict(saved["model"])
     return module.eval(), saved["report"]
 
 
 @torch.no_grad()
 def build_pairs(model, ds, n, input_of, cfg, ctx, device, generator, store):
-    """Label n random windows of ds with the frozen world model -> dict of tensors.
-
-    p (N, P, D) fp16 real tokens of frame t, on `store`; z (N, C) the conditioning the predictor saw (pre-VQ latent
-    for la, codebook vector for vq); y (N, A) the true normalised macro action between frame t and t+5; codes (N,)
-    for vq; p_next (N, P, D) the predicted next tokens, only with use_delta. z, y, codes live on the CPU."""
+    """Label n random windows of ds with the frozen world model -> dict of tensors: p (N, P, D) fp16 real tokens of
+    frame t, on `store`; z (N, C) the conditioning the predictor saw (pre-VQ latent for la, codebook vector for vq);
+    y (N, A) the true normalised macro action between frame t and t+5; codes (N,) for vq. z, y, codes on the CPU."""
     idx = torch.randperm(len(ds), generator=generator)[:n].tolist()
     loader = data.loader(ds, cfg.encode_batch, idx, cfg.workers, device)
-    keys = ("p", "p_next") if cfg.use_delta else ("p",)
-    out = {k: torch.empty(len(idx), model.cfg.num_patches, model.cfg.visual_dim, dtype=torch.float16, device=store)
-           for k in keys}  # (N, P, D) each
+    p = torch.empty(len(idx), model.cfg.num_patches, model.cfg.visual_dim, dtype=torch.float16, device=store)
     rows, i, t0 = {"z": [], "y": [], "codes": []}, 0, time.time()
     for batch in tqdm(loader, desc="labelling pairs", leave=False, disable=None):
         with ctx:
             v = model.encode(input_of(batch))  # (B, 2, P, D)
             c = model.conditioning(v)  # la/vq: the IDM on (o_t, o_t+5), T = 2 as in training
-            if cfg.use_delta:
-                out["p_next"][i:i + len(v)] = model.rollout(v[:, 0], c["cond"][:, :1])[0][:, 0].to(store)  # (B, P, D)
-        out["p"][i:i + len(v)] = v[:, 0].to(store)  # (B, P, D) fp16
+        p[i:i + len(v)] = v[:, 0].to(store)  # (B, P, D) fp16
         rows["z"].append(c["cond"][:, 0].float().cpu())  # (B, C) a_0, the real transition (the seed's shift convention)
         rows["y"].append(batch["action"][:, 0].float())  # (B, A) row 0: the actions between frame 0 and frame 1
         rows["codes"] += [c["codes"][:, 0].cpu()] if "codes" in c else []  # (B,)
         i += len(v)
     print(f"labelled {i} pairs in {time.time() - t0:.1f} s ({i / (time.time() - t0 + 1e-9):.0f} pairs/s)")
-    return {**out, **{k: torch.cat(v) for k, v in rows.items() if v}}
+    return {"p": p, **{k: torch.cat(v) for k, v in rows.items() if v}}
 
 
 def take(pairs, idx, device):
-    """The pairs at idx, each gathered where it is stored (token stores may sit on the GPU or in host memory), then
-    moved to device -> dict of (B, ...) tensors, tokens in float32."""
-    b = {k: v[idx.to(v.device)].to(device) for k, v in pairs.items()}
-    return {k: v.float() if k.startswith("p") else v for k, v in b.items()}
-
-
-def objective(head, variant, stats):
-    """What a head reads and how it is fitted -> fwd(net, batch) -> out, loss(out, batch) -> (), and the val score
-    (lower is better) that early stopping watches. decoder: Huber on normalised actions, val RMSE (seed); la adapter:
-    MSE on the z-scored latent; vq adapter: cross-entropy over the codes."""
-    if head == "decoder":
-        return (lambda net, b: net(b["p"], b["z"], b.get("p_next")), lambda out, b: F.smooth_l1_loss(out, b["y"]),
-                lambda out, b: (out - b["y"]).pow(2).mean().sqrt().item())
-    if variant == "vq":  # the code the IDM chose
-        ce = lambda out, b: F.cross_entropy(out, b["codes"])  # noqa: E731
-        return lambda net, b: net(b["p"], b["y"]), ce, lambda out, b: ce(out, b).item()
-    mean, std = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])  # (C,) each
-    mse = lambda out, b: (out - (b["z"] - mean.to(out.device)) / std.to(out.device)).pow(2).mean()  # noqa: E731
-    return lambda net, b: net(b["p"], b["y"]), mse, lambda out, b: mse(out, b).item()
+    """The pairs at idx, gathered where each is stored (tokens may sit on the GPU or in host memory), on device, tokens
+    in float32 -> dict of (B, ...) tensors."""
+    return {k: (v[idx.to(v.device)].to(device)).float() if k == "p" else v[idx].to(device) for k, v in pairs.items()}
 
 
 @torch.no_grad()
 def predict(net, pairs, device, fwd, batch_size=256):
-    """net's output for every pair -> (N, ...) fp32 on CPU."""
+    """net's output for every pair -> (N, ...) fp32 on the CPU."""
     net.eval()
     return torch.cat([fwd(net, take(pairs, idx, device)).float().cpu()
                       for idx in torch.arange(len(pairs["y"])).split(batch_size)])
 
 
 def fit(net, train, val, cfg, device, generator, fwd, loss_fn, score):
-    """AdamW on loss_fn, early stopping on the val score, best weights restored (seed train_action_decoder.py).
-
-    Returns the per-epoch history [{"epoch", "train_loss", "val"}]."""
+    """AdamW on loss_fn(fwd(net, batch), batch), early stopping on score(predict(val), val) (lower is better), the best
+    weights restored (seed train_action_decoder.py) -> the per-epoch history [{"epoch", "train_loss", "val"}]."""
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_state, bad, history = float("inf"), None, 0, []
     for epoch in range(1, cfg.max_epochs + 1):
@@ -253,7 +213,7 @@ def fit(net, train, val, cfg, device, generator, fwd, loss_fn, score):
             loss.backward()
             opt.step()
             total += loss.detach() * len(idx)
-        val_score = score(predict(net, val, device, fwd), val)
+        val_score = score(predict(net, val, device, fwd), val).item()
         history.append({"epoch": epoch, "train_loss": total.item() / len(train["y"]), "val": val_score})
         print(f"epoch {epoch:3d} | train loss {history[-1]['train_loss']:.4f} | val {val_score:.4f} | best "
               f"{min(best, val_score):.4f} | {len(train['y']) / (time.time() - t0):.0f} pairs/s")
@@ -265,29 +225,6 @@ def fit(net, train, val, cfg, device, generator, fwd, loss_fn, score):
                 break
     net.load_state_dict(best_state)  # IMPORTANT: the best epoch, not the last (which overfit by construction)
     return history
-
-
-def accuracy_report(pred, y, stats):
-    """Val RMSE (normalised; px per env step, overall and per axis) and R^2 per action dimension."""
-    err_px = macro_px(pred, stats) - macro_px(y, stats)  # (N, F, 2) px
-    r2 = wm.r2(pred, y)  # (A,)
-    return {"val_rmse_norm": (pred - y).pow(2).mean().sqrt().item(),
-            "val_rmse_px": err_px.pow(2).mean().sqrt().item(),
-            "val_rmse_px_xy": err_px.pow(2).mean((0, 1)).sqrt().tolist(),
-            "r2_per_dim": r2.tolist(), "r2_mean": r2.mean().item()}
-
-
-@torch.no_grad()
-def code_meanings(decoder, model, K, p, device, stats):
-    """Each of the K codes decoded on the same real states p (N, P, D), averaged: what it does -> (K, F, 2) px."""
-    codebook = model.plan_to_cond(torch.arange(K, device=device)[None])[0]  # (K, C)
-    p = p.to(device).float()  # (N, P, D)
-    mean_a = []
-    for k in range(K):
-        z = codebook[k].expand(len(p), -1)  # (N, C)
-        p_next = model.rollout(p, z[:, None])[0][:, 0] if decoder.use_delta else None  # (N, P, D)
-        mean_a.append(decoder(p, z, p_next).mean(0))  # (A,)
-    return macro_px(torch.stack(mean_a), stats)  # (K, F, 2)
 
 
 def main(cfg: DecodeConfig):
@@ -309,7 +246,7 @@ def main(cfg: DecodeConfig):
         n_train, n_val = min(cfg.pairs, len(ds["train"])), min(cfg.val_pairs, len(ds["val"]))
         # The token store (150 KB per pair at P 196, D 384 in fp16: 16.5 GB for the seed's 110k pairs) stays on the
         # GPU when it takes under half of the free memory, which saves a host gather and copy per batch.
-        need = (n_train + n_val) * mc.num_patches * mc.visual_dim * 2 * (1 + cfg.use_delta)
+        need = (n_train + n_val) * mc.num_patches * mc.visual_dim * 2
         fits = device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0]
         store = device if fits else torch.device("cpu")
         print(f"pair token store: {need / 1e9:.3f} GB on {store}")
@@ -321,21 +258,30 @@ def main(cfg: DecodeConfig):
         print(f"label budget: {budget['labels']} labelled transitions ({budget['train_pairs']} train + "
               f"{budget['val_pairs']} val)")
 
-        # --- model and fit: early stopping on the val score
+        # --- model and objective. decoder: Huber on normalised actions, val RMSE (seed); la adapter: MSE on the
+        # z-scored latent; vq adapter: cross-entropy over the codes. fwd(net, batch) -> out; loss(out, batch) -> ()
         if cfg.head == "decoder":
-            arch = dict(visual_dim=mc.visual_dim, latent_dim=mc.cond_dim, action_dim=mc.action_dim,
-                        use_delta=cfg.use_delta)
+            arch = dict(visual_dim=mc.visual_dim, latent_dim=mc.cond_dim, action_dim=mc.action_dim)
             net = head = ActionDecoder(**arch).to(device)
+            fwd = lambda net, b: net(b["p"], b["z"])  # noqa: E731
+            loss_fn = lambda out, b: F.smooth_l1_loss(out, b["y"])  # noqa: E731
+            score = lambda out, b: (out - b["y"]).pow(2).mean().sqrt()  # noqa: E731  val RMSE
         else:
             arch = dict(visual_dim=mc.visual_dim, action_dim=mc.action_dim, cond_dim=mc.cond_dim,
                         num_codes=mc.num_codes if mc.variant == "vq" else 0)
             head = ActionAdapter(**arch).to(device)
             if mc.variant == "vq":
                 head.codebook.copy_(model.quantizer.embedding)
+                loss_fn = score = lambda out, b: F.cross_entropy(out, b["codes"])  # noqa: E731  the IDM's code
             else:
                 head.mean.copy_(torch.tensor(stats["latent_mean"])), head.std.copy_(torch.tensor(stats["latent_std"]))
+                for pairs in (train, val):  # the target: the IDM's latent, z-scored with the run's statistics
+                    pairs["zn"] = (pairs["z"] - head.mean.cpu()) / head.std.cpu()  # (N, C)
+                loss_fn = score = lambda out, b: (out - b["zn"]).pow(2).mean()  # noqa: E731
             net = head.net
-        fwd, loss_fn, score = objective(cfg.head, mc.variant, stats)
+            fwd = lambda net, b: net(b["p"], b["y"])  # noqa: E731
+
+        # --- fit, early stopping on the val score
         t0 = time.time()
         history = fit(net, train, val, cfg, device, gen, fwd, loss_fn, score)
         report = {"run": str(run), "variant": mc.variant, "tokens": mc.tokens, "head": cfg.head, "label_budget": budget,
@@ -343,8 +289,12 @@ def main(cfg: DecodeConfig):
                   "best_epoch": min(history, key=lambda h: h["val"])["epoch"], "val": min(h["val"] for h in history),
                   "train_seconds": time.time() - t0, "history": history}
         out = predict(net, val, device, fwd)  # (N, A) actions, (N, C) z-scored latents or (N, K) code logits
-        if cfg.head == "decoder":
-            report.update(accuracy_report(out, val["y"], stats))
+        if cfg.head == "decoder":  # val RMSE (normalised; px per env step, overall and per axis) and R^2 per dim
+            err_px, r2 = macro_px(out, stats) - macro_px(val["y"], stats), wm.r2(out, val["y"])  # (N, F, 2), (A,)
+            report.update(val_rmse_norm=(out - val["y"]).pow(2).mean().sqrt().item(),
+                          val_rmse_px=err_px.pow(2).mean().sqrt().item(),
+                          val_rmse_px_xy=err_px.pow(2).mean((0, 1)).sqrt().tolist(), r2_per_dim=r2.tolist(),
+                          r2_mean=r2.mean().item())
             print(f"val RMSE {report['val_rmse_px']:.2f} px per env step (x, y: {report['val_rmse_px_xy'][0]:.2f}, "
                   f"{report['val_rmse_px_xy'][1]:.2f}); R^2 mean {report['r2_mean']:.3f}; per dim "
                   + " ".join(f"{r:.2f}" for r in report["r2_per_dim"]))
@@ -355,11 +305,13 @@ def main(cfg: DecodeConfig):
         else:
             print(f"adapter: val MSE {report['val']:.4f} of the z-scored latent (1 = predicting its mean)")
 
-        # --- write; for a vq decoder also what each code means, averaged over real val states, and its usage
+        # --- write; for a vq decoder also what each code means (decoded on the same real val states, averaged)
         files = [run / HEADS[cfg.head][1], run / HEADS[cfg.head][2]]
         if mc.variant == "vq" and cfg.head == "decoder":
-            steps = code_meanings(head.eval(), model, mc.num_codes, val["p"][:cfg.code_states], device,
-                                  stats)  # (K, F, 2)
+            with torch.no_grad():
+                p = val["p"][:cfg.code_states].to(device).float()  # (N, P, D)
+                steps = macro_px(torch.stack([head(p, e.expand(len(p), -1)).mean(0)
+                                              for e in model.quantizer.embedding]), stats)  # (K, F, 2)
             usage = torch.bincount(val["codes"], minlength=len(steps))  # (K,)
             report["codes"] = [{"code": k, "usage": int(usage[k]), "mean_action_px": steps[k].tolist(),
                                 "sum_px": steps[k].sum(0).tolist()} for k in range(len(steps))]

@@ -1,14 +1,11 @@
-"""The token sources: DINOv2 written from scratch (exact, offline weights) with its patch-feature cache; the state
-token; and the small pixel encoder of --tokens jepa, trained with the predictor under SIGReg or VCReg.
-
-The frozen eyes of DINO-WM: facebookresearch/dinov2's ViT-S/B/L/g (+ _reg) in plain PyTorch. The state_dict is
-key for key the official one (official .pth files load with strict=True) and forward_features equals the
-official model's, positional-embedding interpolation included. `encode` runs under its caller's precision context.
-Reads:  weights .pth (--dino-weights PATH, else <torch hub dir>/checkpoints/<official file>, else the official
-        URL, downloaded once); for `encode`, a dataset DIR in data.py's layout.
-Writes: DIR/{split}/features.npy float16 (F, P, D) + features.json {name, size, weights, img_size, fingerprint,
-        frames, dtype, done, images_per_s, peak_gpu_gb}: resumable; refused up front when the disk cannot hold it.
-        Where no disk can, train.py --features memory holds a FeatureStore instead: int8 in GPU memory, built at start.
+"""The token sources: DINOv2 with its patch-feature cache, the state token, and the pixel encoder of --tokens jepa.
+DINOv2, the frozen eyes of DINO-WM, is facebookresearch/dinov2's ViT-S/B/L/g (+ _reg) in plain PyTorch: key for key the
+official state_dict (strict loading), forward_features equal to the official model's, pos-embed interpolation included.
+Reads:  weights .pth (--dino-weights PATH, else <torch hub dir>/checkpoints/<official file>, else the official URL,
+        downloaded once); for `encode`, a dataset DIR in data.py's layout.
+Writes: DIR/{split}/features.npy float16 (F, P, D) + features.json {name, size, weights, img_size, fingerprint, frames,
+        dtype, done, images_per_s, peak_gpu_gb}: resumable; refused up front when the disk cannot hold it (then
+        train.py --features memory holds a FeatureStore instead: int8 in GPU memory, built at start).
 GPU:    python dino.py encode --data runs/full/data   (1.01M frames -> 152 GB of fp16 features; H200: not yet measured)
 CPU:    python dino.py encode --data runs/quick/data --dino-weights random --size 28
         python dino.py check --weights ~/Downloads/dinov2_vits14_pretrain.pth   (22,056,576 params, shapes)
@@ -53,8 +50,7 @@ class EncodeConfig:
         data.check_choices(self)
         require(self.data, "dino.py encode needs --data DIR (a dataset folder written by data.py)")
         require(self.size % PATCH == 0, f"--size must be a multiple of {PATCH} px, got {self.size}")
-        require(self.name.removesuffix("_reg") in ARCHS, f"--name {self.name!r}: choose one of {', '.join(ARCHS)} "
-                                                         "(optionally + _reg)")
+        require(self.name.removesuffix("_reg") in ARCHS, f"--name {self.name!r}: one of {', '.join(ARCHS)} (+ _reg)")
         require(set(self.split.split(",")) <= {"train", "val"}, f"--split {self.split!r}: train, val or train,val")
         require(self.batch_size >= 1 and self.workers >= -1 and self.img_size >= 0,
                 "--batch-size must be >= 1, --workers >= -1, --img-size >= 0")
@@ -68,8 +64,7 @@ class CheckConfig:
 
     def __post_init__(self):
         data.check_choices(self)
-        require(self.name.removesuffix("_reg") in ARCHS, f"--name {self.name!r}: choose one of {', '.join(ARCHS)} "
-                                                         "(optionally + _reg)")
+        require(self.name.removesuffix("_reg") in ARCHS, f"--name {self.name!r}: one of {', '.join(ARCHS)} (+ _reg)")
 
 
 # Shapes: B batch, S image side (px), P patches = (size/14)^2, D width, R register tokens (0 or 4), N = 1 + R + P.
@@ -81,20 +76,17 @@ ARCHS = {  # name -> (width D, depth, heads of 64 dims, FFN); dinov2/hub/backbon
     "dinov2_vitl14": (1024, 24, 16, "mlp"),
     "dinov2_vitg14": (1536, 40, 24, "swiglu"),
 }
-BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 DISK_RESERVE = 2 ** 30  # bytes a feature cache leaves free for checkpoints, logs and other writers
 STORE_SPARE = 8 * 2 ** 30  # bytes the in-memory store leaves free for training (the seed's la step peaks near 10 GB)
 
 
 def weights_file(name):
     """Official checkpoint file name: register models add _reg4 to the file name only (dinov2/hub/backbones.py)."""
-    arch = name.removesuffix("_reg")
-    return f"{arch}_reg4_pretrain.pth" if name.endswith("_reg") else f"{arch}_pretrain.pth"
+    return name.removesuffix("_reg") + ("_reg4" if name.endswith("_reg") else "") + "_pretrain.pth"
 
 
 def encoder_flops(name="dinov2_vits14", size=196):
-    """FLOPs of one image through DINOv2 at size x size px, from the layer sizes (2 per multiply-add): patch embedding,
-    then per block qkv + projection (4 D^2), the MLP (8 D^2; SwiGLU about the same) and attention (2 N^2 D)."""
+    """FLOPs of one image at size x size px (2 per multiply-add): patch embed, per block qkv, proj, MLP, attention."""
     D, depth, _, _ = ARCHS[name.removesuffix("_reg")]
     P = (size // PATCH) ** 2
     N = 1 + P + (4 if name.endswith("_reg") else 0)  # CLS, registers, patches
@@ -102,8 +94,7 @@ def encoder_flops(name="dinov2_vits14", size=196):
 
 
 def weights_tag(weights, name="dinov2_vits14"):
-    """Identifies the weights in cache headers by content: "random", or "<file name>:<sha256 prefix>" (None/"" = the
-    hub-cache file), so another file under the same name never passes for them."""
+    """The weights by content, for cache headers: "random" or "<file name>:<sha256 prefix>" (None/"" = hub cache)."""
     if weights == "random":
         return "random"
     path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / weights_file(name)
@@ -118,31 +109,16 @@ def preprocess(frames, size=196):
     if frames.dtype != torch.uint8:
         raise ValueError(f"preprocess expects uint8 RGB frames (B, S, S, 3), got {frames.dtype} {tuple(frames.shape)}")
     x = frames.permute(0, 3, 1, 2).float() / 255  # (B, 3, S, S) in [0, 1]
-    # Normalize(mean 0.5, std 0.5), no ImageNet statistics: DINO-WM datasets/img_transforms.py
-    x = (x - 0.5) / 0.5  # (B, 3, S, S) in [-1, 1]
+    x = (x - 0.5) / 0.5  # (B, 3, S, S) in [-1, 1]: Normalize(0.5, 0.5), no ImageNet stats (DINO-WM img_transforms.py)
     if x.shape[-2:] != (size, size):  # torchvision Resize(196) in DINO-WM's visual_world_model.py: antialiased bilinear
         x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)  # (B, 3, size, size)
     return x
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=PATCH, stride=PATCH)  # bias, no norm (dinov2/layers/patch_embed.py)
-
-    def forward(self, x):
-        """(B, 3, H, W) -> (B, H/14 * W/14, D), patches in row-major order."""
-        if x.shape[-2] % PATCH or x.shape[-1] % PATCH:
-            raise ValueError(f"DINOv2 input sides must be multiples of {PATCH} px, got {tuple(x.shape[-2:])}")
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, P, D)
-
-
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)  # one fused matmul; output columns are [q; k; v]
-        self.proj = nn.Linear(dim, dim)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)  # qkv columns: [q; k; v]
 
     def forward(self, x):
         """(B, N, D) -> (B, N, D)."""
@@ -174,29 +150,21 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(x1) * x2)
 
 
-class LayerScale(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))  # the hub builds init_values=1.0; checkpoints hold trained values
-
-    def forward(self, x):
-        return x * self.gamma
-
-
 class Block(nn.Module):
     def __init__(self, dim, heads, ffn):
         super().__init__()
-        # official order of registration, so state_dict keys come out in the file's order; LayerNorm eps 1e-6
-        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads), LayerScale(dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        # official order of registration, so state_dict keys come out in the file's order; LayerNorm eps 1e-6;
+        # LayerScale (dinov2/layers/layer_scale.py): a ParameterDict keeps its key ls1.gamma; hub init_values=1.0
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.ls1, self.norm2 = nn.ParameterDict({"gamma": nn.Parameter(torch.ones(dim))}), nn.LayerNorm(dim, eps=1e-6)
         # SwiGLUFFNFused hidden width: (int(4 D * 2/3) + 7) // 8 * 8 = 4096 for ViT-g (dinov2/layers/swiglu_ffn.py)
         self.mlp = Mlp(dim, 4 * dim) if ffn == "mlp" else SwiGLU(dim, (int(4 * dim * 2 / 3) + 7) // 8 * 8)
-        self.ls2 = LayerScale(dim)
+        self.ls2 = nn.ParameterDict({"gamma": nn.Parameter(torch.ones(dim))})
 
     def forward(self, x):
         """(B, N, D) -> (B, N, D), pre-norm residual blocks with LayerScale on both branches."""
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.attn(self.norm1(x)) * self.ls1.gamma
+        return x + self.mlp(self.norm2(x)) * self.ls2.gamma
 
 
 class DinoVisionTransformer(nn.Module):
@@ -214,16 +182,15 @@ class DinoVisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + GRID * GRID, D))
         self.register_tokens = nn.Parameter(torch.zeros(1, 4, D)) if reg else None
         self.mask_token = nn.Parameter(torch.zeros(1, D))  # only for DINOv2's masked training; kept for strict loading
-        self.patch_embed = PatchEmbed(D)
+        # dinov2/layers/patch_embed.py: a conv with bias, no norm; a ModuleDict keeps its key, patch_embed.proj
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, D, kernel_size=PATCH, stride=PATCH)})
         self.blocks = nn.ModuleList(Block(D, heads, ffn) for _ in range(depth))
-        self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.head = nn.Identity()
+        self.norm, self.head = nn.LayerNorm(D, eps=1e-6), nn.Identity()
         self._pos_cache = {}  # (h0, w0, device) -> interpolated table; emptied whenever weights are loaded
         self.register_load_state_dict_post_hook(lambda module, keys: module._pos_cache.clear())
 
     def interpolate_pos_encoding(self, h0, w0):
-        """Positional table for an h0 x w0 patch grid: (1, 1 + h0 * w0, D), the CLS row first (dinov2/models/
-        vision_transformer.py interpolate_pos_encoding)."""
+        """Positional table (1, 1 + h0 * w0, D) of an h0 x w0 grid, CLS row first (dinov2 vision_transformer.py)."""
         if (h0, w0) == (GRID, GRID):
             return self.pos_embed  # 518 x 518 input: the stored table, untouched
         key = (h0, w0, self.pos_embed.device)
@@ -231,12 +198,10 @@ class DinoVisionTransformer(nn.Module):
             return self._pos_cache[key]
         pe = self.pos_embed.float()
         grid = pe[:, 1:].reshape(1, GRID, GRID, -1).permute(0, 3, 1, 2)  # (1, D, 37, 37)
-        if self.interpolate_offset:
-            # scale_factor (not size): the kernel then samples at ratio 37 / (h0 + 0.1), so values differ from a
-            # size=(h0, w0) resize; the 0.1 guards floor(37 * s) against round-down (facebookresearch/dino issue #8)
-            kw = dict(scale_factor=((h0 + self.interpolate_offset) / GRID, (w0 + self.interpolate_offset) / GRID))
-        else:
-            kw = dict(size=(h0, w0))
+        # Plain models: scale_factor (not size), so the kernel samples at ratio 37 / (h0 + 0.1) and values differ from
+        # a size=(h0, w0) resize; the 0.1 guards floor(37 * s) against round-down (facebookresearch/dino issue #8).
+        off = self.interpolate_offset
+        kw = dict(scale_factor=((h0 + off) / GRID, (w0 + off) / GRID)) if off else dict(size=(h0, w0))
         grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **kw)  # (1, D, h0, w0)
         assert grid.shape[-2:] == (h0, w0), grid.shape
         table = torch.cat((pe[:, :1], grid.flatten(2).transpose(1, 2)), dim=1)  # (1, 1 + h0 * w0, D)
@@ -247,7 +212,9 @@ class DinoVisionTransformer(nn.Module):
     def forward_features(self, x, masks=None):
         """(B, 3, H, W) normalised, H and W multiples of 14 -> dict of normed CLS / register / patch tokens."""
         B, _, H, W = x.shape
-        x = self.patch_embed(x)  # (B, P, D)
+        if H % PATCH or W % PATCH:
+            raise ValueError(f"DINOv2 input sides must be multiples of {PATCH} px, got {(H, W)}")
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
         if masks is not None:  # (B, P) bool, DINOv2 training only
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1 + P, D)
@@ -266,51 +233,39 @@ class DinoVisionTransformer(nn.Module):
         return self.head(self.forward_features(x)["x_norm_clstoken"])
 
 
-def random_init_(model):
-    """Deterministic random weights (own generator, seed 0), so every stage asking for "random" sees one encoder."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # fixed order, so the draws are reproducible
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.ndim == 1:  # LayerNorm weights (torch init) and LayerScale gammas (hub init_values 1.0): 1
-                p.fill_(1.0)
-            else:  # linear / conv weights and tokens: trunc-normal 0.02 as dinov2's init_weights_vit_timm
-                nn.init.trunc_normal_(p, std=0.02, generator=g)
-
-
-def official_weights(name):
-    """Path of the official checkpoint in the torch hub cache, downloaded there once if absent."""
-    file = weights_file(name)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / file
-    if path.is_file():
-        return path
-    url = f"{BASE_URL}/{name.removesuffix('_reg')}/{file}"
-    print(f"downloading {url} -> {path}", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(path), progress=True)  # writes a temp file, then renames
-    except OSError as e:  # offline, DNS, proxy or HTTP error (URLError is an OSError)
-        raise data.UserError(
-            f"DINOv2 weights {file} are not on this machine and could not be downloaded ({e}). "
-            f"Fetch {url} elsewhere and put it at {path} (the torch hub cache), or pass "
-            f"--dino-weights /path/to/{file}; --dino-weights random runs offline with a meaningless encoder."
-        ) from e
-    return path
-
-
 def load_dinov2(name="dinov2_vits14", weights=None, device="cpu"):
-    """Frozen DINOv2 in eval mode on device. weights: None/"" = official file, a .pth path, or "random"."""
+    """Frozen DINOv2 in eval mode on device. weights: a .pth path; None/"" = the official file in the torch hub cache,
+    downloaded there once if absent; or "random" (own generator, seed 0: every stage asking for it sees one encoder)."""
     with torch.device("meta"):  # no memory, no global-RNG draws; filled below
         model = DinoVisionTransformer(name)
     model = model.to_empty(device="cpu")
     if weights == "random":
         print(f"WARNING: {name} has RANDOM weights (seed 0): features are meaningless, for tests and offline "
               "demos only", file=sys.stderr)
-        random_init_(model)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for key, p in model.named_parameters():  # fixed order, so the draws are reproducible
+                if key.endswith("bias"):
+                    p.zero_()
+                elif p.ndim == 1:  # LayerNorm weights (torch init) and LayerScale gammas (hub init_values 1.0): 1
+                    p.fill_(1.0)
+                else:  # linear / conv weights and tokens: trunc-normal 0.02 as dinov2's init_weights_vit_timm
+                    nn.init.trunc_normal_(p, std=0.02, generator=g)
     else:
-        path = Path(weights) if weights else official_weights(name)
-        sd = data.load_pt(path, f"pass --dino-weights PATH to an official {weights_file(name)}, or random")
+        file = weights_file(name)
+        path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / file
+        if not path.is_file() and not weights:
+            url = f"https://dl.fbaipublicfiles.com/dinov2/{name.removesuffix('_reg')}/{file}"
+            print(f"downloading {url} -> {path}", file=sys.stderr)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(url, str(path), progress=True)  # writes a temp file, then renames
+            except OSError as e:  # offline, DNS, proxy or HTTP error (URLError is an OSError)
+                raise data.UserError(f"DINOv2 weights {file} are not on this machine and could not be downloaded ({e})."
+                                     f" Fetch {url} elsewhere and put it at {path} (the torch hub cache), or pass "
+                                     f"--dino-weights /path/to/{file}; --dino-weights random runs offline with a "
+                                     "meaningless encoder.") from e
+        sd = data.load_pt(path, f"pass --dino-weights PATH to an official {file}, or random")
         sd = sd.get("model", sd.get("state_dict", sd)) if isinstance(sd, dict) else sd  # unwrap training checkpoints
         try:
             model.load_state_dict(sd, strict=True)  # IMPORTANT: strict, so a LayerScale or key mismatch cannot hide
@@ -320,19 +275,15 @@ def load_dinov2(name="dinov2_vits14", weights=None, device="cpu"):
 
 
 def encode(model, frames, size=196):
-    """uint8 frames (B, S, S, 3) -> x_norm_patchtokens float32 (B, P, D) on the model's device.
-
-    No autocast of its own: it runs in the caller's precision context (data.setup's ctx: bf16 autocast on CUDA by
-    default, a deviation from DINO-WM's fp32 encoder; fp32 with --dtype float32 and on the CPU)."""
+    """uint8 frames (B, S, S, 3) -> x_norm_patchtokens float32 (B, P, D) on the model's device. No autocast of its own:
+    the caller's context (data.setup: bf16 on CUDA by default, unlike DINO-WM's fp32 encoder; fp32 otherwise)."""
     frames = torch.as_tensor(frames).to(model.pos_embed.device, non_blocking=True)  # uint8: 4x fewer bytes than float
     with torch.inference_mode():
         z = model.forward_features(preprocess(frames, size))["x_norm_patchtokens"]  # (B, P, D)
-    # clone outside inference mode: inference tensors cannot be saved for backward by a predictor trained on them
-    return z.float().clone()  # (B, P, D)
+    return z.float().clone()  # (B, P, D), cloned outside inference mode for predictors that save it for backward
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The feature cache: DIR/{split}/features.npy (F, P, D) float16 + features.json, whose "done" counts the rows on disk.
+# ---- The feature cache: DIR/{split}/features.npy (F, P, D) float16 + features.json ("done": rows on disk) ------------
 
 def cache_header(root, name, size, weights, img_size=None):
     """What a feature cache must match: encoder, its input size, weights, render size and the dataset itself."""
@@ -341,45 +292,36 @@ def cache_header(root, name, size, weights, img_size=None):
                 fingerprint=meta.get("fingerprint"))
 
 
-def encode_command(root, split, name, size, weights, img_size):
-    """The command that (re)builds a split's cache with these settings: for messages."""
-    given = (("name", name, EncodeConfig.name), ("size", size, EncodeConfig.size), ("dino-weights", weights, ""),
-             ("img-size", img_size, 0))
-    extra = [f"--{flag} {value}" for flag, value, default in given if value and value != default]
-    return " ".join(["python dino.py encode --data", str(root), "--split", split, *extra, "--overwrite"])
-
-
 def npy_problem(npy, frames, patches):
-    """Why npy cannot be a cache of `frames` rows of `patches` float16 tokens (missing, truncated, other shape), or
-    None. Reads the .npy header and the file size only."""
+    """Why npy is no cache of `frames` rows of `patches` float16 tokens (from its header and size only), or None."""
     try:
         with open(npy, "rb") as f:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(f)
-            offset = f.tell()
+            want = f.tell() + math.prod(shape) * 2  # header, then the rows
     except (OSError, ValueError) as e:
         return f"unreadable ({e})"
     if dtype != np.float16 or len(shape) != 3 or shape[:2] != (frames, patches):
         return f"holds {dtype} {shape}, not float16 ({frames}, {patches}, D)"
-    want = offset + math.prod(shape) * 2
     size = Path(npy).stat().st_size
     return None if size == want else f"{size:,} bytes instead of {want:,} (truncated?)"
 
 
 def load_features(root, split, name="dinov2_vits14", size=196, weights=None, img_size=None):
-    """The cached (F, P, D) float16 features as a read-only memmap; None unless complete and matching. A cache whose
-    header says complete but whose file is damaged (truncated, other shape, non-finite last row) is an error."""
+    """The cached float16 (F, P, D) features, a read-only memmap; None unless complete and matching; damaged: error."""
     npy, js = Path(root) / split / "features.npy", Path(root) / split / "features.json"
     if not (npy.is_file() and js.is_file()):
         return None
-    fix = (f"rebuild it with `{encode_command(root, split, name, size, weights, img_size)}`, or train with "
-           "--features off (DINOv2 on the fly)")
+    given = (("name", name, EncodeConfig.name), ("size", size, EncodeConfig.size), ("dino-weights", weights, ""),
+             ("img-size", img_size, 0))  # the flags of the command that rebuilds this cache
+    extra = [f"--{flag} {value}" for flag, value, default in given if value and value != default]
+    command = " ".join(["python dino.py encode --data", str(root), "--split", split, *extra, "--overwrite"])
+    fix = f"rebuild it with `{command}`, or train with --features off (DINOv2 on the fly)"
     head = data.load_json(js, fix, ("done", "frames"))
-    if any(head.get(k) != v for k, v in cache_header(root, name, size, weights, img_size).items()):
-        return None
-    if head["done"] != head["frames"]:
-        return None  # encoding stopped part-way: `dino.py encode` resumes it
+    header = cache_header(root, name, size, weights, img_size)
+    if any(head.get(k) != v for k, v in header.items()) or head["done"] != head["frames"]:
+        return None  # other settings, or encoding stopped part-way (`dino.py encode` resumes it)
     problem = npy_problem(npy, head["frames"], (size // PATCH) ** 2)
     require(problem is None, f"{npy} is damaged: {problem}; {fix}")
     feats = np.load(npy, mmap_mode="r")  # (F, P, D)
@@ -388,15 +330,8 @@ def load_features(root, split, name="dinov2_vits14", size=196, weights=None, img
     return feats
 
 
-def precision(device, dtype):
-    """The encoder's precision as data.setup runs it: bf16 autocast only on CUDA."""
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return "bfloat16" if cuda and dtype == "bfloat16" else "float32"
-
-
 def cache_plan(cfg, split, model_dim, dtype):
-    """Before any work: what encoding one split means -> dict(shape (F, P, D), head, done (rows to keep), need (bytes
-    still to allocate)). Refuses a cache written with other settings unless --overwrite; restarts a damaged one."""
+    """Before any work: what encoding one split means; refuses a cache with other settings unless --overwrite."""
     root = Path(cfg.data)
     npy, js = root / split / "features.npy", root / split / "features.json"
     frames = len(data.load_split(root, split)["states"])  # also validates frames.npy when present
@@ -412,8 +347,7 @@ def cache_plan(cfg, split, model_dim, dtype):
     require(not old or not diff or cfg.overwrite, f"{js} was written with other settings: {'; '.join(diff)}. Give "
                                                   "the same settings to resume it, or --overwrite to re-encode")
     done = old["done"] if old and not diff and not cfg.overwrite else 0
-    problem = npy_problem(npy, frames, shape[1]) if done else None
-    if problem:
+    if done and (problem := npy_problem(npy, frames, shape[1])):  # a damaged file restarts
         print(f"{npy}: {problem}; encoding {split} again from frame 0")
         done = 0
     allocated = npy.stat().st_blocks * 512 if npy.is_file() else 0  # written blocks (a fresh cache is sparse)
@@ -421,47 +355,8 @@ def cache_plan(cfg, split, model_dim, dtype):
     return dict(shape=shape, head=head, done=done, need=need, freed=0 if done else allocated)
 
 
-def check_disk(root, plans):
-    """Refuse up front, never part-way: the caches of every split must fit in the free disk space (minus a reserve)."""
-    need = sum(p["need"] for p in plans.values())
-    free = shutil.disk_usage(root).free + sum(p["freed"] for p in plans.values())
-    print(f"disk: the feature cache needs {need / 1e9:.1f} GB more, {free / 1e9:.1f} GB are free under {root}")
-    require(need + DISK_RESERVE <= free, f"the feature cache needs {need / 1e9:.1f} GB more disk under {root}, only "
-            f"{free / 1e9:.1f} GB are free (keeping {DISK_RESERVE / 2**30:.0f} GiB spare): free space, or skip the "
-            "cache and train with --features memory (int8 in GPU memory) or off (DINOv2 on every batch); train.py "
-            "--dry-run says the cost of each")
-
-
-def encode_split(model, cfg, split, plan, device, ctx):
-    """Encode the frames of one split not yet in DIR/{split}/features.npy, resuming at plan["done"]."""
-    root, (F_, P, D) = Path(cfg.data), plan["shape"]
-    npy, js, head, done = root / split / "features.npy", root / split / "features.json", plan["head"], plan["done"]
-    if done:
-        feats = np.load(npy, mmap_mode="r+")  # resume after an interruption
-    else:  # header first: a crash before the .npy exists leaves done = 0, which never trusts the old file
-        data.atomic_write(js, {**head, "done": 0})
-        feats = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(F_, P, D))
-    print(f"{split}: {F_} frames -> {npy} ({F_}, {P}, {D}) float16 = {F_ * P * D * 2 / 1e9:.2f} GB, {done} done before")
-    if done == F_:
-        return
-    t0 = time.perf_counter()
-    states = data.load_split(root, split)["states"]
-    for start, stop, z in encoded_chunks(model, root / split, states, head["img_size"], cfg.size, device, ctx, done,
-                                         cfg.batch_size, cfg.workers):
-        feats[start:stop] = z.half().cpu().numpy()  # (n, P, D)
-        feats.flush()  # on disk before the header claims them
-        data.atomic_write(js, {**head, "done": stop})
-    seconds = time.perf_counter() - t0  # includes rendering or reading frames: what a user waits for
-    speed = {"images_per_s": (F_ - done) / seconds, "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9
-             if device.type == "cuda" else None}
-    data.atomic_write(js, {**head, "done": F_, **speed})  # the measured speed, for `reproduce.sh gpu-check`
-    print(f"{split}: encoded {F_ - done} frames in {seconds:.1f} s: {speed['images_per_s']:.1f} images/s")
-
-
 def encoded_chunks(model, split_dir, states, img_size, size, device, ctx, start=0, batch_size=256, workers=-1):
-    """Encode frames [start, F) of a split (its folder and (F, 7) states), batch_size at a time -> yields (start, stop,
-    float32 (n, P, D) on the device). `workers` loader processes (-1: one per CPU core) render or read the frames
-    while the encoder runs."""
+    """Frames [start, F) of a split -> yields (start, stop, float32 (n, P, D) on device) while workers load the next."""
     spans = [(s, min(s + batch_size, len(states))) for s in range(start, len(states), batch_size)]
     workers = os.cpu_count() if workers < 0 else workers
     loader = torch.utils.data.DataLoader(spans, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
@@ -486,23 +381,21 @@ def load_frames(split_dir, states, img_size, span):
     return torch.from_numpy(np.stack([data.render_state(s, img_size) for s in states[start:stop]]))  # (n, S, S, 3)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The in-memory store (train.py --features memory): every frame's features of a split in device memory as int8, for
-# datasets whose float16 cache no disk holds (the full run: 152 GB of float16; 77 GB of int8 fit one H200 next to
-# training). Each training process encodes every frame once instead of twice per window and epoch.
+# ---- The in-memory store (train.py --features memory): each frame encoded once, not twice per window and epoch -------
+# For datasets no disk holds as float16 (the full run: 152 GB of float16; 77 GB of int8 fit one H200 next to training).
 
 class FeatureStore:
-    """(F, P, D) features as int8 codes with one scale per token, after dividing every channel by its RMS (so a few
-    large channels do not cost the others their precision): x ~= q * scale * channel_rms. put() quantises exact
-    features and measures the rounding error against them; store[idx] gives float32 (n, P, D) on the device."""
+    """(F, P, D) features as int8 codes, one scale per token, after dividing each channel by its RMS (so a few large
+    channels do not cost the others their precision): x ~= q * scale * channel_rms; store[idx] -> float32 (n, P, D)."""
 
     def __init__(self, frames, patches, dim, device):
         self.q = torch.empty(frames, patches, dim, dtype=torch.int8, device=device)  # (F, P, D)
         self.scale = torch.empty(frames, patches, 1, device=device)  # (F, P, 1)
-        self.channel, self.sq_error, self.sq_norm = None, 0.0, 0.0  # channel RMS (D,) from the first chunk
+        self.channel, self.sq_error, self.sq_norm, self.error = None, 0.0, 0.0, 0.0  # channel RMS (D,): first chunk
+        self.shape, self.nbytes = self.q.shape, self.q.nbytes + self.scale.nbytes  # D + 4 bytes per token
 
     def put(self, start, x):
-        """Store exact features x float32 (n, P, D) as rows start..start+n."""
+        """Store exact x float32 (n, P, D) as rows start..start+n; error: ||stored - exact|| / ||exact|| so far."""
         if self.channel is None:
             self.channel = x.pow(2).mean((0, 1)).sqrt().clamp_min(1e-6)  # (D,)
         y = x / self.channel
@@ -511,6 +404,7 @@ class FeatureStore:
         self.q[start:start + len(x)], self.scale[start:start + len(x)] = q, scale
         self.sq_error += (q * scale * self.channel - x).pow(2).sum().item()
         self.sq_norm += x.pow(2).sum().item()
+        self.error = math.sqrt(self.sq_error / max(self.sq_norm, 1e-30))
 
     def __getitem__(self, idx):
         idx = torch.as_tensor(idx, device=self.q.device)
@@ -518,19 +412,6 @@ class FeatureStore:
 
     def __len__(self):
         return len(self.q)
-
-    @property
-    def shape(self):
-        return self.q.shape
-
-    @property
-    def nbytes(self):
-        return self.q.nbytes + self.scale.nbytes  # D + 4 bytes per token
-
-    @property
-    def error(self):
-        """Relative RMS rounding error of everything stored: ||stored - exact|| / ||exact||."""
-        return math.sqrt(self.sq_error / max(self.sq_norm, 1e-30))
 
 
 def available_ram():
@@ -542,43 +423,19 @@ def available_ram():
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def feature_store(root, split, name, size, weights, img_size, device, ctx):
-    """Encode every frame of a split once into a FeatureStore on device (a fresh DINOv2, freed afterwards)."""
-    states, P, D = data.load_split(root, split)["states"], (size // PATCH) ** 2, ARCHS[name.removesuffix("_reg")][0]
-    need = len(states) * P * (D + 4)  # int8 codes + a float32 scale per token
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_ram()
-    require(need + STORE_SPARE <= free, f"--features memory: the {split} features of {root} need {need / 1e9:.1f} GB "
-            f"of {device.type} memory, {free / 1e9:.1f} GB are free (keeping {STORE_SPARE / 2**30:.0f} GiB for "
-            "training): --features cache (after `dino.py encode`) or off")
-    model = load_dinov2(name, weights, device)
-    store = FeatureStore(len(states), P, D, device)
-    for start, _, z in encoded_chunks(model, Path(root) / split, states, img_size, size, device, ctx):
-        store.put(start, z)
-    print(f"{split}: {len(store)} frames held in {device} memory as int8 ({store.nbytes / 1e9:.2f} GB"
-          f"); relative RMS error against the exact features {store.error:.2e}")
-    return store
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The token sources the world model reads (--tokens): `state`, one token per frame from the simulator state; `dinov2`,
-# the frozen encoder above (its cache or on the fly); `jepa`, a small pixel encoder trained with the predictor.
+# ---- The token sources (--tokens): `state` from the simulator, `dinov2` above, `jepa` trained with the predictor -----
 # State tokens: positions in units of UNIT px, and the angle scaled so that 20 deg counts like 20 px (the success
 # radii of DINO-WM's eval_state), so the planner's latent MSE weighs position and angle as the success test does.
 UNIT = 100.0
 ANGLE = 20.0 / UNIT / math.radians(20.0)  # cos/sin of the angle times this: a small turn of 20 deg moves them 0.2
 SPEED = 1000.0  # px/s per unit: velocities inform the dynamics but weigh little in the planning cost
-
-# JEPA tokens. SIGReg as LeWM's module.py: 17 knots on t in [0, 3], 1024 random directions per call (lewm.yaml).
-SIGREG_KNOTS, SIGREG_PROJ = 17, 1024
+SIGREG_KNOTS, SIGREG_PROJ = 17, 1024  # LeWM module.py / lewm.yaml: knots on t in [0, 3]; random directions per call
 
 
 def state_tokens(s):
-    """One token per frame from one frame's simulator state only, never the action: (..., 7) -> (..., 1, 12).
-
-    World frame: agent xy, block xy (centred, / UNIT) and the angle as ANGLE * (cos, sin), which has no wrap-around.
-    Block frame (rotated by -angle): the agent's position relative to the block and its velocity. These make contact
-    local: the same push from the same side looks the same wherever the T is and however it is turned. Plus the
-    agent's velocity in the world frame (the PD controller carries it over from one step to the next)."""
+    """One token per frame from that frame's simulator state only, never the action: (..., 7) -> (..., 1, 12). The
+    agent's offset and velocity in the block frame (rotated by -angle) make contact local: the same push from the same
+    side looks the same wherever the T is; the world velocity stays too (the PD controller carries it over)."""
     s = torch.as_tensor(s, dtype=torch.float32)
     agent, block, th, vel = s[..., 0:2], s[..., 2:4], s[..., 4], s[..., 5:7]
     c, sn = th.cos(), th.sin()
@@ -603,47 +460,19 @@ def sigreg(z, num_proj=SIGREG_PROJ, knots=SIGREG_KNOTS):
     return (err @ (w * phi)).mean() * z.shape[1]  # times B: the test statistic, not the distance
 
 
-def var_cov(x):
-    """VICReg's variance and covariance terms over axis 1 (Bardes et al. 2022): x (G, N, D) -> std hinge (),
-    squared off-diagonal covariance / (D (D - 1)) () (PLDM's adjust_cov), each averaged over the G groups."""
-    x = x - x.mean(1, keepdim=True)
-    std = (x.var(1) + 1e-4).sqrt()  # (G, D); eps 1e-4 as VICReg
-    cov = x.transpose(1, 2) @ x / max(x.shape[1] - 1, 1)  # (G, D, D)
-    D = x.shape[-1]
-    off = cov.square().sum((1, 2)) - cov.diagonal(dim1=1, dim2=2).square().sum(-1)  # (G,)
-    return F.relu(1 - std).mean(), (off / (D * (D - 1))).mean()  # hinge: push each dimension's std to >= 1
-
-
-def vcreg(z, mc):
-    """PLDM's anti-collapse terms (Sobal et al., arXiv 2502.14819): std hinge and covariance over the batch at every
-    frame, temporal smoothness ||z_t+1 - z_t||^2, optionally std and covariance over each window's frames. z (B, T, D)
-    -> () weighted sum."""
-    z = z.float()
-    std, cov = var_cov(z.transpose(0, 1))  # (T, B, D): over the batch, per frame
-    loss = mc.jepa_std * std + mc.jepa_cov * cov + mc.jepa_temp_sim * (z[:, 1:] - z[:, :-1]).square().mean()
-    if mc.jepa_temp_std or mc.jepa_temp_cov:
-        std_t, cov_t = var_cov(z)  # (B, T, D): over each window's frames
-        loss = loss + mc.jepa_temp_std * std_t + mc.jepa_temp_cov * cov_t
-    return loss
-
-
 def jepa_reg(z, mc):
     """The weighted anti-collapse loss of jepa tokens: z (B, T, P, D) -> ()."""
-    z = z.flatten(2)  # (B, T, P*D)
-    return mc.jepa_sigreg * sigreg(z) if mc.jepa_reg == "sigreg" else vcreg(z, mc)
+    return mc.jepa_sigreg * sigreg(z.flatten(2))  # (B, T, P*D)
 
 
 class JEPAEncoder(nn.Module):
-    """The pixel encoder of --tokens jepa, trained with the predictor: 4 stride-2 conv blocks, then an MLP projector
-    with BatchNorm (LeWM's projector: Linear -> BatchNorm1d -> GELU -> Linear) -> one D-dim token per frame.
+    """The pixel encoder of --tokens jepa, trained with the predictor: stride-2 conv blocks, then LeWM's MLP projector
+    -> one D-dim token per frame (LeWM's ViT-tiny costs more on a CPU budget; PLDM's encoders are CNNs). IMPORTANT: the
+    token ends in a BatchNorm without affine parameters. SIGReg's gradient vanishes as the tokens shrink to one point
+    (the statistic is even in the scale), so the encoder can collapse while SIGReg stays at its maximum; the BatchNorm
+    pins each dimension's batch std at 1 and leaves SIGReg the shape (Gaussian marginals, no redundancy)."""
 
-    LeWM encodes with a ViT-tiny CLS token; a CNN is cheaper on a CPU budget (PLDM's encoders are CNNs). IMPORTANT:
-    with SIGReg the token ends in a BatchNorm without affine parameters. SIGReg's gradient vanishes when the tokens
-    shrink towards one point (the statistic is even in the scale), so an encoder without it can collapse while
-    SIGReg stays stuck at its maximum; the BatchNorm pins every dimension's batch std at 1 and leaves SIGReg the
-    shape (Gaussian marginals, no redundant directions). PLDM's VCReg brings its own std hinge, so it goes without."""
-
-    def __init__(self, img_size, dim, width, final_norm=True):
+    def __init__(self, img_size, dim, width):
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, 4 * width]
         blocks = []
@@ -653,8 +482,7 @@ class JEPAEncoder(nn.Module):
         cells = (img_size // 16) ** 2
         # Flatten, not pool: the cell index is where things are, and where is what the planner needs.
         self.projector = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * cells, 512), nn.BatchNorm1d(512), nn.GELU(),
-                                       nn.Linear(512, dim), nn.BatchNorm1d(dim, affine=False) if final_norm else
-                                       nn.Identity())
+                                       nn.Linear(512, dim), nn.BatchNorm1d(dim, affine=False))
 
     def forward(self, obs):
         """uint8 frames (B, T, S, S, 3) -> tokens (B, T, 1, D)."""
@@ -663,25 +491,33 @@ class JEPAEncoder(nn.Module):
 
 
 def windows(mc, root, split, num_frames, dino_weights=None, features="cache", device="cpu", ctx=None):
-    """A run's WindowDataset: states only for state tokens; for dinov2 (features) "cache": the feature cache when one
-    matches (written by `dino.py encode` with the same encoder, size, weights and dataset), else frames; "memory":
-    every frame encoded now into a FeatureStore on device (int8); "off": frames (DINOv2 runs on every batch)."""
-    feats = None
+    """A run's WindowDataset; dinov2 features "cache": the cache of `dino.py encode` when one matches, else frames;
+    "memory": every frame encoded now into an int8 FeatureStore on device; "off": frames (DINOv2 on every batch)."""
+    feats, name, size, weights = None, mc.dino_name, mc.dino_size, dino_weights or None
     if mc.tokens == "dinov2" and features == "cache":
-        feats = load_features(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size)
-    elif mc.tokens == "dinov2" and features == "memory":
-        feats = feature_store(root, split, mc.dino_name, mc.dino_size, dino_weights or None, mc.img_size,
-                                   torch.device(device), ctx or contextlib.nullcontext())
+        feats = load_features(root, split, name, size, weights, mc.img_size)
+    elif mc.tokens == "dinov2" and features == "memory":  # every frame encoded once by a DINOv2 freed afterwards
+        device, ctx = torch.device(device), ctx or contextlib.nullcontext()
+        states, P, D = data.load_split(root, split)["states"], (size // PATCH) ** 2, ARCHS[name.removesuffix("_reg")][0]
+        need = len(states) * P * (D + 4)  # int8 codes + a float32 scale per token
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_ram()
+        require(need + STORE_SPARE <= free, f"--features memory: the {split} features of {root} need {need / 1e9:.1f} "
+                f"GB of {device.type} memory, {free / 1e9:.1f} GB are free (keeping {STORE_SPARE / 2**30:.0f} GiB for "
+                "training): --features cache (after `dino.py encode`) or off")
+        model = load_dinov2(name, weights, device)
+        feats = FeatureStore(len(states), P, D, device)
+        for start, _, z in encoded_chunks(model, Path(root) / split, states, mc.img_size, size, device, ctx):
+            feats.put(start, z)
+        print(f"{split}: {len(feats)} frames held in {device} memory as int8 ({feats.nbytes / 1e9:.2f} GB); relative "
+              f"RMS error against the exact features {feats.error:.2e}")
     return data.WindowDataset(root, split, num_frames, mc.frameskip, mc.tokens != "state", mc.img_size, feats)
 
 
 def make_input(mc, device, dino_weights=None):
-    """The run's token source, frozen part: batch -> x, what WorldModel.encode reads. state: state_tokens(state);
-    dinov2: the cached features, or DINOv2 on the frames now; jepa: the frames themselves (its encoder is trained)."""
+    """The run's frozen token source: batch -> x, what WorldModel.encode reads (jepa: frames; its encoder trains)."""
     encoder = None
     require(mc.tokens != "dinov2" or dino_weights in (None, "", "random") or Path(dino_weights).is_file(),
-            f"--dino-weights {dino_weights}: no such file; pass an official {weights_file(mc.dino_name)} "
-            "or random")
+            f"--dino-weights {dino_weights}: no such file; pass an official {weights_file(mc.dino_name)} or random")
 
     def input_of(batch):
         nonlocal encoder
@@ -708,15 +544,43 @@ def batch_of_states(states, mc):
 def main(cfg: EncodeConfig):
     """Cache DINO patch features of a dataset (resumable; refused up front when the disk cannot hold them)."""
     print(asdict(cfg))
-    model_dim = ARCHS[cfg.name.removesuffix("_reg")][0]
     device, ctx = data.setup(cfg.device, 0, cfg.dtype)
-    plans = {s: cache_plan(cfg, s, model_dim, precision(device.type, cfg.dtype)) for s in cfg.split.split(",")}
-    check_disk(cfg.data, plans)
+    root = Path(cfg.data)
+    dtype = "bfloat16" if device.type == "cuda" and cfg.dtype == "bfloat16" else "float32"  # as data.setup runs it
+    plans = {s: cache_plan(cfg, s, ARCHS[cfg.name.removesuffix("_reg")][0], dtype) for s in cfg.split.split(",")}
+    need = sum(p["need"] for p in plans.values())
+    free = shutil.disk_usage(root).free + sum(p["freed"] for p in plans.values())
+    print(f"disk: the feature cache needs {need / 1e9:.1f} GB more, {free / 1e9:.1f} GB are free under {root}")
+    require(need + DISK_RESERVE <= free, f"the feature cache needs {need / 1e9:.1f} GB more disk under {root}, only "
+            f"{free / 1e9:.1f} GB are free (keeping {DISK_RESERVE / 2**30:.0f} GiB spare): free space, or skip the "
+            "cache and train with --features memory (int8 in GPU memory) or off (DINOv2 on every batch); train.py "
+            "--dry-run says the cost of each")
     if all(p["done"] == p["shape"][0] for p in plans.values()):
         return print(f"{cfg.data}: the feature cache of {cfg.split} is complete")
     model = load_dinov2(cfg.name, cfg.dino_weights or None, device)
-    for split, plan in plans.items():
-        encode_split(model, cfg, split, plan, device, ctx)
+    for split, plan in plans.items():  # encode the frames not yet in features.npy, resuming at plan["done"]
+        (F_, P, D), head, done = plan["shape"], plan["head"], plan["done"]
+        npy, js = root / split / "features.npy", root / split / "features.json"
+        if done:
+            feats = np.load(npy, mmap_mode="r+")  # resume after an interruption
+        else:  # header first: a crash before the .npy exists leaves done = 0, which never trusts the old file
+            data.atomic_write(js, {**head, "done": 0})
+            feats = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(F_, P, D))
+        print(f"{split}: {F_} frames -> {npy} {feats.shape} float16 = {feats.nbytes / 1e9:.2f} GB, {done} done before")
+        if done == F_:
+            continue
+        t0 = time.perf_counter()
+        states = data.load_split(root, split)["states"]
+        for start, stop, z in encoded_chunks(model, root / split, states, head["img_size"], cfg.size, device, ctx,
+                                             done, cfg.batch_size, cfg.workers):
+            feats[start:stop] = z.half().cpu().numpy()  # (n, P, D)
+            feats.flush()  # on disk before the header claims them
+            data.atomic_write(js, {**head, "done": stop})
+        seconds = time.perf_counter() - t0  # includes rendering or reading frames: what a user waits for
+        speed = {"images_per_s": (F_ - done) / seconds, "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9
+                 if device.type == "cuda" else None}
+        data.atomic_write(js, {**head, "done": F_, **speed})  # the measured speed, for `reproduce.sh gpu-check`
+        print(f"{split}: encoded {F_ - done} frames in {seconds:.1f} s: {speed['images_per_s']:.1f} images/s")
 
 
 def check(cfg: CheckConfig):

@@ -1,15 +1,11 @@
-"""Offline world-model metrics for one or more runs side by side, and the success table of every planner and
-policy on the same tasks.
-
-Success says whether planning worked; these metrics say why. Per run, on seeded draws of val windows: one-step
-teacher-forced latent MSE; rollout MSE at horizons 1..H from one real frame (baseline: open loop under the true
-actions; la/vq: teacher-forced, each step conditioned on the IDM's latent of the real frame pair, T = 2 as trained);
-for la/vq the seed's swap score and shuffle delta, the R^2 of a linear probe latent action -> true action (fit on
-train windows) and the decoder's error; for vq perplexity, dead codes, usage. With a label sweep among the results
-(one method at several label counts): success against labelled transitions, a table and <out>_labels.png.
-Reads RUN/ckpt.pt (+ RUN/decode.json), the run's dataset (--data for moved runs), plan.py / policy.py RESULTS.json
-files. Writes METRICS.json {run name: {metric: value, metric_stats: {mean, std, ci95, n}, ...}}, <out>_success.json
-(the success table), a rollout-error PNG, and prints both tables in markdown.
+"""Offline world-model metrics for runs side by side, and the success table of every planner and policy on the same
+tasks: success says whether planning worked, these metrics say why. Per run, on seeded draws of val windows: one-step
+latent MSE, rollout MSE at horizons 1..H from one real frame; la/vq: swap score, shuffle delta, a linear probe latent
+action -> true action (fit on train windows), the decoder's error; vq: code usage; jepa: collapse statistics, state
+probes, the exploitation gap. Reads RUN/ckpt.pt (+ RUN/decode.json), the run's dataset (--data for moved runs) and
+plan.py / policy.py RESULTS.json files. Writes METRICS.json {run name: {metric: value, metric_stats: {mean, std, ci95,
+n}, ...}}, <out>_success.json (the success table), a rollout-error PNG, with a label sweep among the results (one
+method at several label counts) success against labelled transitions in <out>_labels.png; prints the tables.
 GPU:  python eval.py --run runs/full/baseline runs/full/la runs/full/vq --results runs/full/results/*.json
       --out runs/full/metrics.json                                              (H200 wall-clock: not yet measured)
 CPU:  python eval.py --run runs/quick/baseline runs/quick/la runs/quick/vq --results runs/quick/results/*.json
@@ -92,19 +88,15 @@ def linear_probe(x_fit, y_fit, x, y, generator, boots=200):
             "n_fit": len(y_fit), "per_dim": per_dim.tolist()}
 
 
-def batches(ds, n, cfg, device, desc):
-    """Seeded draw of min(n, len(ds)) windows (without replacement), in batches."""
-    idx = np.random.default_rng(cfg.seed).choice(len(ds), min(n, len(ds)), replace=False)
-    yield from tqdm(data.loader(ds, cfg.batch_size, idx.tolist(), cfg.workers, device), desc=desc, leave=False,
-                    disable=None)
+def markdown(head, rows):
+    """Header cells and rows of cells -> the lines of a markdown table."""
+    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 @torch.no_grad()
 def one_step_mse(model, z, action=None, proprio=None):
-    """Teacher-forced next-frame error per window, visual dims (the seed's val_visual_latent_pred_loss) -> (B,),
-    and the conditioning dict.
-
-    z (B, num_hist+1, P, D); conditioning as in training (baseline: true actions; la: IDM latent; vq: its code)."""
+    """Teacher-forced next-frame error of the visual dims (the seed's val_visual_latent_pred_loss), z (B, num_hist+1,
+    P, D) -> (B,), and the conditioning as in training (baseline: true actions; la: IDM latent; vq: its code)."""
     n, D = model.cfg.num_hist, model.cfg.visual_dim
     c = model.conditioning(z, action)
     pred = model.predict(model.observe(z, proprio)[:, :n], c["cond"][:, :n])[..., :D]  # (B, n, P, D)
@@ -114,7 +106,6 @@ def one_step_mse(model, z, action=None, proprio=None):
 @torch.no_grad()
 def rollout_mse(model, z, action=None, proprio=None):
     """Open-loop error per window and horizon from the single real frame z[:, 0] -> (B, H), z (B, H+1, P, D).
-
     baseline: the true actions; la/vq: the IDM on every consecutive real pair separately, T = 2 as in training
     (the seed inferred them from the whole clip at once, far beyond the T = 2 its IDM was trained on)."""
     B, H = z.shape[0], z.shape[1] - 1
@@ -131,8 +122,7 @@ def rollout_mse(model, z, action=None, proprio=None):
 def evaluate_run(run, cfg, device):
     """All metrics of one run -> dict for METRICS.json."""
     model, ckpt, root = wm.load_run(run, device, cfg.data, cfg.dino_weights)
-    mc, H, name = model.cfg, cfg.horizon, Path(run).name
-    weights = wm.run_dino_weights(ckpt, cfg.dino_weights)
+    mc, H, name, weights = model.cfg, cfg.horizon, Path(run).name, wm.run_dino_weights(ckpt, cfg.dino_weights)
     input_of, gen = dino.make_input(mc, device, weights), torch.Generator().manual_seed(cfg.seed)
     unpack = lambda b: (model.encode(input_of(b)), b["action"].to(device),  # noqa: E731
                         b["proprio"].to(device) if mc.proprio else None)
@@ -140,10 +130,15 @@ def evaluate_run(run, cfg, device):
            "step": ckpt["step"], "seed": cfg.seed}
     t0 = time.time()
 
+    def batches(split, T, n, desc):  # a seeded draw of min(n, all) windows of T frames (without replacement), batched
+        ds = dino.windows(mc, root, split, T, weights)
+        idx = np.random.default_rng(cfg.seed).choice(len(ds), min(n, len(ds)), replace=False)
+        yield from tqdm(data.loader(ds, cfg.batch_size, idx.tolist(), cfg.workers, device), desc=desc, leave=False,
+                        disable=None)
+
     # One-step latent MSE, plus swap/shuffle and the val side of the probe (la/vq) on the same windows.
     mse, swaps, shuffles, lat, act, codes = [], [], [], [], [], []
-    val = dino.windows(mc, root, "val", mc.num_hist + 1, weights)
-    for b in batches(val, cfg.windows, cfg, device, f"{name}: one-step"):
+    for b in batches("val", mc.num_hist + 1, cfg.windows, f"{name}: one-step"):
         z, a, p = unpack(b)  # (B, n+1, P, D), (B, n+1, A), (B, n+1, 4) | None
         err, c = one_step_mse(model, z, a, p)
         mse.append(err.cpu())  # (B,)
@@ -157,9 +152,8 @@ def evaluate_run(run, cfg, device):
     out["latent_mse"] = out["latent_mse_stats"]["mean"]
 
     # Open-loop rollout over H macro steps on windows of H+1 frames.
-    ds = dino.windows(mc, root, "val", H + 1, weights)
-    err = torch.cat([rollout_mse(model, *unpack(b)).cpu() for b in batches(ds, cfg.windows, cfg, device,
-                                                                           f"{name}: rollout")])  # (N, H)
+    err = torch.cat([rollout_mse(model, *unpack(b)).cpu()
+                     for b in batches("val", H + 1, cfg.windows, f"{name}: rollout")])  # (N, H)
     out["rollout_curve"] = [summarize(err[:, h]) for h in range(H)]
     out["rollout_mse"], out["rollout_mse_stats"] = out["rollout_curve"][-1]["mean"], out["rollout_curve"][-1]
 
@@ -168,159 +162,63 @@ def evaluate_run(run, cfg, device):
         out["swap_score"], out["shuffle_delta"] = out["swap_score_stats"]["mean"], out["shuffle_delta_stats"]["mean"]
         # Linear probe latent -> true macro action, fitted on train windows (2 frames: one transition each).
         fit = [(model.conditioning(model.encode(input_of(b)))["cond"][:, 0].float().cpu(), b["action"][:, 0])
-               for b in batches(dino.windows(mc, root, "train", 2, weights), cfg.probe_windows, cfg, device,
-                                f"{name}: probe fit")]  # (B, C), (B, A)
+               for b in batches("train", 2, cfg.probe_windows, f"{name}: probe fit")]  # (B, C), (B, A)
         out["probe_r2"] = linear_probe(torch.cat([f[0] for f in fit]), torch.cat([f[1] for f in fit]),
                                        torch.cat(lat), torch.cat(act), gen)
-        out["decoder"] = decoder_summary(run, ckpt)
+        try:  # the action decoder's val accuracy and label budget (RUN/decode.json), or why there is none
+            rep = decode.load_head(run, ckpt, "cpu")[1]
+            out["decoder"] = {"val_rmse_px": rep["val_rmse_px"], "r2_mean": rep["r2_mean"],
+                              "train_pairs": rep["label_budget"]["train_pairs"], "labels": rep["labels"]}
+        except data.UserError as e:
+            print(f"note: {e}")
+            out["decoder"] = {"error": str(e)}
     if mc.variant == "vq":
         codes, K = torch.cat(codes), mc.num_codes
         out["perplexity"], out["dead_codes"] = train.perplexity(codes, K)
         out.update(num_codes=K, code_usage=torch.bincount(codes, minlength=K).tolist())
+
+    # jepa: collapse statistics of val-frame tokens (train.token_stats), linear probes of agent xy, block xy and angle
+    # (cos, sin) from one frame's tokens (fit on train frames, scored on val frames), and for baseline runs the
+    # exploitation gap on open-loop val tasks: the model's cost of the plan its planner finds (plan.py's Gaussian CEM,
+    # 300 samples, top 30, GAP_OPT_STEPS iterations) against its cost of the recorded actions that reach the goal.
     if mc.tokens == "jepa":
-        out.update(jepa_report(model, ckpt, root, input_of, cfg, device))
+        def tokens(split, n):  # one frame per window: tokens (N, 1, D), probe targets (N, 6)
+            zy = [(model.encode(input_of(b))[:, 0].float().cpu(), train.probe_targets(b["state"][:, 0]))
+                  for b in batches(split, 1, n, f"jepa tokens ({split})")]
+            return torch.cat([t[0] for t in zy]), torch.cat([t[1] for t in zy])
+        (zf, yf), (zv, yv) = tokens("train", cfg.probe_windows), tokens("val", cfg.windows)
+        out.update({**train.token_stats(zv), **train.probe_r2(zf, yf, zv, yv), "token_dim": zv[0].numel()})
+    if mc.tokens == "jepa" and mc.variant == "baseline" and cfg.gap_tasks > 0:  # la/vq: no recorded plan of latents
+        stats, tasks = ckpt["stats"], plan.make_tasks(root, "val", "open-loop", cfg.gap_tasks, cfg.seed, mc.img_size)
+        enc = lambda s: model.encode(input_of(dino.batch_of_states(s, mc)))[:, 0]  # noqa: E731  (E, P, D)
+        z0, zg = enc(tasks["start_state"]), enc(tasks["goal_state"])
+        p0 = plan.proprio_of(tasks["start_state"], stats, device) if mc.proprio else None  # (E, 4)
+        pg = model.embed_proprio(plan.proprio_of(tasks["goal_state"], stats, device)) if mc.proprio else None
+        true = torch.as_tensor(data.env_to_macro(tasks["actions"], stats["action_mean"], stats["action_std"]),
+                               dtype=torch.float32, device=device)  # (E, H, A) the recorded macro actions
+        mu = plan.cem_gaussian(lambda s: plan.rollout_cost(model, z0, zg, s, p0, pg), torch.zeros_like(true),
+                               torch.ones_like(true), opt_steps=GAP_OPT_STEPS,
+                               generator=torch.Generator(device).manual_seed(cfg.seed))  # (E, H, A)
+        # the model's cost of the plan and of the recorded actions, which reach the goal: a plan far cheaper than
+        # the truth in the model's eyes (that misses the goal) is a model error the planner exploits
+        c_plan, c_true = plan.rollout_cost(model, z0, zg, torch.stack([mu, true], 1), p0, pg).unbind(1)  # (E,) each
+        out.update(gap_cost_plan=summarize(c_plan.cpu()), gap_cost_true=summarize(c_true.cpu()),
+                   gap_plan_cheaper=(c_plan < c_true).float().mean().item())
     out["seconds"] = time.time() - t0
     print(f"{run}: evaluated in {out['seconds']:.1f} s")
     return out
 
 
-@torch.no_grad()
-def jepa_report(model, ckpt, root, input_of, cfg, device):
-    """jepa runs: collapse statistics of val-frame tokens (train.token_stats), linear probes of agent xy, block xy and
-    angle (cos, sin) from one frame's tokens (fitted on train frames, scored on val frames), and for baseline runs the
-    exploitation gap on open-loop val tasks: the model's cost of the plan its planner finds (plan.py's Gaussian CEM,
-    300 samples, top 30, GAP_OPT_STEPS iterations) against its cost of the recorded actions that reach the goal."""
-    mc = model.cfg
-
-    def tokens(split, n):  # one frame per window: (N, 1, D) tokens, (N, 6) probe targets
-        zy = [(model.encode(input_of(b))[:, 0].float().cpu(), train.probe_targets(b["state"][:, 0]))
-              for b in batches(dino.windows(mc, root, split, 1), n, cfg, device, f"jepa tokens ({split})")]
-        return torch.cat([t[0] for t in zy]), torch.cat([t[1] for t in zy])
-    (zf, yf), (zv, yv) = tokens("train", cfg.probe_windows), tokens("val", cfg.windows)
-    out = {**train.token_stats(zv), **train.probe_r2(zf, yf, zv, yv), "token_dim": zv[0].numel()}
-    if mc.variant != "baseline" or cfg.gap_tasks == 0:
-        return out  # la/vq plan latents: no recorded plan to compare with
-    stats, tasks = ckpt["stats"], plan.make_tasks(root, "val", "open-loop", cfg.gap_tasks, cfg.seed, mc.img_size)
-    enc = lambda s: model.encode(input_of(dino.batch_of_states(s, mc)))[:, 0]  # noqa: E731  (E, P, D)
-    z0, zg = enc(tasks["start_state"]), enc(tasks["goal_state"])
-    p0 = plan.proprio_of(tasks["start_state"], stats, device) if mc.proprio else None  # (E, 4)
-    pg = model.embed_proprio(plan.proprio_of(tasks["goal_state"], stats, device)) if mc.proprio else None
-    true = torch.as_tensor(data.env_to_macro(tasks["actions"], stats["action_mean"], stats["action_std"]),
-                           dtype=torch.float32, device=device)  # (E, H, A) the recorded macro actions
-    mu = plan.cem_gaussian(lambda s: plan.rollout_cost(model, z0, zg, s, p0, pg), torch.zeros_like(true),
-                           torch.ones_like(true), opt_steps=GAP_OPT_STEPS,
-                           generator=torch.Generator(device).manual_seed(cfg.seed))  # (E, H, A)
-    c_plan, c_true = plan.exploitation_gap(model, z0, zg, mu, true, p0, pg)  # (E,) each
-    return {**out, "gap_cost_plan": summarize(c_plan.cpu()), "gap_cost_true": summarize(c_true.cpu()),
-            "gap_plan_cheaper": (c_plan < c_true).float().mean().item()}
-
-
-def decoder_summary(run, ckpt):
-    """The action decoder's val accuracy and label budget from RUN/decode.json, or why there is none."""
-    try:
-        rep = decode.load_head(run, ckpt, "cpu")[1]
-    except data.UserError as e:
-        print(f"note: {e}")
-        return {"error": str(e)}
-    return {"val_rmse_px": rep["val_rmse_px"], "r2_mean": rep["r2_mean"],
-            "train_pairs": rep["label_budget"]["train_pairs"], "labels": rep["labels"]}
-
-
-def success_table(paths):
-    """plan.py / policy.py RESULTS.json files -> {protocol: {column: cell}}, cells with k, n, rate, Wilson 95% CI;
-    random, replay and ceiling come from the reference block (the same tasks for every file of a protocol)."""
-    table = {}
-    for path in map(Path, paths):
-        fix = f"--results {path}: not a RESULTS.json of plan.py or policy.py; rerun the command that wrote it"
-        r = data.load_json(path, fix, plan.RESULT_KEYS)
-        ref, ok = r["reference"], lambda x: isinstance(x, (int, float)) and 0 <= x <= 1  # noqa: E731
-        require(isinstance(r["successes"], list) and r["successes"] and set(r["successes"]) <= {0, 1} and
-                isinstance(ref, dict) and ok(ref.get("random")) and ok(ref.get("replay")) and
-                (ref.get("ceiling") is None or ok(ref["ceiling"]) and isinstance(ref.get("ceiling_episodes"), int)),
-                fix)
-        column = r["planner"] if r["planner"] in ("gcbc", "iql") else r["variant"] + (
-            " + adapter" if r["via"] == "adapter" else "")
-        cols = table.setdefault(r["protocol"], {})
-        k, n = sum(r["successes"]), len(r["successes"])
-        cols.setdefault(column, []).append(dict(k=k, n=n, rate=k / n, ci95=plan.wilson(k, n), file=str(path),
-                                                tokens=r.get("tokens"), seconds_per_solve=r.get("seconds_per_solve"),
-                                                via=r["via"], labels=r["labels"], data=r.get("data")))
-        for name in ("random", "replay"):
-            cols.setdefault(name, []).append(dict(rate=ref[name], n=n, k=round(ref[name] * n),
-                                                  ci95=plan.wilson(round(ref[name] * n), n), file=str(path)))
-        if ref.get("ceiling") is not None:
-            m = ref["ceiling_episodes"]
-            cols.setdefault("ceiling", []).append(dict(rate=ref["ceiling"], n=m, k=round(ref["ceiling"] * m),
-                                                       ci95=plan.wilson(round(ref["ceiling"] * m), m), file=str(path)))
-    for cols in table.values():  # the references repeat in every file of a protocol: keep one, warn if they differ
-        for name in REFS:
-            cells = cols.get(name, [])
-            if len({(c["k"], c["n"]) for c in cells}) > 1:
-                print(f"warning: the {name} reference differs between files ({[c['file'] for c in cells]}): "
-                      "they were not planned on the same tasks")
-            cols[name] = cells[:1]
-    return table
-
-
-def success_markdown(table):
-    """One row per protocol, columns from floor to ceiling; a cell is 'rate [95% CI] (k/n)'."""
-    cols = [c for c in COLUMNS if any(c in t for t in table.values())]
-    cols += sorted({c for t in table.values() for c in t} - set(cols))
-    cell = lambda cs: "–" if not cs else " / ".join(  # noqa: E731  several files (e.g. seeds): each shown
-        f"{c['rate']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}] ({c['k']}/{c['n']})" for c in cs)
-    lines = ["| protocol | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    return "\n".join(lines + [f"| {p} | " + " | ".join(cell(t.get(c, [])) for c in cols) + " |"
-                              for p, t in sorted(table.items())])
-
-
-def label_rows(table):
-    """{protocol: {method: [cells]}} of a label sweep: every row that used labels, keyed by how it uses them (la and
-    vq rows named by their decoder or adapter); None when no method was run at more than one label count."""
-    rows = {}
-    for protocol, cols in table.items():
-        for col, cells in cols.items():
-            for c in cells:
-                if c.get("labels") is not None and col not in REFS:
-                    name = col if c["via"] != "decoder" else f"{col} + decoder"
-                    rows.setdefault(protocol, {}).setdefault(name, []).append(c)
-    sweep = any(len({c["labels"] for c in cs}) > 1 for r in rows.values() for cs in r.values())
-    return {p: {k: sorted(cs, key=lambda c: c["labels"]) for k, cs in r.items()} for p, r in rows.items()} \
-        if sweep else None
-
-
-def labels_markdown(rows, table):
-    """Success against labelled transitions: one row per method, one column per label count, with its fraction of the
-    dataset's labelled train windows (when the results' dataset is at hand)."""
-    out = []
-    for protocol, methods in sorted(rows.items()):
-        counts = sorted({c["labels"] for cs in methods.values() for c in cs})
-        roots = {c["data"] for cs in methods.values() for c in cs if c.get("data") and Path(c["data"]).is_dir()}
-        pool = max(len(data.WindowDataset(r, "train", 2)) for r in roots) if roots else None  # the labelled windows
-        head = [f"{n:,}" + (f" ({n / pool:.1%})" if pool and n < pool else " (all)" if n == pool else "")
-                for n in counts]
-        out += [f"success on {protocol} tasks against labelled transitions (windows of 5 env steps):",
-                "| method | " + " | ".join(head) + " |", "|---" * (len(counts) + 1) + "|"]
-        for name, cs in methods.items():
-            at = {c["labels"]: c for c in cs}
-            out.append(f"| {name} | " + " | ".join(
-                f"{at[n]['rate']:.2f} [{at[n]['ci95'][0]:.2f}, {at[n]['ci95'][1]:.2f}]" if n in at else "–"
-                for n in counts) + " |")
-        refs = table[protocol]
-        out.append("references (no labels): " + ", ".join(f"{k} {refs[k][0]['rate']:.2f} ({refs[k][0]['k']}/"
-                                                         f"{refs[k][0]['n']})" for k in REFS if refs.get(k)))
-    return "\n".join(out)
-
-
 def draw_plot(lines, title, xlabel, ylabel, log_x=False, hlines=(), top=None, w=760, h=500):
-    """A line plot with 95% interval bars, axes, ticks and a legend -> BGR image. lines: [(label, xs, means, lows,
-    highs)]; hlines: [(label, y)] drawn dashed across (references); log_x: a log10 x axis; top: the y axis' end."""
+    """A line plot with 95% interval bars, axes, ticks and a legend -> BGR image. lines: [(label, xs, ys, cells with
+    the points' "ci95")]; hlines: [(label, y)] drawn dashed across (references); log_x: a log10 x axis; top: y's end."""
     img = np.full((h, w, 3), 255, np.uint8)
     x0, x1, y0, y1 = 90, w - 30, h - 70, 50  # plot area in image px (y grows downwards)
     tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)  # noqa: E731
     xs = [tx(x) for _, xx, *_ in lines for x in xx]
     pad = 0.08 * (max(xs) - min(xs)) if log_x else 0  # points off the axes on a log scale
     xmin, xmax = min(xs) - pad, (max(xs) if max(xs) > min(xs) else min(xs) + 1) + pad
-    top = top or max([hi for *_, his in lines for hi in his] + [y for _, y in hlines]) or 1.0
+    top = top or max([c["ci95"][1] for *_, cells in lines for c in cells] + [y for _, y in hlines]) or 1.0
     base = 10 ** np.floor(np.log10(top / 5))
     step = base * next(f for f in (1, 2, 5, 10) if f * base >= top / 5)  # round ticks: 1, 2 or 5 x 10^k
     ymax = step * np.ceil(top / step)
@@ -346,118 +244,147 @@ def draw_plot(lines, title, xlabel, ylabel, log_x=False, hlines=(), top=None, w=
         for xa in range(x0, x1, 12):
             cv2.line(img, (xa, Y(y)), (min(xa + 6, x1), Y(y)), (120, 120, 120), 1)
         put(f"{name} {y:.2f}", (x1 - 110 - 120 * i, Y(y) - 4), 0.4)
-    for i, (name, xx, means, lows, highs) in enumerate(lines):
+    for i, (name, xx, ys, cells) in enumerate(lines):
         col = COLOURS[i % len(COLOURS)]
-        pts = [(X(x), Y(m)) for x, m in zip(xx, means)]
+        pts = [(X(x), Y(y)) for x, y in zip(xx, ys)]
         cv2.polylines(img, [np.array(pts, np.int32)], False, col, 2, cv2.LINE_AA)
-        for (px, py), lo, hi in zip(pts, lows, highs):
+        for (px, py), c in zip(pts, cells):
             cv2.circle(img, (px, py), 4, col, -1, cv2.LINE_AA)
-            cv2.line(img, (px, Y(lo)), (px, Y(hi)), col, 1)  # 95% interval
+            cv2.line(img, (px, Y(c["ci95"][0])), (px, Y(c["ci95"][1])), col, 1)  # 95% interval
         cv2.line(img, (x0 + 15, y1 + 15 + 20 * i), (x0 + 45, y1 + 15 + 20 * i), col, 2)  # legend entry
         put(name, (x0 + 52, y1 + 20 + 20 * i))
     return img
-
-
-def fmt(s):
-    """Stats dict -> 'mean ± std [lo, hi] (n)'."""
-    return f"{s['mean']:.4g} ± {s['std']:.2g} [{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}] (n={s['n']})"
-
-
-def decoder_cell(m):
-    """Table entry for the action decoder: val accuracy and label budget, or why there is none."""
-    d = m.get("decoder")
-    if d is None:
-        return "–"
-    if "error" in d:
-        return "missing or stale: run decode.py"
-    return f"{d['val_rmse_px']:.2f} px ({d['labels']} labels)"
-
-
-def metrics_markdown(metrics, horizon):
-    """One column per run, one row per metric."""
-    stat = lambda k: lambda m: "–" if k not in m else fmt(m[k]) if "mean" in m[k] else (  # noqa: E731
-        f"too few windows ({m[k]['too_few']}, need {m[k]['need']})")
-    of_k = lambda k: lambda m: f"{m[k]:.4g} / {m['num_codes']}" if k in m else "–"  # noqa: E731
-    rows = [("variant (tokens)", lambda m: f"{m['variant']} ({m['tokens']})"),
-            ("dataset (fingerprint)", lambda m: m["dataset"]), ("train step", lambda m: str(m["step"])),
-            ("latent_mse (1 step, val)", stat("latent_mse_stats")),
-            (f"rollout_mse (h={horizon}; la/vq: teacher-forced by IDM latents)", stat("rollout_mse_stats")),
-            (f"rollout curve h=1..{horizon}", lambda m: ", ".join(f"{c['mean']:.3g}" for c in m["rollout_curve"])),
-            ("swap_score (flag > 0.65)", stat("swap_score_stats")),
-            ("shuffle_delta (flag < 0.05)", stat("shuffle_delta_stats")),
-            ("probe R² latent → action", stat("probe_r2")), ("perplexity / K", of_k("perplexity")),
-            ("dead codes / K", of_k("dead_codes")), ("decoder val RMSE (px/step)", decoder_cell)] + jepa_rows()
-    cells = [(label, [f(m) for m in metrics.values()]) for label, f in rows]
-    lines = ["| metric | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    return "\n".join(lines + [f"| {label} | " + " | ".join(c) + " |" for label, c in cells if set(c) != {"–"}])
-
-
-def jepa_rows():
-    """Table rows of jepa runs (label, cell function); '–' for other token sources."""
-    has = lambda k, f: lambda m: f(m) if k in m else "–"  # noqa: E731
-    flag = lambda m: " **COLLAPSED**" if m["collapsed"] else ""  # noqa: E731
-    return [(f"jepa token std min / median (collapsed < {train.COLLAPSE_STD})", has("collapsed", lambda m: (
-                f"{m['token_std_min']:.3g} / {m['token_std_median']:.3g}{flag(m)}"))),
-            ("jepa effective rank / D",
-             has("effective_rank", lambda m: f"{m['effective_rank']:.1f} / {m['token_dim']}")),
-            ("jepa probe R² agent / block / angle", has("probe_agent", lambda m: " / ".join(
-                f"{m['probe_' + k]:.3f}" for k in train.PROBE_GROUPS))),
-            ("jepa model cost: own plan vs true actions", has("gap_cost_plan", lambda m: (
-                f"{m['gap_cost_plan']['mean']:.3g} vs {m['gap_cost_true']['mean']:.3g} (plan cheaper on "
-                f"{m['gap_plan_cheaper']:.0%} of {m['gap_cost_plan']['n']} tasks)")))]
-
-
-def draw_curves(metrics, horizon, title):
-    """Rollout MSE vs horizon, one line per run with 95% error bars -> BGR image."""
-    lines = [(name if name == m["variant"] else f"{name} ({m['variant']})", range(1, horizon + 1),
-              [c["mean"] for c in m["rollout_curve"]], [c["ci95"][0] for c in m["rollout_curve"]],
-              [c["ci95"][1] for c in m["rollout_curve"]]) for name, m in metrics.items()]
-    return draw_plot(lines, title, "horizon (macro steps of 5 env steps)", "latent MSE (val)")
 
 
 def main(cfg: EvalConfig):
     # --- setup
     device, ctx = data.setup(cfg.device, cfg.seed)
     data.writable(cfg.out, "--out", ())  # a .json, never a checkpoint or another file of the user's
+    out = Path(cfg.out)
     names = [Path(r).name for r in cfg.run]
     names = names if len(set(names)) == len(names) else [str(r) for r in cfg.run]  # keep columns distinct
-    # --- the success table first (cheap, and a bad --results file fails before any model work)
-    success = success_table(cfg.results)
-    # --- per-run metrics
-    with ctx:  # the precision the runs trained in (bf16 autocast on CUDA), the encoder included
+
+    # --- the success table first (cheap; a bad --results file fails before any model work): {protocol: {column:
+    # [cells with k, n, rate, Wilson 95% CI]}}; random, replay and ceiling from each file's reference block
+    success, ci = {}, lambda c: f"{c['rate']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"  # noqa: E731
+    for path in map(Path, cfg.results):
+        fix = f"--results {path}: not a RESULTS.json of plan.py or policy.py; rerun the command that wrote it"
+        r = data.load_json(path, fix, plan.RESULT_KEYS)
+        ref, ok = r["reference"], lambda x: isinstance(x, (int, float)) and 0 <= x <= 1  # noqa: E731
+        require(isinstance(r["successes"], list) and r["successes"] and set(r["successes"]) <= {0, 1} and
+                isinstance(ref, dict) and ok(ref.get("random")) and ok(ref.get("replay")) and
+                (ref.get("ceiling") is None or ok(ref["ceiling"]) and isinstance(ref.get("ceiling_episodes"), int)),
+                fix)
+        column = r["planner"] if r["planner"] in ("gcbc", "iql") else r["variant"] + (
+            " + adapter" if r["via"] == "adapter" else "")
+        cols = success.setdefault(r["protocol"], {})
+        k, n = sum(r["successes"]), len(r["successes"])
+        cols.setdefault(column, []).append(dict(k=k, n=n, rate=k / n, ci95=plan.wilson(k, n), file=str(path),
+                                                tokens=r.get("tokens"), seconds_per_solve=r.get("seconds_per_solve"),
+                                                via=r["via"], labels=r["labels"], data=r.get("data")))
+        for name, m in (("random", n), ("replay", n), ("ceiling", ref.get("ceiling_episodes"))):
+            if ref.get(name) is not None:  # the ceiling ran on the first m tasks only
+                k = round(ref[name] * m)
+                cols.setdefault(name, []).append(dict(rate=ref[name], n=m, k=k, ci95=plan.wilson(k, m), file=str(path)))
+    for cols in success.values():  # the references repeat in every file of a protocol: keep one, warn if they differ
+        for name in REFS:
+            cells = cols.get(name, [])
+            if len({(c["k"], c["n"]) for c in cells}) > 1:
+                print(f"warning: the {name} reference differs between files ({[c['file'] for c in cells]}): "
+                      "they were not planned on the same tasks")
+            cols[name] = cells[:1]
+
+    # --- per-run metrics, in the precision the runs trained in (bf16 autocast on CUDA), the encoder included
+    with ctx:
         metrics = {name: evaluate_run(run, cfg, device) for name, run in zip(names, cfg.run)}
     if len({m["dataset"] for m in metrics.values()}) > 1:
         print("WARNING: these runs were trained on different datasets (see the dataset row); their numbers are not "
               "comparable.")
-    # --- write and print
-    out = Path(cfg.out)
+
+    # --- write and print: the metrics table (a column per run, a row per metric some run has), the rollout plot
     if metrics:
         n_win = max(m["latent_mse_stats"]["n"] for m in metrics.values())
-        print(metrics_markdown(metrics, cfg.horizon))
+        has = lambda k, f: lambda m: f(m) if k in m else "–"  # noqa: E731
+        stat = lambda k: has(k, lambda m: (  # noqa: E731  a stats dict -> 'mean ± std [lo, hi] (n)'
+            f"{m[k]['mean']:.4g} ± {m[k]['std']:.2g} [{m[k]['ci95'][0]:.4g}, {m[k]['ci95'][1]:.4g}] (n={m[k]['n']})"
+            if "mean" in m[k] else f"too few windows ({m[k]['too_few']}, need {m[k]['need']})"))
+        of_k = lambda k: has(k, lambda m: f"{m[k]:.4g} / {m['num_codes']}")  # noqa: E731
+        rows = [("variant (tokens)", lambda m: f"{m['variant']} ({m['tokens']})"),
+                ("dataset (fingerprint)", lambda m: m["dataset"]), ("train step", lambda m: str(m["step"])),
+                ("latent_mse (1 step, val)", stat("latent_mse_stats")),
+                (f"rollout_mse (h={cfg.horizon}; la/vq: teacher-forced by IDM latents)", stat("rollout_mse_stats")),
+                (f"rollout curve h=1..{cfg.horizon}",
+                 lambda m: ", ".join(f"{c['mean']:.3g}" for c in m["rollout_curve"])),
+                ("swap_score (flag > 0.65)", stat("swap_score_stats")),
+                ("shuffle_delta (flag < 0.05)", stat("shuffle_delta_stats")),
+                ("probe R² latent → action", stat("probe_r2")), ("perplexity / K", of_k("perplexity")),
+                ("dead codes / K", of_k("dead_codes")),
+                ("decoder val RMSE (px/step)", has("decoder", lambda m: "missing or stale: run decode.py" if "error" in
+                                                   m["decoder"] else f"{m['decoder']['val_rmse_px']:.2f} px "
+                                                                     f"({m['decoder']['labels']} labels)")),
+                (f"jepa token std min / median (collapsed < {train.COLLAPSE_STD})", has("collapsed", lambda m: (
+                    f"{m['token_std_min']:.3g} / {m['token_std_median']:.3g}" +
+                    (" **COLLAPSED**" if m["collapsed"] else "")))),
+                ("jepa effective rank / D",
+                 has("effective_rank", lambda m: f"{m['effective_rank']:.1f} / {m['token_dim']}")),
+                ("jepa probe R² agent / block / angle", has("probe_agent", lambda m: " / ".join(
+                    f"{m['probe_' + k]:.3f}" for k in train.PROBE_GROUPS))),
+                ("jepa model cost: own plan vs true actions", has("gap_cost_plan", lambda m: (
+                    f"{m['gap_cost_plan']['mean']:.3g} vs {m['gap_cost_true']['mean']:.3g} (plan cheaper on "
+                    f"{m['gap_plan_cheaper']:.0%} of {m['gap_cost_plan']['n']} tasks)")))]
+        cells = [[label] + [f(m) for m in metrics.values()] for label, f in rows]
+        print("\n".join(markdown(["metric", *metrics], [c for c in cells if set(c[1:]) != {"–"}])))
         print(f"\nmean ± std [95% interval of the mean] (n = val windows; swap/shuffle: n = batches of "
               f"{cfg.batch_size}; probe: bootstrap interval), seed {cfg.seed}.")
         plot = Path(cfg.plot) if cfg.plot else out.with_name(out.stem + "_rollout.png")
+        lines = [(name if name == m["variant"] else f"{name} ({m['variant']})", range(1, cfg.horizon + 1),
+                  [c["mean"] for c in m["rollout_curve"]], m["rollout_curve"]) for name, m in metrics.items()]
         title = f"open-loop rollout error vs horizon (val, {n_win} windows, seed {cfg.seed}; bars: 95% interval)"
-        data.write_png(plot, draw_curves(metrics, cfg.horizon, title))
+        data.write_png(plot, draw_plot(lines, title, "horizon (macro steps of 5 env steps)", "latent MSE (val)"))
         data.atomic_write(out, metrics)
         print(f"wrote {out} and {plot}")
+    # the success table: one row per protocol, columns from floor to ceiling, a cell 'rate [95% CI] (k/n)' per file
     if success:
+        cols = [c for c in COLUMNS if any(c in t for t in success.values())]
+        cols += sorted({c for t in success.values() for c in t} - set(cols))
+        cell = lambda cs: " / ".join(f"{ci(c)} ({c['k']}/{c['n']})" for c in cs) or "–"  # noqa: E731  a file each
         print("\nsuccess rate [Wilson 95% interval] (successes/tasks); random, ceiling and replay on the same tasks "
-              "(the ceiling on the first tasks only):\n" + success_markdown(success))
+              "(the ceiling on the first tasks only):\n" + "\n".join(markdown(
+                  ["protocol", *cols], [[p] + [cell(t.get(c, [])) for c in cols] for p, t in sorted(success.items())])))
         data.atomic_write(out.with_name(out.stem + "_success.json"), success)
-    rows = label_rows(success)
-    if rows:  # a label sweep: the table and success against labels (log axis) for its protocol
-        print("\n" + labels_markdown(rows, success))
-        protocol = "open-loop" if "open-loop" in rows else sorted(rows)[0]
+
+    # --- a label sweep (a method at several label counts): every row that used labels, by how it uses them (la and
+    # vq rows named by their decoder or adapter); per protocol success against labelled transitions, and a plot
+    rows = {}
+    for protocol, col, c in [(p, col, c) for p, cols in success.items() for col, cs in cols.items() for c in cs]:
+        if c.get("labels") is not None and col not in REFS:
+            name = col if c["via"] != "decoder" else f"{col} + decoder"
+            rows.setdefault(protocol, {}).setdefault(name, []).append(c)
+    if not any(len({c["labels"] for c in cs}) > 1 for r in rows.values() for cs in r.values()):
+        return metrics, success
+    rows = {p: {k: sorted(cs, key=lambda c: c["labels"]) for k, cs in r.items()} for p, r in rows.items()}
+    print()
+    for protocol, methods in sorted(rows.items()):  # a column per label count, with its fraction of the labelled pool
+        counts = sorted({c["labels"] for cs in methods.values() for c in cs})
+        roots = {c["data"] for cs in methods.values() for c in cs if c.get("data") and Path(c["data"]).is_dir()}
+        pool = max(len(data.WindowDataset(r, "train", 2)) for r in roots) if roots else None  # the labelled windows
+        head = [f"{n:,}" + (f" ({n / pool:.1%})" if pool and n < pool else " (all)" if n == pool else "")
+                for n in counts]
+        at = {name: {c["labels"]: c for c in cs} for name, cs in methods.items()}
+        cells = [[name] + [ci(a[n]) if n in a else "–" for n in counts] for name, a in at.items()]
+        print(f"success on {protocol} tasks against labelled transitions (windows of 5 env steps):")
+        print("\n".join(markdown(["method", *head], cells)))
         refs = success[protocol]
-        lines = [(name, [c["labels"] for c in cs], [c["rate"] for c in cs], [c["ci95"][0] for c in cs],
-                  [c["ci95"][1] for c in cs]) for name, cs in rows[protocol].items()]
-        hlines = [(k, refs[k][0]["rate"]) for k in ("ceiling", "random") if refs.get(k)]
-        n = max(c["n"] for cs in rows[protocol].values() for c in cs)
-        plot = out.with_name(out.stem + "_labels.png")
-        data.write_png(plot, draw_plot(lines, f"success on {n} {protocol} tasks against labels (bars: Wilson 95%)",
-                                       "labelled transitions (log scale)", "success rate", True, hlines, 1.0))
-        print(f"wrote {plot}")
+        print("references (no labels): " + ", ".join(f"{k} {refs[k][0]['rate']:.2f} ({refs[k][0]['k']}/"
+                                                     f"{refs[k][0]['n']})" for k in REFS if refs.get(k)))
+    protocol = "open-loop" if "open-loop" in rows else sorted(rows)[0]
+    lines = [(name, [c["labels"] for c in cs], [c["rate"] for c in cs], cs) for name, cs in rows[protocol].items()]
+    hlines = [(k, success[protocol][k][0]["rate"]) for k in ("ceiling", "random") if success[protocol].get(k)]
+    n = max(c["n"] for cs in rows[protocol].values() for c in cs)
+    plot = out.with_name(out.stem + "_labels.png")
+    data.write_png(plot, draw_plot(lines, f"success on {n} {protocol} tasks against labels (bars: Wilson 95%)",
+                                   "labelled transitions (log scale)", "success rate", True, hlines, 1.0))
+    print(f"wrote {plot}")
     return metrics, success
 
 

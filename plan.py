@@ -1,6 +1,6 @@
-"""Goal-reaching evaluation on Push-T: plan towards a goal in the world model's imagination (Gaussian CEM,
-categorical CEM or MPPI), act in the simulator, count successes; with the floor (random actions), the replay of the
-recorded actions, and the planner's ceiling (the same planner and budget with the true simulator as its model).
+"""Goal-reaching evaluation on Push-T: plan towards a goal in the world model's imagination (Gaussian or categorical
+CEM), act in the simulator, count successes; with the floor (random actions), the replay of the recorded actions,
+and the planner's ceiling (the same planner and budget with the true simulator as its model).
 
 Reads RUN/ckpt.pt (+ RUN/decoder.pt for la/vq, or RUN/adapter.pt with --via adapter) and the run's dataset split
 (--data for a moved run); writes RESULTS.json (success_rate, successes, via, labels, reference {random, replay,
@@ -46,16 +46,13 @@ class PlanConfig:
     protocol: Literal["open-loop", "mpc"] = "open-loop"  # one 25-step plan (the seed), or replan under 50 steps (swm)
     split: Literal["val", "train"] = "val"  # dataset split the tasks come from; stable-worldmodel used train
     via: Literal["auto", "actions", "decoder", "adapter"] = "auto"  # auto: actions (baseline), decoder (la/vq); adapter
-    planner: Literal["auto", "cem", "mppi"] = "auto"  # auto: categorical CEM for vq latents, Gaussian CEM otherwise
     num_samples: int = 300  # N candidate plans per iteration; DINO-WM conf/planner/cem.yaml
-    topk: int = 30  # M elites per iteration; DINO-WM cem.yaml (MPPI weights these too, as stable-worldmodel)
+    topk: int = 30  # M elites per iteration; DINO-WM cem.yaml
     opt_steps: int = 30  # planner iterations; DINO-WM and stable-worldmodel 30, the seed's README runs 10
     horizon: int = 5  # H macro actions per plan (goal_H 5 = 25 env steps)
     var_scale: float = 1.0  # multiplies the initial std sigma0; DINO-WM cem.yaml var_scale 1
-    temperature: float = 0.5  # MPPI softmax temperature in cost units; stable-worldmodel MPPISolver default
     pseudocount: float = 1.0  # categorical CEM: added to every code's elite count; the seed's discrete_cem.py 1.0
     la_prior: Literal["data", "standard"] = "data"  # la start: the run's latent mean/std, or N(0, 1) as the seed
-    objective: Literal["last", "all"] = "last"  # last imagined frame (seed, DINO-WM) or DINO-WM's 2^i-weighted frames
     alpha: float = 1.0  # weight of the proprio-embedding MSE in the cost (DINO-WM objective alpha; proprio runs)
     batch_episodes: int = 0  # episodes planned at once (E); 0 = as many as fit in free memory (computed)
     ceiling_episodes: int = 20  # tasks the simulator-as-model ceiling runs on (the first ones; ~7 s each per core)
@@ -75,8 +72,8 @@ class PlanConfig:
                 "--num-samples, --topk, --opt-steps and --horizon must be >= 1, with --topk <= --num-samples")
         require(self.episodes >= 0 and self.batch_episodes >= 0 and self.ceiling_episodes >= 0 and self.videos >= 0
                 and self.workers >= -1, "--episodes, --batch-episodes, --ceiling-episodes and --videos must be >= 0")
-        require(self.var_scale > 0 and self.temperature > 0 and self.alpha >= 0 and self.pseudocount >= 0,
-                "--var-scale and --temperature must be > 0, --alpha and --pseudocount >= 0")
+        require(self.var_scale > 0 and self.alpha >= 0 and self.pseudocount >= 0,
+                "--var-scale must be > 0, --alpha and --pseudocount >= 0")
 
 
 # Shape legend: E episodes, N samples, M elites, H horizon (macro steps), A macro-action width (2*frameskip),
@@ -85,33 +82,6 @@ GOAL_STEPS = 25  # env steps between start and goal (5 macro actions x frameskip
 MPC_BUDGET = 50  # env steps per episode under --protocol mpc (stable-worldmodel eval budget)
 PROTOCOL_EPISODES = {"open-loop": 100, "mpc": 50}  # seed n_evals 100; stable-worldmodel 50
 RESULT_KEYS = ("success_rate", "successes", "episodes", "protocol", "planner", "variant", "via", "labels", "reference")
-
-
-@torch.inference_mode()
-def refuse_collapsed(model, input_of, tasks, run, allow=False):
-    """A jepa encoder that maps every frame to nearly one point makes the planner chase noise: refuse to plan with it
-    (UserError naming the run and the statistic) unless allow. -> train.token_stats over the tasks' start and goal
-    frames (eval mode, as planning sees them), or None for frozen token sources."""
-    if model.encoder is None:
-        return None
-    states = np.concatenate([tasks["start_state"], tasks["goal_state"]])  # (2n, 7)
-    st = train.token_stats(model.encode(input_of(dino.batch_of_states(states, model.cfg)))[:, 0].float().cpu())
-    require(allow or not st["collapsed"], f"{run}: its jepa encoder has collapsed: the median per-dimension token "
-            f"std over the {len(states)} start and goal frames is {st['token_std_median']:.2e} < {train.COLLAPSE_STD} "
-            f"(effective rank {st['effective_rank']:.1f}); retrain it (train.py logs the statistic at every "
-            f"validation) or pass --allow-collapsed to plan anyway")
-    if st["collapsed"]:
-        print(f"WARNING: planning with a collapsed jepa encoder (median token std {st['token_std_median']:.2e})")
-    return st
-
-
-@torch.no_grad()
-def exploitation_gap(model, z0, zg, plan, true_plan, p0=None, pg=None, alpha=1.0, objective="last"):
-    """The model's cost of the planner's plan and of the recorded actions that reach the goal, per episode: a plan
-    far cheaper than the truth in the model's eyes (that does not reach the goal) is an error the planner exploits.
-    z0, zg (E, P, D); plan, true_plan (E, H, A) normalised macro actions -> cost_plan (E,), cost_true (E,)."""
-    cost = rollout_cost(model, z0, zg, torch.stack([plan, true_plan], 1), p0, pg, alpha, objective)  # (E, 2)
-    return cost[:, 0], cost[:, 1]
 
 
 def wilson(k, n, z=1.96):
@@ -203,65 +173,33 @@ def cem_categorical(cost_fn, E, H, K, num_samples=300, topk=30, opt_steps=30, te
     return best
 
 
-def mppi(cost_fn, mu, sigma, num_samples=300, topk=30, opt_steps=30, temperature=0.5, generator=None):
-    """Model-predictive path integral, batched over episodes. Sources: PLDM planning/planners/mppi_torch.py (after
-    UM-ARM-Lab/pytorch_mppi, Williams et al. 2017) and stable-worldmodel solver/mppi.py, whose defaults we use
-    (300 samples, 30 iterations, top 30, fixed std var_scale 1, temperature 0.5).
-
-    cost_fn:     samples (E, N, H, A) -> costs (E, N)
-    mu, sigma:   (E, H, A) initial mean and the FIXED sampling std (MPPI moves only the mean)
-    topk:        the M cheapest samples enter the weighted mean (stable-worldmodel); topk = N gives PLDM's
-                 all-sample weighting
-    temperature: weights softmax(-cost / temperature) over the kept samples, in cost units (DINO-token MSE):
-                 large = plain elite mean, small = the single best sample
-    generator:   None, a torch.Generator, or a list of E generators (see draw)
-    returns:     mu (E, H, A)
-    """
-    E = mu.shape[0]
-    for _ in range(opt_steps):
-        eps = draw(torch.randn, E, (num_samples, *mu.shape[1:]), generator, mu.device)  # (E, N, H, A)
-        samples = mu[:, None] + sigma[:, None] * eps  # (E, N, H, A)
-        samples[:, 0] = mu  # the current mean stays a candidate (stable-worldmodel)
-        cost, keep = cost_fn(samples).topk(topk, dim=1, largest=False)  # (E, M) each
-        w = torch.softmax(-cost / temperature, dim=1)  # (E, M); softmax is shift-invariant: no min-subtraction
-        mu = (w[:, :, None, None] * torch.take_along_dim(samples, keep[:, :, None, None], dim=1)).sum(1)  # (E, H, A)
-    return mu
-
-
-def rollout_cost(model, z0, zg, plan, p0=None, pg=None, alpha=1.0, objective="last", adapter=None):
-    """Imagination cost of candidate plans (DINO-WM planning/objectives.py): roll the world model out from the start
-    tokens under every plan at once and compare the imagined tokens with the goal's.
+def rollout_cost(model, z0, zg, plan, p0=None, pg=None, alpha=1.0, adapter=None):
+    """Imagination cost of candidate plans (DINO-WM planning/objectives.py, objective "last" as the seed): roll the
+    world model out from the start tokens under every plan at once and compare the last imagined tokens with the
+    goal's.
 
     z0, zg (E, P, D) start and goal tokens; plan (E, N, H, ...) actions, latents or code indices;
     p0 (E, 4) normalised start proprio and pg (E, proprio_dim) goal proprio embedding (None without proprio);
     adapter: plans are real macro actions, imagined through it (wm.WorldModel.rollout). Fixed shapes and no Python
     branches on values, so torch.compile can take it whole. returns (E, N)."""
-    E, N, H = plan.shape[:3]
+    E, N = plan.shape[:2]
     cond = plan.flatten(0, 1) if adapter is not None else model.plan_to_cond(plan.flatten(0, 1))  # (E*N, H, C|A)
     zs, ps = model.rollout(z0.repeat_interleave(N, 0), cond, None if p0 is None else p0.repeat_interleave(N, 0),
                            adapter)
-    frames = slice(H - 1, H) if objective == "last" else slice(0, H)  # only the frames the objective reads
-    err = (zs[:, frames].float().unflatten(0, (E, N)) - zg[:, None, None]).square().mean((-1, -2))  # (E, N, H|1)
+    err = (zs[:, -1].float().unflatten(0, (E, N)) - zg[:, None]).square().mean((-1, -2))  # (E, N)
     if ps is not None:  # DINO-WM objectives.py: visual MSE + alpha * proprio MSE
-        err = err + alpha * (ps[:, frames].float().unflatten(0, (E, N)) - pg[:, None, None]).square().mean(-1)
-    if objective == "last":
-        return err[..., 0]  # (E, N)
-    # DINO-WM objective "all": weights 2^i / sum, later frames count more (it also counts the start frame, a constant)
-    w = 2.0 ** torch.arange(H, device=err.device)  # (H,)
-    return (err * w / w.sum()).mean(-1)  # (E, N)
+        err = err + alpha * (ps[:, -1].float().unflatten(0, (E, N)) - pg[:, None]).square().mean(-1)
+    return err  # (E, N)
 
 
 def make_tasks(root, split, protocol, episodes, seed, img_size):
     """Start/goal pairs 25 env steps apart, the same for every run and planner given the seed.
-
-    open-loop (the seed's protocol): episodes with length >= 26 drawn uniformly WITH replacement, offset uniform in
-      [0, T-26];
-      goal = the simulator state and frame after replaying the 25 recorded actions (exactly reachable). The start
-      keeps the agent's recorded velocity, as DINO-WM does (the seed's env zeroed it).
-    mpc (stable-worldmodel scripts/plan/eval_wm.py): `episodes` (episode, step) rows with step <= T-26 drawn WITHOUT
-      replacement by np.random.default_rng(seed) (stable-worldmodel used seed 42); goal = recorded state at step + 25,
-      rendered.
-    returns dict: episode, step (n,), start_state, goal_state (n, 7), actions (n, 25, 2) px, goal_frame (n, S, S, 3)."""
+    open-loop (the seed's): episodes of >= 26 frames drawn WITH replacement, offset uniform in [0, T-26]; goal = the
+      state after replaying the 25 recorded actions (exactly reachable); the start keeps the agent's recorded
+      velocity, as DINO-WM does (the seed's env zeroed it).
+    mpc (stable-worldmodel scripts/plan/eval_wm.py): (episode, step <= T-26) rows drawn WITHOUT replacement (swm used
+      seed 42); goal = the recorded state at step + 25.
+    -> dict: episode, step (n,), start_state, goal_state (n, 7), actions (n, 25, 2) px, goal_frame (n, S, S, 3)."""
     d, rng = load_split(root, split), np.random.default_rng(seed)
     lengths, starts = d["lengths"], d["starts"]
     if protocol == "open-loop":
@@ -297,13 +235,10 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
 
 
 def run_policy(tasks, idx, policy, budget, every_step, img_size, record=(), desc="env"):
-    """Run `policy` for `budget` env steps from the start states of tasks[idx], one simulator per episode.
-
-    policy(states (E, 7)) -> (E, T, 2) px actions; it is called again after T steps. Success: open loop tests the final
-    state only (the seed); mpc (every_step) tests after every env step and freezes an episode at its first success
-    (stable-worldmodel). record: local indices whose frames are kept for videos.
-    returns success (E,) bool, final states (E, 7), best position distance (E,), clips {j: (frames, hits)}, seconds
-    spent inside policy."""
+    """Run policy(states (E, 7)) -> (E, T, 2) px actions for `budget` env steps from the start states of tasks[idx], one
+    simulator per episode, calling it again every T steps. Open loop tests the final state (the seed); mpc
+    (every_step) tests every step and freezes an episode at its first success (stable-worldmodel). record: indices
+    kept for videos. -> success (E,), final states (E, 7), best position distance (E,), clips, seconds in policy."""
     envs = [PushT(img_size) for _ in idx]
     for env, s in zip(envs, tasks["start_state"][idx]):
         env.place(s)
@@ -370,22 +305,18 @@ def references(tasks, stats, budget, every_step, img_size, seed):
                                    desc=name)[0].mean()) for name, a in (("random", rand), ("replay", replay))}
 
 
-def sim_cost(goal, state):
-    """The ceiling's cost: squared state distance in units of the success tolerances (20 px, 20 deg)."""
-    pos, ang = distances(goal, state)
-    return (pos / data.SUCCESS_PX) ** 2 + (ang / data.SUCCESS_ANGLE) ** 2
-
-
 def sim_costs(state, goal, acts):
     """The ceiling's model: the simulator from `state`, as the env's get_state() returned it, under each px action
-    sequence acts (N, T, 2) -> (N,) sim_cost. The env has placed its start already, so the state is placed as it is,
-    without set_state's extra physics step (which would move the model's start away from the env's)."""
+    sequence acts (N, T, 2) -> (N,) costs, the squared state distance in units of the success tolerances (20 px,
+    20 deg). The env has placed its start already, so the state is placed as it is, without set_state's extra physics
+    step (which would move the model's start away from the env's)."""
     env, costs = PushT(), []
     for seq in acts:
         env.place(state, settle=False)
         for a in seq:
             env.advance(a)
-        costs.append(sim_cost(goal, env.get_state()))
+        pos, ang = distances(goal, env.get_state())
+        costs.append((pos / data.SUCCESS_PX) ** 2 + (ang / data.SUCCESS_ANGLE) ** 2)
     return torch.tensor(costs)  # (N,)
 
 
@@ -439,20 +370,6 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
     return result
 
 
-def plan_prior(mc, via, la_prior, var_scale, H, stats, device):
-    """(H, A|L) initial mean and std of the Gaussian planners; None for vq latents (categorical). la latents start at
-    the IDM's own latent statistics, stored by train.py (the seed sampled N(0, 1): `--la-prior standard`)."""
-    if via == "decoder" and mc.variant == "vq":
-        return None, None
-    if via != "decoder":  # normalised macro actions: 0 is the dataset-mean action
-        mu, sigma = torch.zeros(mc.action_dim), torch.ones(mc.action_dim)  # (A,)
-    elif la_prior == "data":
-        mu, sigma = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])  # (L,)
-    else:
-        mu, sigma = torch.zeros(mc.latent_dim), torch.ones(mc.latent_dim)  # (L,)
-    return mu.float().to(device).expand(H, -1), var_scale * sigma.float().to(device).expand(H, -1)  # (H, A|L)
-
-
 def auto_batch(cfg, model, n, device, width, adapter=None):
     """Episodes per solve (E): cfg.batch_episodes, else as many as fit in half the free memory: on CUDA the measured
     peak of a 2-episode batched rollout (plans of `width` per step, None = code indices), on the CPU an upper bound
@@ -502,17 +419,6 @@ def summary(r, out):
             f"{ref['replay']:.2f} | ceiling {ceil} | {r['seconds_per_solve']:.3f} s/solve -> {out}")
 
 
-def solve(planner, cost_fn, cfg, mu0, sigma0, E, K, generators, device):
-    """One batched solve for E episodes with the chosen planner -> (E, H, A|L) plans, or (E, H) code indices."""
-    kw = dict(num_samples=cfg.num_samples, topk=cfg.topk, opt_steps=cfg.opt_steps, generator=generators)
-    if planner == "cem_categorical":
-        return cem_categorical(cost_fn, E, cfg.horizon, K, pseudocount=cfg.pseudocount, device=device, **kw)
-    mu, sigma = mu0.expand(E, -1, -1), sigma0.expand(E, -1, -1)  # (E, H, A|L)
-    if planner == "mppi":
-        return mppi(cost_fn, mu, sigma, temperature=cfg.temperature, **kw)
-    return cem_gaussian(cost_fn, mu, sigma, **kw)
-
-
 def decode_plan(model, decoder, z0, plan, p0=None):
     """la/vq plans -> (E, H, A) normalised macro actions: step h is decoded from the tokens of frame h (the real
     start frame for h = 0, then the imagined ones) and the planned latent of step h (the seed's evaluator)."""
@@ -520,8 +426,7 @@ def decode_plan(model, decoder, z0, plan, p0=None):
     cond = model.plan_to_cond(plan)  # (E, H, C)
     zs, _ = model.rollout(z0, cond, p0)  # (E, H, P, D) imagined frames 1..H
     frames = torch.cat([z0[:, None], zs[:, :-1]], 1)  # (E, H, P, D) frames 0..H-1: where each step starts
-    nxt = zs.flatten(0, 1) if decoder.use_delta else None
-    return decoder(frames.flatten(0, 1), cond.flatten(0, 1), nxt).view(E, H, -1)  # (E, H, A)
+    return decoder(frames.flatten(0, 1), cond.flatten(0, 1)).view(E, H, -1)  # (E, H, A)
 
 
 def write_video(path, frames, hits, goal, side=256):
@@ -541,23 +446,6 @@ def write_video(path, frames, hits, goal, side=256):
     data.atomic_write(path, write)
 
 
-def via_of(cfg, mc):
-    """How a plan becomes simulator actions: the baseline plans them; la/vq plan latents for the decoder, or actions
-    through the adapter. A route the run cannot take is refused."""
-    via = cfg.via if cfg.via != "auto" else "actions" if mc.variant == "baseline" else "decoder"
-    require((via == "actions") == (mc.variant == "baseline"), f"--via {via}: {cfg.run} is a {mc.variant} run; "
-            + ("it plans real actions (--via auto)" if mc.variant == "baseline" else "choose decoder or adapter"))
-    return via
-
-
-def planner_of(cfg, mc, via):
-    """The solver: categorical CEM for vq's codes, Gaussian CEM for continuous plans, or MPPI when asked."""
-    codes = mc.variant == "vq" and via == "decoder"
-    require(cfg.planner != "mppi" or not codes, f"--planner mppi needs continuous plans; {cfg.run} is a vq run "
-                                                "planning codes (use auto or cem, or --via adapter)")
-    return "mppi" if cfg.planner == "mppi" else "cem_categorical" if codes else "cem_gaussian"
-
-
 def main(cfg: PlanConfig):
     # --- setup: the run (world model; la/vq: its decoder or adapter), device and precision
     t_start = time.perf_counter()
@@ -567,10 +455,13 @@ def main(cfg: PlanConfig):
     model, ckpt, root = wm.load_run(cfg.run, device, cfg.data, cfg.dino_weights)
     mc, stats, H = model.cfg, ckpt["stats"], cfg.horizon
     img = mc.img_size or 224  # goal frames and videos (a state run has no image size of its own)
-    via = via_of(cfg, mc)
-    planner = planner_of(cfg, mc, via)
+    # How a plan becomes simulator actions: the baseline plans them; la/vq plan latents for the decoder, or actions
+    # through the adapter.
+    via = cfg.via if cfg.via != "auto" else "actions" if mc.variant == "baseline" else "decoder"
+    require((via == "actions") == (mc.variant == "baseline"), f"--via {via}: {cfg.run} is a {mc.variant} run; "
+            + ("it plans real actions (--via auto)" if mc.variant == "baseline" else "choose decoder or adapter"))
+    planner = "cem_categorical" if (mc.variant, via) == ("vq", "decoder") else "cem_gaussian"  # codes or vectors
     data.unused(cfg, ("la_prior",) if (mc.variant, via) != ("la", "decoder") else (), "la latents only")
-    data.unused(cfg, ("temperature",) if planner != "mppi" else (), f"the planner is {planner}")
     data.unused(cfg, ("var_scale",) if planner == "cem_categorical" else ("pseudocount",), f"the planner is {planner}")
     data.unused(cfg, ("alpha",) if not mc.proprio else (), f"{cfg.run} has no proprio")
     head, report = load_head(cfg.run, ckpt, device, via) if via != "actions" else (None, {"labels": 0})
@@ -586,12 +477,31 @@ def main(cfg: PlanConfig):
 
     # --- the tasks, and the reference rows on the same tasks
     tasks = make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, img)
-    collapse = refuse_collapsed(model, input_of, tasks, cfg.run, cfg.allow_collapsed)  # jepa runs only
+    collapse = None  # a jepa encoder that maps every frame to nearly one point makes the planner chase noise
+    if model.encoder is not None:
+        states = np.concatenate([tasks["start_state"], tasks["goal_state"]])  # (2n, 7)
+        with torch.inference_mode():
+            collapse = train.token_stats(model.encode(input_of(dino.batch_of_states(states, mc)))[:, 0].float().cpu())
+        require(cfg.allow_collapsed or not collapse["collapsed"], f"{cfg.run}: its jepa encoder has collapsed: the "
+                f"median per-dimension token std over the {len(states)} start and goal frames is "
+                f"{collapse['token_std_median']:.2e} < {train.COLLAPSE_STD} (effective rank "
+                f"{collapse['effective_rank']:.1f}); retrain it (train.py logs the statistic at every validation) or "
+                "pass --allow-collapsed to plan anyway")
+        if collapse["collapsed"]:
+            print(f"WARNING: planning with a collapsed jepa encoder (median token std "
+                  f"{collapse['token_std_median']:.2e})")
     ref = {**references(tasks, stats, budget, every_step, img, cfg.seed),
            **ceiling(tasks, cfg, stats, budget, every_step, img, Path(cfg.out).parent / "ceiling")}
 
     # --- solve: encode the current frames once, plan (E*N rollouts per iteration), decode to px actions
-    mu0, sigma0 = plan_prior(mc, via, cfg.la_prior, cfg.var_scale, H, stats, device)
+    # The Gaussian planners' start (H, A|L): normalised macro actions at 0 (the dataset-mean action); la latents at
+    # the IDM's own latent statistics stored by train.py (the seed sampled N(0, 1): --la-prior standard)
+    if (mc.variant, via, cfg.la_prior) == ("la", "decoder", "data"):
+        mu0, sigma0 = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])  # (L,)
+    else:
+        mu0, sigma0 = torch.zeros(width or 1), torch.ones(width or 1)  # (A|L,)
+    mu0, sigma0 = mu0.float().to(device).expand(H, -1), cfg.var_scale * sigma0.float().to(device).expand(H, -1)
+    kw = dict(num_samples=cfg.num_samples, topk=cfg.topk, opt_steps=cfg.opt_steps)
     compiled = cfg.compile and device.type == "cuda"
     cost = torch.compile(rollout_cost, dynamic=False) if compiled else rollout_cost  # fixed (E, N, H) shapes
     encode = lambda states: model.encode(input_of(dino.batch_of_states(states, mc)))[:, 0]  # noqa: E731 (E, P, D)
@@ -609,8 +519,13 @@ def main(cfg: PlanConfig):
             with ctx:
                 z0 = encode(state)  # (E, P, D)
                 p0 = proprio_of(state, stats, device) if mc.proprio else None  # (E, 4)
-                cost_fn = lambda s: cost(model, z0, zg, s, p0, pg, cfg.alpha, cfg.objective, adapter)  # noqa: E731
-                plan = solve(planner, cost_fn, cfg, mu0, sigma0, len(state), mc.num_codes, gens, device)
+                cost_fn = lambda s: cost(model, z0, zg, s, p0, pg, cfg.alpha, adapter)  # noqa: E731
+                if planner == "cem_categorical":  # (E, H) code indices
+                    plan = cem_categorical(cost_fn, len(state), H, mc.num_codes, pseudocount=cfg.pseudocount,
+                                           device=device, generator=gens, **kw)
+                else:  # (E, H, A|L)
+                    plan = cem_gaussian(cost_fn, mu0.expand(len(state), -1, -1), sigma0.expand(len(state), -1, -1),
+                                        generator=gens, **kw)
                 a = plan if decoder is None else decode_plan(model, decoder, z0, plan, p0)  # (E, H, A)
             return macro_to_env(a.float().cpu().numpy(), stats["action_mean"], stats["action_std"])  # (E, H*F, 2)
         return policy

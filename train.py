@@ -1,16 +1,14 @@
 """Train the world model (baseline / la / vq, wm.py) on Push-T windows, from any token source (state, dinov2, jepa).
 
-Reads DIR (data.py layout; for --tokens dinov2 also DIR/{split}/features.npy from `dino.py encode` when it matches,
-else frames are rendered by loader workers and encoded every step; --features memory encodes every frame once, into
-GPU memory as int8, for datasets whose cache no disk holds). Writes RUN/ckpt.pt (raw weights, optimiser,
-step, configs, data stats and fingerprint, la/vq latent prior, RNG; atomic), RUN/config.json, RUN/log.jsonl; each
-validation logs the seed's collapse diagnostics (swap score, shuffle delta, codebook use) defined here.
-Re-running with the same --out resumes exactly: the run's settings win, flags given again must match (except
-runtime ones such as --steps, which may rise, --device or --num-workers). The run folder is locked while training.
+Reads DIR (data.py layout; --tokens dinov2 also DIR/{split}/features.npy from `dino.py encode` when it matches, else
+encodes frames every step; --features memory encodes every frame once, into GPU memory as int8). Writes RUN/ckpt.pt
+(raw weights, optimiser, step, configs, data stats and fingerprint, la/vq latent prior, RNG; atomic), config.json and
+log.jsonl (validations add the collapse diagnostics defined here). The same --out again resumes exactly (flags given
+again must match, except runtime ones such as a raised --steps); the run folder is locked while training.
 GPU:  python train.py --data runs/full/data --variant vq --out runs/full/vq     (DINOv2 tokens; H200: not yet measured)
       DINO-WM setting: --num-hist 3 --proprio --cond-dim 10 --batch-size 32 --lr-predictor 5e-4 --lr-action 5e-4
-      multi-GPU: torchrun --standalone --nproc_per_node 4 train.py ... (batch-size is per GPU)
-      unoptimised reference for speed ratios: add --no-compile --features off --dtype float32
+      multi-GPU: torchrun --standalone --nproc_per_node 4 train.py ... (batch-size is per GPU); unoptimised reference
+      for speed ratios: add --no-compile --features off --dtype float32
 CPU:  python train.py --data runs/quick/data --variant la --out /tmp/la --tokens state --steps 2000 --batch-size 256
       --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --idm-depth 2 --idm-heads 4 --idm-dim 128 ...
       (the state-token sizes of `reproduce.sh quick`; ~45 steps/s on one core)
@@ -84,15 +82,13 @@ class TrainConfig:
 
 
 # Shape legend: B batch, T = num_hist + 1 frames, P tokens per frame, D token width, A macro action, C cond, L latent.
-# Settings that may change when a run resumes, the folder's own path included (a run may be moved or renamed);
-# everything else is what the run *is* and must match.
+# Settings a resumed run may change (its folder's path too: runs move); the rest is what the run *is* and must match.
 RUNTIME = ("out", "steps", "data", "device", "num_workers", "compile", "log_every", "features", "eval_every",
            "dry_run", "frames")
 
 
 def train_order(n, seed, start, rank=0, world=1):
-    """Infinite window-index stream, a fresh permutation every epoch (DINO-WM permutes once) from a torch.Generator
-    seeded by --seed; skips the `start` samples already consumed (exact resume), rank r takes every world-th."""
+    """Endless window indices, a fresh seeded permutation per epoch (DINO-WM: once), from `start`; rank r's share."""
     def epochs():
         g = torch.Generator().manual_seed(seed)
         while True:
@@ -115,8 +111,7 @@ def lr_factor(step, cfg):
 
 
 def model_macs(mc):
-    """Multiply-adds per window of the predictor's forward pass (num_hist frames) and of the IDM's (la/vq), matmuls
-    and attention, counted from the layer sizes; the frozen encoder excluded."""
+    """Multiply-adds per window of the predictor's and (la/vq) the IDM's forward pass, from the layer sizes."""
     W = mc.visual_dim + (mc.proprio_dim if mc.proprio else 0) + mc.cond_dim
     inner, tok = mc.heads * mc.dim_head, mc.num_hist * mc.num_patches
     pred = mc.depth * tok * (4 * W * inner + 2 * W * mc.mlp_dim + 2 * tok * inner)  # full mask computed by SDPA
@@ -134,7 +129,7 @@ def train_flops(mc):
 
 
 def resume(cfg, mc, given):
-    """(cfg, mc, checkpoint or None): a run folder holding ckpt.pt is resumed with its own stored settings."""
+    """-> (cfg, mc, checkpoint or None): a run folder holding ckpt.pt resumes with its own stored settings."""
     path = Path(cfg.out) / "ckpt.pt"
     if not path.exists():
         return cfg, mc, None
@@ -160,10 +155,9 @@ def check_finite(first_bad, parts, ckpt_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Diagnostics of a trained world model (the seed's collapse checks, codebook usage, what jepa tokens keep): logged at
-# every validation, reported by eval.py.
-# Both regularisers aim at a per-dimension std of 1; an encoder whose median per-dimension token std (eval mode, val
-# frames) is below this has collapsed (a collapsed pixel encoder sits at 1e-4 and below), and plan.py refuses it.
+# Diagnostics (the seed's collapse checks, codebook use, what jepa tokens keep): logged per validation, used by eval.py.
+# SIGReg aims at a per-dimension std of 1; a median per-dimension jepa token std (eval mode, val frames) below this is
+# a collapsed encoder (they sit at 1e-4 and below), which plan.py refuses.
 COLLAPSE_STD = 0.01
 
 
@@ -182,10 +176,8 @@ def _diagnostic_predictions(model, z, action, proprio, perms):
 
 def swap_score(model, z, action=None, proprio=None, num_perms=8, generator=None):
     """Information-bypass score (the seed's collapse check): fraction of (i, perm) where sample i, conditioned on
-    A[perm(i)], lands closer to target perm(i) than to its own (margin 1e-3 * median distance). High (> 0.65) =
-    shortcut."""
-    B = z.shape[0]
-    perms = [torch.randperm(B, generator=generator).to(z.device) for _ in range(num_perms)]
+    A[perm(i)], lands closer to target perm(i) than to its own (margin 1e-3 * median distance). > 0.65 = shortcut."""
+    perms = [torch.randperm(z.shape[0], generator=generator).to(z.device) for _ in range(num_perms)]
     preds, tgt = _diagnostic_predictions(model, z, action, proprio, perms)
     tgt = F.normalize(tgt.flatten(1), dim=1)  # (B, n*P*D)
     wins = []
@@ -212,9 +204,8 @@ def perplexity(codes, K):
 
 
 def token_stats(z):
-    """Collapse statistics of tokens z (N, D) over N frames: per-dimension std (min, median), the effective rank
-    (exp of the entropy of the normalised covariance spectrum, Roy & Vetterli 2007; D = no redundancy, 1 = a line),
-    and collapsed = median std < COLLAPSE_STD."""
+    """Collapse statistics of tokens z (N, D): per-dimension std (min, median), effective rank (exp of the entropy of
+    the normalised covariance spectrum, Roy & Vetterli 2007: D = no redundancy, 1 = a line), collapsed flag."""
     z = z.double().flatten(1)  # (N, D)
     std = z.std(0)  # (D,)
     ev = torch.linalg.eigvalsh(torch.cov(z.T)).clamp_min(0)  # (D,)
@@ -236,20 +227,21 @@ def probe_targets(state):
 
 
 def probe_r2(x_fit, y_fit, x, y):
-    """What one frame's tokens keep: R^2 of a linear probe per group of PROBE_GROUPS (mean over its dims); NaN with
-    too few frames."""
+    """R^2 of a linear probe per group of PROBE_GROUPS (mean over its dims); NaN with too few frames."""
     pred = wm.linear_probe(x_fit, y_fit, x)
     r = wm.r2(pred, y.double()) if pred is not None else torch.full((y.shape[1],), math.nan)  # (6,)
     return {f"probe_{k}": r[s].mean().item() for k, s in PROBE_GROUPS.items()}
 
 
 @torch.no_grad()
-def evaluate(model, loader, input_of, device, ctx, seed):
-    """Validation: one-step latent MSE (visual dims) and, for la/vq, the seed's collapse diagnostics."""
+def evaluate(model, val_loader, stats_loader, input_of, device, ctx, seed):
+    """Validation metrics (one-step latent MSE of the visual dims; la/vq: the seed's collapse diagnostics) and la/vq's
+    CEM prior, per-dim mean/std of pre-VQ IDM latents of train transitions (the seed sampled N(0, 1); its IDM's latents
+    had per-dim means and stds of about 2)."""
     model.eval()
     variant, sums, codes, n, toks = model.cfg.variant, {}, [], 0, []
     g = torch.Generator().manual_seed(seed)  # same permutations at every validation
-    for batch in loader:
+    for batch in val_loader:
         a, p = batch["action"].to(device), batch["proprio"].to(device)
         with ctx:
             out = model(input_of(batch), a, p)
@@ -272,13 +264,18 @@ def evaluate(model, loader, input_of, device, ctx, seed):
     if toks:
         trained = model.encoder.convs[1].num_batches_tracked.item() > 0  # step 0: BatchNorm has no statistics yet
         metrics.update(jepa_metrics(torch.cat([t[0] for t in toks]), torch.cat([t[1] for t in toks]), trained))
+    prior = {}
+    if variant != "baseline":
+        with ctx:
+            lat = torch.cat([model.conditioning(model.encode(input_of(b)))["latent"].flatten(0, 1).float()
+                             for b in stats_loader])  # (N, L)
+        prior = {"latent_mean": lat.mean(0).tolist(), "latent_std": lat.std(0).tolist(), "latent_count": lat.shape[0]}
     model.train()
-    return metrics
+    return metrics, prior
 
 
 def jepa_metrics(z, state, warn=True):
-    """jepa tokens (N, 1, D) of val frames and their states (N, 7) -> collapse statistics (token_stats) and linear
-    probe R^2 of agent, block and angle, fitted on the first half of the frames and scored on the second."""
+    """jepa tokens (N, 1, D) of val frames, states (N, 7) -> token_stats, probe_r2 (fit on half, scored on the rest)."""
     h, y = len(z) // 2, probe_targets(state)
     m = {**token_stats(z), **probe_r2(z[:h], y[:h], z[h:], y[h:])}
     if m["collapsed"] and warn:
@@ -287,30 +284,15 @@ def jepa_metrics(z, state, warn=True):
     return m
 
 
-@torch.no_grad()
-def latent_stats(model, loader, input_of, ctx):
-    """Per-dim mean/std of pre-VQ IDM latents of real train transitions: planning's la CEM prior (the seed sampled
-    N(0, 1), far from its IDM's latents, whose per-dim means and stds were about 2)."""
-    model.eval()
-    with ctx:
-        lat = [model.conditioning(model.encode(input_of(b)))["latent"].flatten(0, 1).float() for b in loader]  # (B, L)
-    model.train()
-    x = torch.cat(lat)  # (N, L)
-    return {"latent_mean": x.mean(0).tolist(), "latent_std": x.std(0).tolist(), "latent_count": x.shape[0]}
-
-
-# --dry-run plans a run of the seed's table before anything exists: FLOPs from the layer sizes, at an assumed rate.
-# ASSUMPTION, not a measurement: ~30 % of an H200's 989 dense bf16 TFLOP/s (small 384-wide ViTs rarely do better),
-# ~60 % of its 67 fp32 TFLOP/s; `reproduce.sh gpu-check` measures the real rate.
+# --dry-run plans the seed's table before anything exists: FLOPs from the layer sizes at an ASSUMED rate (~30 % of an
+# H200's 989 dense bf16 TFLOP/s, small 384-wide ViTs rarely do better; ~60 % of its 67 fp32; gpu-check measures it).
 ASSUMED_TFLOPS, GPU_BYTES = {"bfloat16": 300, "float32": 40}, 139 * 2 ** 30  # one H200, as torch reports it
 SEED_PAIRS, SEED_PLANS = 110_000, {"open-loop": (100, 1, 10), "mpc": (50, 2, 30)}  # decoder pairs; tasks, solves, iters
 
 
 def dry_run(cfg, mc, ckpt):
-    """--dry-run: this run's GPU time in reproduce.sh full, from FLOPs counted on the layer sizes: training and its
-    validations, then (la/vq) labelling the decoder's pairs, and planning the seed's tasks (SEED_PLANS, CEM 300
-    samples, horizon 5); with the feature mode's disk or GPU memory checked. One `estimate STAGE: N GPU-s` line per
-    stage (reproduce.sh adds them up). Writes RUN/config.json for the stages that follow."""
+    """One `estimate STAGE: N GPU-s` line per stage of this run in `reproduce.sh full` (training, la/vq: decoder
+    labels, planning SEED_PLANS), the feature mode's disk or GPU memory checked; writes RUN/config.json for later."""
     require(mc.tokens != "jepa", "--dry-run covers --tokens state and dinov2")
     root, start = Path(cfg.data), ckpt["step"] if ckpt else 0
     have = (root / "meta.json").is_file()
@@ -361,6 +343,13 @@ def dry_run(cfg, mc, ckpt):
     return stages
 
 
+def log_row(run, row, line=None):
+    """One JSON line in RUN/log.jsonl, and one console line (default: the row as "step N | name value | ...")."""
+    tqdm.write(line or f"step {row['step']:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
     # --- setup: processes, the run folder (locked; resumed when it holds a checkpoint), device and precision
     if cfg.dry_run:
@@ -371,8 +360,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
     run, main_proc = Path(cfg.out), rank == 0
     with data.locked(run) if main_proc else contextlib.nullcontext():
         cfg, mc, ckpt = resume(cfg, mc or WMConfig(), given)
-        # the fingerprint the checkpoint records: the arrays' own (resume() has checked them against it already)
-        meta = data.load_meta(cfg.data, verify=ckpt is None)
+        meta = data.load_meta(cfg.data, verify=ckpt is None)  # resume() has verified a resumed run's arrays
         mc = wm.derive(mc, meta)  # the model sizes the token source and the dataset imply
         wm.refuse_pixel_flags(mc, dino_weights=cfg.dino_weights, features=cfg.features != "cache")
         require(cfg.labels == -1 or mc.variant == "baseline", f"--labels {cfg.labels}: a {mc.variant} run learns "
@@ -382,12 +370,11 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         print({**asdict(cfg), **asdict(mc)})
 
-        # --- data: windows of num_hist + 1 frames; the train stream (resumed where the checkpoint stopped), fixed val
-        # and latent-prior batches, and input_of(batch), the token source's frozen part
+        # --- data: windows of num_hist + 1 frames; the train stream (resumed where the checkpoint stopped; --labels:
+        # a fixed subset), fixed val and latent-prior batches, and input_of(batch), the token source's frozen part
         start = ckpt["step"] if ckpt else 0
         ds = {s: dino.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features, device, ctx)
               for s in ("train", "val")}
-        # The labels-only control trains on a fixed subset of the labelled windows (all of them by default).
         subset = data.label_subset(len(ds["train"]), cfg.labels, cfg.seed)  # (N,) window indices
         order = (int(subset[i]) for i in train_order(len(subset), cfg.seed, start * cfg.batch_size * world, rank,
                                                      world))
@@ -402,8 +389,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
               f"D {mc.visual_dim}; {source}) | loader workers: {train_loader.num_workers}"
               + (f" | labels: {len(subset)}" if cfg.labels > 0 else ""))
 
-        # --- model: raw is the uncompiled module (what we save), model what trains (compiled, DDP); AdamW with one
-        # learning rate per module (the seed's param groups), torch defaults otherwise
+        # --- model: raw (uncompiled) is what we save, model what trains (compiled, DDP); AdamW, the seed's lr groups
         raw = WorldModel(mc).to(device)
         lrs = {"predictor": cfg.lr_predictor, "action_encoder": cfg.lr_action, "proprio_encoder": cfg.lr_action,
                "idm": cfg.lr_idm, "latent_action_down": cfg.lr_idm, "encoder": cfg.lr_predictor,
@@ -432,7 +418,10 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         labels = len(subset) if mc.variant == "baseline" else 0  # labelled windows the world model is trained on
         stats = ckpt["stats"] if ckpt else {**data.train_stats(meta), "labels": labels}
         data.atomic_write(run / "config.json", {"train": asdict(cfg), "model": asdict(mc)}) if main_proc else None
-        log = run_logger(run, start if ckpt else -1) if main_proc else (lambda *row: None)
+        if main_proc and (run / "log.jsonl").is_file():  # drop the rows a killed run logged after its checkpoint
+            rows = [r for r in (run / "log.jsonl").read_text().splitlines() if r.startswith("{") and r.endswith("}")]
+            rows = [r for r in rows if json.loads(r).get("step", 0) <= (start if ckpt else -1)]  # logged again
+            data.atomic_write(run / "log.jsonl", "".join(r + "\n" for r in rows).encode())
 
         # --- the loop
         parts = ["loss", "pred_loss", "visual_loss"] + (["commit_loss"] if mc.variant == "vq" else []) + (
@@ -446,11 +435,10 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
             if (step % cfg.eval_every == 0 or last) and not (ckpt and step == start):
                 check_finite(first_bad, parts, run / "ckpt.pt")  # host sync; runs before anything is written
                 if main_proc:
-                    metrics = evaluate(raw, val_loader, input_of, device, ctx, cfg.seed)
-                    stats.update(latent_stats(raw, stats_loader, input_of, ctx) if mc.variant != "baseline" else {})
-                    # atomically: the uncompiled weights, optimiser, step, configs, statistics, the dataset's
-                    # fingerprint and where it is (also relative to the run folder, so a run moved together with
-                    # its data still finds it), and the RNG state for exact resume
+                    metrics, prior = evaluate(raw, val_loader, stats_loader, input_of, device, ctx, cfg.seed)
+                    stats.update(prior)
+                    # atomically, with the dataset's path also relative to the run (a run moved with its data finds
+                    # it) and the RNG state for exact resume
                     root = Path(cfg.data).resolve()
                     rng = {"torch": torch.get_rng_state(),
                            **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
@@ -460,7 +448,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                         "data": {"root": str(root), "relative": os.path.relpath(root, run.resolve()),
                                  "fingerprint": meta["fingerprint"]},
                         "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
-                    log({"step": step, **metrics})
+                    log_row(run, {"step": step, **metrics})
                 if ddp:
                     dist.barrier()
                 t0, t_step = time.perf_counter(), step  # validation is not part of the throughput
@@ -496,29 +484,12 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                     row["tflops"] = train_flops(mc) * row["samples_per_s"] / world / 1e12
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                     line += f" | {row['tflops']:.1f} TFLOP/s/GPU | peak {row['peak_mem_gb']:.1f} GB"
-                log(row, line)
+                log_row(run, row, line)
                 t0, t_step = time.perf_counter(), step + 1
         bar.close()
         if ddp:
             dist.destroy_process_group()
     return raw
-
-
-def run_logger(run, start):
-    """log(row, line=None): one JSON line in RUN/log.jsonl, and the line on the console (default: the row as
-    "step N | name value | ..."). Rows past `start` that a killed run logged after its last checkpoint are dropped
-    first: the resumed run logs those steps again."""
-    path = run / "log.jsonl"
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.startswith("{") and line.endswith("}")]
-        data.atomic_write(path, "".join(r + "\n" for r in rows if json.loads(r).get("step", 0) <= start).encode())
-
-    def log(row, line=None):
-        tqdm.write(line or f"step {row['step']:7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                                                    if k != "step"))
-        with open(run / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-    return log
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 """World model: DINO-WM's frame-causal ViT predictor over per-frame tokens, conditioned per frame on ground-truth
-actions (`baseline`), continuous latent actions from an inverse dynamics model (`la`), or their EMA
-vector-quantised codes (`vq`); plus load_run, the run folder every later stage reads.
+actions (`baseline`), continuous latent actions from an inverse dynamics model (`la`), or their EMA vector-quantised
+codes (`vq`); plus load_run, the run folder every later stage reads.
 
 The predictor, IDM, VQ and planners see only tokens (B, T, P, D), whatever their source (--tokens, dino.py: the
-simulator state, frozen DINOv2 patches, or a pixel encoder trained with the predictor). Reads RUN/ckpt.pt
-(load_run; written by train.py). Writes nothing.
-Tensor contract: forward(z (B, num_hist+1, P, D), action (B, T, A), proprio (B, T, 4)) -> dict of losses;
-rollout(z0 (B, P, D), cond (B, H, C)) -> (B, H, P, D).
+simulator state, frozen DINOv2 patches, or a pixel encoder trained with the predictor). Reads RUN/ckpt.pt (load_run;
+written by train.py). Writes nothing. Tensor contract: forward(z (B, num_hist+1, P, D), action (B, T, A), proprio
+(B, T, 4)) -> dict of losses; rollout(z0 (B, P, D), cond (B, H, C)) -> (B, H, P, D).
 GPU: python train.py --data DIR --variant vq --out runs/vq                  (model code; timings in train.py)
 CPU: python -m pytest -q test_all.py -k wm                                    (tiny sizes, seconds)
 """
@@ -57,16 +56,8 @@ class WMConfig:
     latent_noise: float = 0.0  # la: training noise on the latent, in units of its batch std (an SNR bottleneck); seed 0
     jepa_dim: int = 64  # D of --tokens jepa: one token per frame; LeWM 192 (ViT-tiny CLS), smaller for CPU runs
     jepa_width: int = 16  # channels of the jepa CNN's first layer (doubled twice on the way down); CPU-sized
-    jepa_reg: Literal["sigreg", "vcreg"] = "sigreg"  # anti-collapse term: LeWM's SIGReg or PLDM's variance-covariance
     jepa_sigreg: float = 0.09  # SIGReg weight; LeWM config/train/lewm.yaml 0.09 (paper: lambda ~ 0.1)
-    jepa_std: float = 18.0  # VCReg std-hinge weight; stable-worldmodel's PLDM Push-T run (PLDM paper Two-Rooms: 3.98)
-    jepa_cov: float = 12.0  # VCReg covariance weight; same Push-T run (PLDM Two-Rooms: 6.92)
-    jepa_temp_sim: float = 0.2  # VCReg temporal smoothness ||z_t+1 - z_t||^2 weight; same Push-T run (Two-Rooms 0.742)
-    jepa_temp_std: float = 0.0  # VCReg std hinge over each window's frames; Push-T run 0.7 (17-frame windows), 0
-    #                             here: over our 2 frames it is |z1 - z0| / sqrt(2) and would push every dim apart
-    jepa_temp_cov: float = 0.0  # VCReg covariance over each window's frames; Push-T run 0
-    jepa_idm: float = 0.0  # PLDM's inverse-dynamics weight (MLP (z_t+1, z_t) -> a_t, MSE); PLDM Two-Rooms 1.07,
-    #                        the Push-T run 0. Reads the action labels, so baseline only
+    jepa_idm: float = 0.0  # PLDM's inverse-dynamics weight (z_t+1, z_t -> a_t; baseline only); Push-T 0, Two-Rooms 1.07
 
     def __post_init__(self):
         data.check_choices(self)
@@ -85,12 +76,10 @@ class WMConfig:
                 f"{data.MAX_IMG} px")
         require(self.dino_name.removesuffix("_reg") in dino.ARCHS, f"--dino-name {self.dino_name!r}: choose one of "
                 f"{', '.join(dino.ARCHS)} (optionally + _reg)")
-        require(min(self.jepa_dim, self.jepa_width) >= 2 and min(self.jepa_sigreg, self.jepa_std, self.jepa_cov,
-                self.jepa_temp_sim, self.jepa_temp_std, self.jepa_temp_cov) >= 0,
+        require(min(self.jepa_dim, self.jepa_width) >= 2 and self.jepa_sigreg >= 0,
                 "--jepa-dim and --jepa-width must be >= 2, the --jepa-* loss weights >= 0")
-        if self.tokens != "jepa":  # silently ignoring them would mislead
-            jepa = [f for f in self.__dataclass_fields__ if f.startswith("jepa_")]
-            data.unused(self, jepa, f"--tokens {self.tokens}")
+        jepa = [f for f in self.__dataclass_fields__ if f.startswith("jepa_") and self.tokens != "jepa"]
+        data.unused(self, jepa, f"--tokens {self.tokens}")  # silently ignoring them would mislead
         require(self.jepa_idm == 0 or (self.tokens == "jepa" and self.variant == "baseline"), f"--jepa-idm "
                 f"{self.jepa_idm} trains the jepa encoder on action labels: baseline runs only (la/vq learn without)")
 
@@ -99,6 +88,7 @@ class WMConfig:
 # K codes, H horizon, N flattened transitions, W predictor token width = D + proprio_dim + C, S tokens of the IDM.
 PROPRIO_IN = 4  # [agent_x, agent_y, agent_vx, agent_vy], z-scored by data.py (DINO-WM datasets/pusht_dset.py)
 CKPT_FORMAT = "dinowm-la-v3"  # ckpt.pt "format"; bumped when the checkpoint layout changes
+
 
 def frame_causal_mask(num_patches, num_frames):
     """DINO-WM generate_mask_matrix: token i in frame f_i sees token j iff f_j <= f_i. -> (T*P, T*P) bool."""
@@ -139,7 +129,7 @@ class Attention(nn.Module):
         """(B, N, W), mask (N, N) bool or None -> (B, N, W)"""
         qkv = self.to_qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1))  # (B, N, 3, h, dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, dh)
-        # Scale dh^-0.5 (SDPA default) as upstream; dropout on the attention weights as upstream's attn dropout.
+        # SDPA's default scale dh^-0.5 and dropout on the attention weights, both as upstream
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(o.transpose(1, 2).flatten(2))  # (B, N, W)
 
@@ -162,8 +152,7 @@ class ViTPredictor(nn.Module):
         self.layers = nn.ModuleList(nn.ModuleList([Attention(dim, heads, dim_head, dropout),
                                                    FeedForward(dim, mlp_dim, dropout)]) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        # A buffer built from the arguments (upstream keeps it in a module global, moved to CUDA at construction).
-        self.register_buffer("mask", frame_causal_mask(num_patches, num_frames), persistent=False)
+        self.register_buffer("mask", frame_causal_mask(num_patches, num_frames), persistent=False)  # upstream: a global
 
     def forward(self, x):
         """(B, T, P, W) with T <= num_frames -> (B, T, P, W); output frame t predicts frame t + 1."""
@@ -187,8 +176,7 @@ class IDMAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x, queries=None):
-        """(N, S, dim) -> (N, S, dim), attention along S (patches of a frame, or frames of a patch); with queries=n
-        only the first n positions ask (N, n, dim), all S still answer."""
+        """(N, S, dim) -> (N, S, dim), attention along S (patches or frames); queries=n: only the first n ask."""
         h = self.norm(x)
         q, k, v = (f(y).unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for f, y in ((self.to_q, h[:, :queries]), (self.to_k, h), (self.to_v, h)))
@@ -208,8 +196,7 @@ class IDMBlock(nn.Module):
         self.ff = FeedForward(dim, mlp_dim)
 
     def forward(self, x, keep=None):
-        """(B, T, S, dim) -> (B, T, S, dim), or (B, T, keep, dim): only the first `keep` tokens of every frame are
-        updated and returned (the others are still read by the spatial attention)."""
+        """(B, T, S, dim) -> (B, T, keep or S, dim): only the first `keep` tokens per frame are updated and returned."""
         B, T, S, d = x.shape
         n = keep or S
         x = x[:, :, :n] + self.spatial(x.reshape(B * T, S, d), n).view(B, T, n, d)
@@ -219,15 +206,10 @@ class IDMBlock(nn.Module):
 
 
 class IDM(nn.Module):
-    """Inverse dynamics model: AdaWorld's latent-action encoder (models/lam.py) without its decoder.
-
-    Default depth 4 instead of the seed's 12: at 12 x 384 the IDM costs ~23.7 GFLOPs per pair, 2.6x the
-    predictor's ~9 (both counted from the layer sizes), although it only has to read the agent's displacement
-    between two frames. Every block already mixes the two frames (temporal attention) after a full spatial attention,
-    so 4 rounds of cross-frame exchange suffice to locate the agent and compare; that makes the IDM cost ~5.9
-    GFLOPs per pair (counted; the last block is pruned, see forward), below the predictor. TODO: ablate 4 vs 12 on
-    GPU (`--idm-depth 12` restores the seed).
-    """
+    """Inverse dynamics model: AdaWorld's latent-action encoder (models/lam.py) without its decoder. Depth 4, not the
+    seed's 12 (~23.7 GFLOPs per pair from the layer sizes, 2.6x the predictor's ~9, to read the agent's displacement):
+    each block mixes the two frames after a full spatial attention, so 4 rounds locate the agent and compare, at ~5.9
+    GFLOPs (the last block pruned, see forward). TODO: ablate 4 vs 12 on GPU (`--idm-depth 12` restores the seed)."""
 
     def __init__(self, in_dim, num_patches, dim, depth, heads, mlp_dim):
         super().__init__()
@@ -250,14 +232,10 @@ class IDM(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """EMA vector quantiser (seed models/vq_ema.py, one code per transition), fp32 statistics, DDP-consistent.
-
-    Two fixes of the seed: the EMA state is initialised consistently from the first training batch (the seed starts
-    cluster_size at 0 next to embedding_avg = E, so its first update inflates every used code ~25x and kills the rest),
-    and a dead code is restarted together with its statistics m_k = x, n_k = 1 (the seed resets only E_k, which the
-    next update overwrites with the stale m_k / n_k). Under torch.distributed the counts
-    and sums are all-reduced and restart candidates come from rank 0, so every replica keeps the same codebook.
-    """
+    """EMA vector quantiser (seed models/vq_ema.py, one code per transition), fp32 statistics, DDP-consistent. Fixes
+    the seed's EMA init (its cluster_size = 0 next to embedding_avg = E inflates every used code ~25x in the first
+    update and kills the rest; ours starts consistent from the first batch) and dead-code restart (it resets only E_k,
+    which the next update overwrites with the stale m_k / n_k; ours sets m_k = x, n_k = 1 too)."""
 
     def __init__(self, num_codes, dim, ema_decay, commitment):
         super().__init__()
@@ -275,8 +253,7 @@ class VectorQuantizer(nn.Module):
         cand = x[idx].contiguous()  # (K, L)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(cand, 0)
-        # First training batch (branch-free, so no host sync): E = m = K encoder outputs, n = 1 (consistent).
-        fresh = ~self.initialised  # ()
+        fresh = ~self.initialised  # () first training batch: E = m = K inputs, n = 1; branch-free, no host sync
         self.embedding.copy_(torch.where(fresh, cand, self.embedding))
         self.embedding_avg.copy_(torch.where(fresh, cand, self.embedding_avg))
         self.cluster_size.copy_(torch.where(fresh, torch.ones_like(self.cluster_size), self.cluster_size))
@@ -325,9 +302,8 @@ class WorldModel(nn.Module):
     def __init__(self, cfg: WMConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = None  # the trained pixel encoder of --tokens jepa; frozen sources arrive as tokens
-        if cfg.tokens == "jepa":
-            self.encoder = dino.JEPAEncoder(cfg.img_size, cfg.jepa_dim, cfg.jepa_width, cfg.jepa_reg == "sigreg")
+        # the trained pixel encoder of --tokens jepa; frozen sources arrive as tokens
+        self.encoder = dino.JEPAEncoder(cfg.img_size, cfg.jepa_dim, cfg.jepa_width) if cfg.tokens == "jepa" else None
         # PLDM's inverse-dynamics head, sized as stable-worldmodel scripts/train/pldm.py (MLP, LayerNorm, hidden 512).
         self.jepa_idm = nn.Sequential(nn.Linear(2 * cfg.jepa_dim, 512), nn.LayerNorm(512), nn.GELU(),
                                       nn.Linear(512, cfg.action_dim)) if cfg.jepa_idm else None
@@ -372,8 +348,7 @@ class WorldModel(nn.Module):
         # Shift convention (seed): a_t = u[t+1], which has seen frames 0..t+1 through causal temporal attention.
         # Only the T-1 real transitions a_0..a_{T-2} are quantised and counted (the seed also counts the copy).
         latent = u[:, 1:]  # (B, T-1, L)
-        out = {"latent": latent}
-        a = latent
+        out, a = {"latent": latent}, latent
         if self.training and self.cfg.latent_noise:  # la: at most ~log2(1 + 1/noise^2) / 2 bits per dim get through,
             # whatever the latent's scale (the std is the batch's, detached): too little to copy the next frame
             a = latent + self.cfg.latent_noise * latent.detach().std(0, keepdim=True) * torch.randn_like(latent)
@@ -386,16 +361,13 @@ class WorldModel(nn.Module):
         return out
 
     def forward(self, x, action=None, proprio=None):
-        """x: make_input's output for (B, num_hist+1) frames; action (B, T, A), proprio (B, T, 4) -> dict of losses,
-        diagnostics and the tokens z (B, T, P, D)."""
+        """make_input's x for (B, num_hist+1) frames, action (B, T, A), proprio (B, T, 4) -> losses, tokens z, ..."""
         n, z = self.cfg.num_hist, self.encode(x)
-        out = self.conditioning(z, action)
-        out["tokens"] = z
+        out = {**self.conditioning(z, action), "tokens": z}
         obs = self.observe(z, proprio)  # (B, T, P, O)
         pred = self.predict(obs[:, :n], out["cond"][:, :n])  # (B, n, P, O): frames 1..n, teacher forced
-        # Targets are detached: frozen DINO tokens, plus DINO-WM's quirky proprio target that comes from the same
-        # trainable proprio encoder (so only its input side learns; DINO-WM
-        # models/visual_world_model.py).
+        # Targets are detached: frozen tokens, plus DINO-WM's quirky proprio target from the same trainable proprio
+        # encoder (so only its input side learns; DINO-WM models/visual_world_model.py).
         target = obs[:, 1:].detach()  # (B, n, P, O)
         if self.encoder is not None:  # jepa as LeWM and PLDM: no stop-gradient, the target frames' encoding learns too
             target = torch.cat([obs[:, 1:, :, :self.cfg.visual_dim], target[..., self.cfg.visual_dim:]], -1)
@@ -413,20 +385,17 @@ class WorldModel(nn.Module):
 
     def plan_to_cond(self, plan):
         """Planner variable -> conditioning (B, H, C): baseline (B, H, A) actions, la (B, H, L), vq (B, H) codes."""
-        if self.cfg.variant == "baseline":
-            return self.action_encoder(plan)
-        if self.cfg.variant == "la":
-            return plan
-        return self.quantizer.embedding[plan]  # (B, H, L)
+        if self.cfg.variant == "vq":
+            return self.quantizer.embedding[plan]  # (B, H, L)
+        return self.action_encoder(plan) if self.cfg.variant == "baseline" else plan
 
     def rollout(self, z0, cond, proprio0=None, adapter=None):
         """Open-loop imagination: z0 (B, P, D), cond (B, H, C), proprio0 (B, 4) -> zs (B, H, P, D), ps (B, H, pd)|None.
 
-        Frame h carries cond[:, h]; each step predicts from the last <= num_hist frames (history grows, then slides)
-        and appends the last output frame (DINO-WM keeps its predicted proprio too). B = E*N samples at once.
-        With an adapter (decode.ActionAdapter), cond holds real macro actions (B, H, A) and frame h's conditioning is
-        adapter(its tokens, cond[:, h]): computed from the imagined frame, as the IDM would have labelled it.
-        """
+        Frame h carries cond[:, h] (with an adapter, decode.ActionAdapter, cond holds macro actions (B, H, A) and frame
+        h's conditioning is adapter(imagined tokens, cond[:, h]), as the IDM would label it); each step predicts from
+        the last <= num_hist frames (history grows, then slides) and appends the last output frame (DINO-WM keeps its
+        predicted proprio too). B = E*N samples at once."""
         n, H, D = self.cfg.num_hist, cond.shape[1], self.cfg.visual_dim
         obs = self.observe(z0[:, None], None if proprio0 is None else proprio0[:, None])  # (B, 1, P, O)
         conds = []
@@ -480,15 +449,15 @@ def run_dino_weights(ckpt, flag=""):
 
 
 def load_run(run, device="cpu", data_dir="", dino_weights=None):
-    """RUN/ckpt.pt -> (WorldModel in eval mode on device, checkpoint dict, dataset root). The dataset is --data when
-    given, else the stored path relative to the run folder (runs moved with their data), else the stored absolute
-    path; it must have the fingerprint the run was trained on. dino_weights: the stage's --dino-weights flag, which
-    a state-token run refuses."""
+    """RUN/ckpt.pt -> (WorldModel in eval mode on device, checkpoint dict, dataset root: data_dir, else the stored path
+    relative to the run, else the absolute one, fingerprint checked). dino_weights: the stage's flag (state refuses)."""
     run = Path(run)
     ckpt = data.load_pt(run / "ckpt.pt", f"train a model into {run} with `python train.py --out {run} ...`")
     require(ckpt.get("format") == CKPT_FORMAT, f"{run}/ckpt.pt: format {ckpt.get('format')!r}, this wm.py reads "
                                                 f"{CKPT_FORMAT!r}; retrain it with this code")
-    mc = WMConfig(**ckpt["model_config"])
+    saved = ckpt["model_config"]  # a run of an earlier version may name options removed since (VCReg)
+    require(saved.get("jepa_reg", "sigreg") == "sigreg", f"{run} was trained with VCReg, which this version removed")
+    mc = WMConfig(**{k: v for k, v in saved.items() if k in WMConfig.__dataclass_fields__})
     refuse_pixel_flags(mc, dino_weights=dino_weights)
     root = data.dataset_of(run, ckpt["data"], data_dir, f"{mc.tokens}-token run")
     model = WorldModel(mc).to(device)
