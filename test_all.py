@@ -878,6 +878,18 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     assert torch.allclose(decode.load_head(run, ckpt, CPU)[0](p, z), ref.eval()(p, z))  # the saved weights
     user_error(decode.load_head, run, {**ckpt, "ckpt_id": "new"}, CPU, names=["decoder.pt", "decode.py"])
     user_error(decode.load_head, root / "baseline", ckpt, CPU, names=["decoder.pt", "decode.py"])
+    old = shutil.copytree(run, tmp_path / "old")  # saved by an earlier version, naming options removed since
+    mc, arch = ckpt["model_config"], saved["config"]["arch"]
+    for reg, delta in (("sigreg", False), ("vcreg", False), ("sigreg", True)):
+        torch.save({**ckpt, "model_config": {**mc, "jepa_reg": reg, "jepa_std": 18.0}}, old / "ckpt.pt")
+        torch.save({**saved, "config": {"arch": {**arch, "use_delta": delta}}}, old / "decoder.pt")
+        if reg == "vcreg":
+            user_error(wm.load_run, old, names=[old, "VCReg"])
+        elif delta:
+            user_error(decode.load_head, old, ckpt, CPU, names=["decoder.pt", "--use-delta"])
+        else:  # what they did not use loads as it was
+            assert wm.load_run(old)[0].cfg == wm.load_run(run)[0].cfg and decode.load_head(old, ckpt, CPU)
+    shutil.rmtree(old)
     model, _, data_root = wm.load_run(run)
     ds, E = dino.windows(model.cfg, data_root, "val", 2), model.quantizer.embedding  # (K, L)
     pairs = decode.build_pairs(model, ds, 16, dino.make_input(model.cfg, CPU), tiny_decode(run),
