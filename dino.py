@@ -156,7 +156,8 @@ class Block(nn.Module):
         # official order of registration, so state_dict keys come out in the file's order; LayerNorm eps 1e-6;
         # LayerScale (dinov2/layers/layer_scale.py): a ParameterDict keeps its key ls1.gamma; hub init_values=1.0
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.ls1, self.norm2 = nn.ParameterDict({"gamma": nn.Parameter(torch.ones(dim))}), nn.LayerNorm(dim, eps=1e-6)
+        self.ls1 = nn.ParameterDict({"gamma": nn.Parameter(torch.ones(dim))})
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         # SwiGLUFFNFused hidden width: (int(4 D * 2/3) + 7) // 8 * 8 = 4096 for ViT-g (dinov2/layers/swiglu_ffn.py)
         self.mlp = Mlp(dim, 4 * dim) if ffn == "mlp" else SwiGLU(dim, (int(4 * dim * 2 / 3) + 7) // 8 * 8)
         self.ls2 = nn.ParameterDict({"gamma": nn.Parameter(torch.ones(dim))})

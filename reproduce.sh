@@ -137,6 +137,7 @@ if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against la
     BUDGETS=(1000 10000 100000)  # labelled transitions (macro-action windows); the train split holds 165,600
     WM=(--steps 12000 "${STATE_MODEL[@]}") BASELINE=() GCBC=(--tokens state --steps 8000) VQ=vq
     LANE_A=(la 1000 10000) LANE_B=(vq 100000 all) first=baseline-all  # two lanes of world models, one core each
+    MPC=(--protocol mpc --episodes 50 --ceiling-episodes 10 --opt-steps 10 --videos 0)  # every row under mpc too
   else  # pixels: the jepa mode's 96-px data; the label-free encoder learns from frames alone
     [ -f "$DATA/meta.json" ] ||
       stage collect $PY data.py collect --out "$DATA" --episodes 1000 --steps 100 --img-size 96
@@ -145,7 +146,7 @@ if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against la
         --dropout 0 --lr-predictor 1e-3 --lr-action 1e-3 --lr-idm 1e-3 --jepa-width 16 --eval-every 300
         --val-batches 8 --log-every 50 --num-workers 1 --idm-depth 2 --idm-heads 4 --idm-dim 64 --idm-mlp-dim 128)
     BASELINE=(--jepa-idm 1.0) GCBC=() VQ=  # the labels-only baselines: PLDM's IDM term, on the same N windows
-    LANE_A=(la) LANE_B=("" 1000 10000) first=baseline-1000
+    LANE_A=(la) LANE_B=("" 1000 10000) first=baseline-1000 MPC=()
   fi
   same_data "$DATA"
   open=(--protocol open-loop --episodes 100 --ceiling-episodes 100 --opt-steps 10 --videos 0)  # ceiling: every task
@@ -159,18 +160,21 @@ if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against la
         --labels $([ $n = all ] && echo -1 || echo $n) "${WM[@]}" "${BASELINE[@]}"
     done
   }
+  plan_row() {  # NAME ARGS...: plan.py on the open-loop tasks, and on the mpc tasks when the mode has them
+    local name=$1; shift
+    stage "plan-$name" $PY plan.py "$@" "${open[@]}" --out "$OUT/results/$name.json"
+    [ -z "${MPC[*]}" ] || stage "plan-$name-mpc" $PY plan.py "$@" "${MPC[@]}" --out "$OUT/results/$name-mpc.json"
+  }
   head_lane() {  # VARIANT: its decoder and adapter at every budget (90 % train, 10 % val pairs), each planned
     local v=$1 n h
     for n in "${BUDGETS[@]}"; do for h in decoder adapter; do
       stage "$h-$v-$n" $PY decode.py --run "$OUT/$v" --head $h --pairs $((n * 9 / 10)) --val-pairs $((n / 10))
-      stage "plan-$v-$h-$n" $PY plan.py --run "$OUT/$v" --via $h "${open[@]}" --out "$OUT/results/$v-$h-$n.json"
+      plan_row "$v-$h-$n" --run "$OUT/$v" --via $h
     done; done
   }
   plan_baselines() {
     local n
-    for n in "${BUDGETS[@]}"; do
-      stage "plan-baseline-$n" $PY plan.py --run "$OUT/baseline-$n" "${open[@]}" --out "$OUT/results/baseline-$n.json"
-    done
+    for n in "${BUDGETS[@]}"; do plan_row "baseline-$n" --run "$OUT/baseline-$n"; done
   }
   la_gcbc_lane() {  # GCBC on N labels: N / 5 chunks of 5 labelled macro actions (state tokens)
     local n
@@ -180,14 +184,16 @@ if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against la
       stage "train-gcbc-$n" $PY policy.py train --algo gcbc --data "$DATA" --out "$OUT/gcbc-$n" --labels $n \
         "${GCBC[@]}"
       stage "policy-gcbc-$n" $PY policy.py eval --policy "$OUT/gcbc-$n" "${open[@]}" --out "$OUT/results/gcbc-$n.json"
+      [ -z "${MPC[*]}" ] || stage "policy-gcbc-$n-mpc" $PY policy.py eval --policy "$OUT/gcbc-$n" "${MPC[@]}" \
+        --out "$OUT/results/gcbc-$n-mpc.json"
     done
   }
   vq_baselines_lane() { [ -z "$VQ" ] || head_lane vq; plan_baselines; }
   background lane-la wm_lane "${LANE_A[@]}"
   background lane-vq wm_lane "${LANE_B[@]}"
   join
-  # both cores: the ceiling on all 100 tasks (simulator as the planner's model), cached for every later row
-  stage "plan-$first" $PY plan.py --run "$OUT/$first" "${open[@]}" --out "$OUT/results/$first.json"
+  # both cores: the ceilings (simulator as the planner's model), cached for every later row
+  plan_row "$first" --run "$OUT/$first"
   background lane-la-gcbc la_gcbc_lane
   background lane-vq-baselines vq_baselines_lane
   join
