@@ -137,7 +137,7 @@ if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against la
     BUDGETS=(1000 10000 100000)  # labelled transitions (macro-action windows); the train split holds 165,600
     WM=(--steps 12000 "${STATE_MODEL[@]}") BASELINE=() GCBC=(--tokens state --steps 8000) VQ=vq
     LANE_A=(la 1000 10000) LANE_B=(vq 100000 all) first=baseline-all  # two lanes of world models, one core each
-    MPC=(--protocol mpc --episodes 50 --ceiling-episodes 10 --opt-steps 10 --videos 0)  # every row under mpc too
+    MPC=(--protocol mpc --episodes 50 --ceiling-episodes 50 --opt-steps 10 --videos 0)  # every row under mpc too
   else  # pixels: the jepa mode's 96-px data; the label-free encoder learns from frames alone
     [ -f "$DATA/meta.json" ] ||
       stage collect $PY data.py collect --out "$DATA" --episodes 1000 --steps 100 --img-size 96
