@@ -187,7 +187,7 @@ def build_pairs(model, ds, n, input_of, cfg, ctx, device, generator, store):
 def take(pairs, idx, device):
     """The pairs at idx, gathered where each is stored (tokens may sit on the GPU or in host memory), on device, tokens
     in float32 -> dict of (B, ...) tensors."""
-    return {k: (v[idx.to(v.device)].to(device)).float() if k == "p" else v[idx].to(device) for k, v in pairs.items()}
+    return {k: v[idx.to(v.device)].to(device).float() if k == "p" else v[idx].to(device) for k, v in pairs.items()}
 
 
 @torch.no_grad()

@@ -468,6 +468,7 @@ def main(cfg: PlanConfig):
     decoder, adapter = (head, None) if via == "decoder" else (None, head)
     labels = stats["labels"] + report["labels"]  # the world model's (baseline) + its decoder's or adapter's
     input_of = dino.make_input(mc, device, wm.run_dino_weights(ckpt, cfg.dino_weights))
+    encode = lambda states: model.encode(input_of(dino.batch_of_states(states, mc)))[:, 0]  # noqa: E731 (E, P, D)
     n, every_step = cfg.episodes or PROTOCOL_EPISODES[cfg.protocol], cfg.protocol == "mpc"
     budget = MPC_BUDGET if every_step else H * mc.frameskip  # open loop: one plan, executed whole
     width = None if planner == "cem_categorical" else mc.cond_dim if via == "decoder" else mc.action_dim
@@ -481,7 +482,7 @@ def main(cfg: PlanConfig):
     if model.encoder is not None:
         states = np.concatenate([tasks["start_state"], tasks["goal_state"]])  # (2n, 7)
         with torch.inference_mode():
-            collapse = train.token_stats(model.encode(input_of(dino.batch_of_states(states, mc)))[:, 0].float().cpu())
+            collapse = train.token_stats(encode(states).float().cpu())
         require(cfg.allow_collapsed or not collapse["collapsed"], f"{cfg.run}: its jepa encoder has collapsed: the "
                 f"median per-dimension token std over the {len(states)} start and goal frames is "
                 f"{collapse['token_std_median']:.2e} < {train.COLLAPSE_STD} (effective rank "
@@ -504,7 +505,6 @@ def main(cfg: PlanConfig):
     kw = dict(num_samples=cfg.num_samples, topk=cfg.topk, opt_steps=cfg.opt_steps)
     compiled = cfg.compile and device.type == "cuda"
     cost = torch.compile(rollout_cost, dynamic=False) if compiled else rollout_cost  # fixed (E, N, H) shapes
-    encode = lambda states: model.encode(input_of(dino.batch_of_states(states, mc)))[:, 0]  # noqa: E731 (E, P, D)
 
     def policy_for(idx):
         with torch.inference_mode(), ctx:  # the goals are encoded once per batch
