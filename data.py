@@ -347,10 +347,8 @@ def _staging(out):
             require(not out.exists() or not any(out.iterdir()), f"--out {out} was filled while this ran; choose "
                                                                  "another --out")
             os.rename(tmp, out)  # atomic, also onto an empty folder: a reader sees no dataset or a complete one
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed: only a failed run leaves one to remove
             (out.parent / lock).unlink(missing_ok=True)
 
 
@@ -434,10 +432,9 @@ def collect(cfg):
     frames, dt = cfg.episodes * (cfg.steps + 1), time.time() - t0
     print(f"collected {cfg.episodes} episodes, {frames} frames in {dt:.1f} s: {frames / dt:.0f} frames/s with "
           f"{workers} worker(s) (states only: frames are rendered when read)")
-    cut = cfg.episodes - n_val  # val = the last episodes
     splits = {name: dict(states=np.concatenate([e[0] for e in part]), actions=np.concatenate([e[1] for e in part]),
                          lengths=np.full(len(part), cfg.steps + 1, np.int64))
-              for name, part in (("train", episodes[:cut]), ("val", episodes[cut:]))}
+              for name, part in (("train", episodes[:-n_val]), ("val", episodes[-n_val:]))}  # val = the last episodes
     with _staging(out) as tmp:
         _write(tmp, splits, dict(source="collect", img_size=cfg.img_size, seed=cfg.seed, policy=POLICY, args=args))
     print(f"wrote {out}")
@@ -457,11 +454,9 @@ class _NoClasses(pickle.Unpickler):
 def _read(path, shape):
     """A DINO-WM file as an array, float64 (a torch tensor, weights_only) or as pickled, checked against shape."""
     fix = "--src must be DINO-WM's pusht_noise folder (train/, val/) of plain tensors and lists"
-    if path.suffix == ".pth":
-        x = load_pt(path, fix)
-        x = x.double().numpy() if torch.is_tensor(x) else x
-    else:
-        x = load_pt(path, fix, lambda p: np.asarray(_NoClasses(io.BytesIO(p.read_bytes())).load()))
+    unpickle = lambda p: np.asarray(_NoClasses(io.BytesIO(p.read_bytes())).load())  # noqa: E731
+    x = load_pt(path, fix) if path.suffix == ".pth" else load_pt(path, fix, unpickle)
+    x = x.double().numpy() if torch.is_tensor(x) else x
     require(isinstance(x, np.ndarray) and x.ndim == len(shape) and all(not w or w == v for w, v in zip(shape, x.shape)),
             f"{path}: got {getattr(x, 'shape', type(x))}, expected {shape} (0 = any)")
     return x
@@ -489,7 +484,6 @@ def import_dinowm(cfg):
             splits[name] = dict(states=np.concatenate([states, vel], -1)[real], actions=act[real], lengths=lengths)
             if not cfg.keep_frames:
                 continue
-            frames = None
             starts = tqdm(np.cumsum(lengths) - lengths, desc=f"decode {name}", unit="ep", disable=None)
             for i, start in enumerate(starts):
                 mp4 = [p for p in (d / f"obses/episode_{i:03d}.mp4", d / f"obses/episode_{i:04d}.mp4") if p.is_file()]
@@ -500,7 +494,7 @@ def import_dinowm(cfg):
                 cap.release()
                 require(len(ep) == lengths[i], f"{mp4[0]}: {len(ep)} frames, but seq_lengths.pkl says {lengths[i]}")
                 ep = np.stack(ep)  # (T, S, S, 3)
-                if frames is None:  # the first video fixes the size (train's for both splits)
+                if i == 0:  # the first video fixes the size (train's for both splits)
                     img_size = ep.shape[1] if name == "train" else img_size
                     need_disk(tmp, int(lengths.sum()) * img_size ** 2 * 3, f"--keep-frames ({name} frames)")
                     frames = np.lib.format.open_memmap(tmp / name / "frames.npy", "w+", np.uint8,
@@ -561,8 +555,7 @@ class WindowDataset(torch.utils.data.Dataset):
         if (counts == 0).any():
             warnings.warn(f"{root}/{split}: {(counts == 0).sum()} of {len(counts)} episodes are shorter than one "
                           f"window ({span} frames) and are skipped")
-        first = np.cumsum(counts) - counts  # (E,) first window of each episode
-        self.window_start = np.repeat(d["starts"] - first, counts) + np.arange(counts.sum())  # (N,) global frame
+        self.window_start = np.concatenate([s + np.arange(n) for s, n in zip(d["starts"], counts)])  # (N,) start frame
         m = {k: np.asarray(v) for k, v in train_stats(self.meta).items()}  # z-scored with the train split's stats
         self.actions = ((d["actions"] - m["action_mean"]) / m["action_std"]).astype(np.float32)  # (F, 2)
         self.proprio = ((d["states"][:, PROPRIO] - m["proprio_mean"]) / m["proprio_std"]).astype(np.float32)  # (F, 4)
@@ -584,10 +577,9 @@ class WindowDataset(torch.utils.data.Dataset):
                      action=torch.from_numpy(self.actions[span].reshape(B, T, -1)), index=torch.from_numpy(g))
         if self.features is not None:  # NumPy rows of the disk cache, or torch rows of a dino.FeatureStore
             batch["feat"] = torch.as_tensor(self.features[idx.ravel()]).view(B, T, *self.features.shape[1:])
-        elif self.pixels and self.frames is not None:
-            batch["obs"] = torch.from_numpy(self.frames[idx.ravel()]).view(B, T, *self.frames.shape[1:])
-        elif self.pixels:
-            batch["obs"] = torch.from_numpy(render_batch(self.states[idx], self.img_size))  # (B, T, S, S, 3)
+        elif self.pixels:  # rows of frames.npy, or rendered
+            obs = self.frames[idx] if self.frames is not None else render_batch(self.states[idx], self.img_size)
+            batch["obs"] = torch.from_numpy(obs)  # (B, T, S, S, 3)
         return batch
 
     def __getitem__(self, i):
@@ -625,9 +617,8 @@ def replay_drift(split, episodes=5, steps=25):
 
 def info(cfg, bench=500):
     """Print counts, action stats, block motion, coverage and loader speed of a dataset folder."""
-    root = cfg.root
-    meta, splits = load_meta(root, verify=True), {name: load_split(root, name) for name in ("train", "val")}
-    print(f"{root}: source {meta['source']}, img_size {meta['img_size']}, seed {meta.get('seed')}, "
+    meta, splits = load_meta(cfg.root, verify=True), {name: load_split(cfg.root, name) for name in ("train", "val")}
+    print(f"{cfg.root}: source {meta['source']}, img_size {meta['img_size']}, seed {meta.get('seed')}, "
           f"fingerprint {meta['fingerprint']} (verified)")
     for name, sp in splits.items():  # block motion: the largest shift of a T vertex over each 5-step window (t, t + 5)
         L, s = sp["lengths"], sp["states"]
@@ -647,7 +638,7 @@ def info(cfg, bench=500):
     bins = len(np.unique(s[:, 4] % (2 * np.pi) // (np.pi / 4)))
     print(f"  coverage (train): block xy in {cells / 64:.2f} of 8x8 cells, block angle in {bins / 8:.2f} of 8 bins")
     try:
-        ds = WindowDataset(root, "train", pixels=True)
+        ds = WindowDataset(cfg.root, "train", pixels=True)
     except UserError as e:
         return print(f"  loader benchmark skipped: {e}")
     picks, t0 = np.random.default_rng(0).integers(0, len(ds), bench), time.perf_counter()

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -129,16 +130,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        """(B, N, D) -> (B, N, D); exact (erf) GELU, nn.GELU's default."""
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class SwiGLU(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -159,7 +150,8 @@ class Block(nn.Module):
         self.ls1 = nn.ParameterDict({"gamma": nn.Parameter(torch.ones(dim))})
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         # SwiGLUFFNFused hidden width: (int(4 D * 2/3) + 7) // 8 * 8 = 4096 for ViT-g (dinov2/layers/swiglu_ffn.py)
-        self.mlp = Mlp(dim, 4 * dim) if ffn == "mlp" else SwiGLU(dim, (int(4 * dim * 2 / 3) + 7) // 8 * 8)
+        self.mlp = SwiGLU(dim, (int(4 * dim * 2 / 3) + 7) // 8 * 8) if ffn == "swiglu" else nn.Sequential(OrderedDict(
+            fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))  # dinov2 Mlp, exact (erf) GELU
         self.ls2 = nn.ParameterDict({"gamma": nn.Parameter(torch.ones(dim))})
 
     def forward(self, x):
@@ -185,7 +177,7 @@ class DinoVisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, D))  # only for DINOv2's masked training; kept for strict loading
         # dinov2/layers/patch_embed.py: a conv with bias, no norm; a ModuleDict keeps its key, patch_embed.proj
         self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, D, kernel_size=PATCH, stride=PATCH)})
-        self.blocks = nn.ModuleList(Block(D, heads, ffn) for _ in range(depth))
+        self.blocks = nn.Sequential(*(Block(D, heads, ffn) for _ in range(depth)))  # keys blocks.{i}.*, as a ModuleList
         self.norm, self.head = nn.LayerNorm(D, eps=1e-6), nn.Identity()
         self._pos_cache = {}  # (h0, w0, device) -> interpolated table; emptied whenever weights are loaded
         self.register_load_state_dict_post_hook(lambda module, keys: module._pos_cache.clear())
@@ -210,24 +202,21 @@ class DinoVisionTransformer(nn.Module):
             self._pos_cache[key] = table
         return table
 
-    def forward_features(self, x, masks=None):
+    def forward_features(self, x):
         """(B, 3, H, W) normalised, H and W multiples of 14 -> dict of normed CLS / register / patch tokens."""
         B, _, H, W = x.shape
         if H % PATCH or W % PATCH:
             raise ValueError(f"DINOv2 input sides must be multiples of {PATCH} px, got {(H, W)}")
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
-        if masks is not None:  # (B, P) bool, DINOv2 training only
-            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1 + P, D)
         x = x + self.interpolate_pos_encoding(H // PATCH, W // PATCH).to(x.dtype)
         if self.register_tokens is not None:  # inserted after the positional embedding: registers get none
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)  # (B, N, D)
-        for blk in self.blocks:
-            x = blk(x)
+        x = self.blocks(x)  # (B, N, D)
         x_norm = self.norm(x)  # (B, N, D)
         R = self.num_register_tokens
         return {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1 : 1 + R],
-                "x_norm_patchtokens": x_norm[:, 1 + R :], "x_prenorm": x, "masks": masks}
+                "x_norm_patchtokens": x_norm[:, 1 + R :], "x_prenorm": x, "masks": None}
 
     def forward(self, x):
         """(B, 3, H, W) -> (B, D): the normed CLS token through the (identity) head, as the hub model."""
@@ -237,21 +226,19 @@ class DinoVisionTransformer(nn.Module):
 def load_dinov2(name="dinov2_vits14", weights=None, device="cpu"):
     """Frozen DINOv2 in eval mode on device. weights: a .pth path; None/"" = the official file in the torch hub cache,
     downloaded there once if absent; or "random" (own generator, seed 0: every stage asking for it sees one encoder)."""
-    with torch.device("meta"):  # no memory, no global-RNG draws; filled below
-        model = DinoVisionTransformer(name)
-    model = model.to_empty(device="cpu")
+    with torch.device("meta"):  # no memory, no global-RNG draws; filled below (frozen: in place, no autograd)
+        model = DinoVisionTransformer(name).to_empty(device="cpu").requires_grad_(False)
     if weights == "random":
         print(f"WARNING: {name} has RANDOM weights (seed 0): features are meaningless, for tests and offline "
               "demos only", file=sys.stderr)
         g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for key, p in model.named_parameters():  # fixed order, so the draws are reproducible
-                if key.endswith("bias"):
-                    p.zero_()
-                elif p.ndim == 1:  # LayerNorm weights (torch init) and LayerScale gammas (hub init_values 1.0): 1
-                    p.fill_(1.0)
-                else:  # linear / conv weights and tokens: trunc-normal 0.02 as dinov2's init_weights_vit_timm
-                    nn.init.trunc_normal_(p, std=0.02, generator=g)
+        for key, p in model.named_parameters():  # fixed order, so the draws are reproducible
+            if key.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:  # LayerNorm weights (torch init) and LayerScale gammas (hub init_values 1.0): 1
+                p.fill_(1.0)
+            else:  # linear / conv weights and tokens: trunc-normal 0.02 as dinov2's init_weights_vit_timm
+                nn.init.trunc_normal_(p, std=0.02, generator=g)
     else:
         file = weights_file(name)
         path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / file
@@ -272,7 +259,7 @@ def load_dinov2(name="dinov2_vits14", weights=None, device="cpu"):
             model.load_state_dict(sd, strict=True)  # IMPORTANT: strict, so a LayerScale or key mismatch cannot hide
         except (RuntimeError, TypeError, AttributeError) as e:
             raise data.UserError(f"{path} does not hold {name} weights (wrong --dino-name?): {str(e)[:300]}") from e
-    return model.eval().requires_grad_(False).to(device)
+    return model.eval().to(device)
 
 
 def encode(model, frames, size=196):
@@ -441,9 +428,8 @@ def state_tokens(s):
     agent, block, th, vel = s[..., 0:2], s[..., 2:4], s[..., 4], s[..., 5:7]
     c, sn = th.cos(), th.sin()
     rot = lambda v: torch.stack([c * v[..., 0] + sn * v[..., 1], c * v[..., 1] - sn * v[..., 0]], -1)  # noqa: E731
-    z = torch.cat([(agent - 256) / UNIT, (block - 256) / UNIT, ANGLE * torch.stack([c, sn], -1),
-                   rot(agent - block) / UNIT, rot(vel) / SPEED, vel / SPEED], -1)  # (..., 12)
-    return z[..., None, :]  # (..., 1, 12)
+    return torch.cat([(agent - 256) / UNIT, (block - 256) / UNIT, ANGLE * torch.stack([c, sn], -1),
+                      rot(agent - block) / UNIT, rot(vel) / SPEED, vel / SPEED], -1)[..., None, :]  # (..., 1, 12)
 
 
 def sigreg(z, num_proj=SIGREG_PROJ, knots=SIGREG_KNOTS):
@@ -475,11 +461,9 @@ class JEPAEncoder(nn.Module):
 
     def __init__(self, img_size, dim, width):
         super().__init__()
-        chans = [3, width, 2 * width, 4 * width, 4 * width]
-        blocks = []
-        for cin, cout in zip(chans[:-1], chans[1:]):  # S -> S/16: 96 px -> 6 x 6 cells of 6 px (the agent: ~6 px)
-            blocks += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-        self.convs = nn.Sequential(*blocks)
+        chans = [3, width, 2 * width, 4 * width, 4 * width]  # S -> S/16: 96 px -> 6 x 6 cells of 6 px (agent ~6 px)
+        self.convs = nn.Sequential(*[layer for cin, cout in zip(chans[:-1], chans[1:]) for layer in (
+            nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())])
         cells = (img_size // 16) ** 2
         # Flatten, not pool: the cell index is where things are, and where is what the planner needs.
         self.projector = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * cells, 512), nn.BatchNorm1d(512), nn.GELU(),

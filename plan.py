@@ -4,14 +4,13 @@ and the planner's ceiling (the same planner and budget with the true simulator a
 
 Reads RUN/ckpt.pt (+ RUN/decoder.pt for la/vq, or RUN/adapter.pt with --via adapter) and the run's dataset split
 (--data for a moved run); writes RESULTS.json (success_rate, successes, via, labels, reference {random, replay,
-ceiling}, Wilson 95% CI, distances, tasks, config), mp4 videos of the first --videos episodes beside it, and the
-ceiling's cache in ceiling/ beside it (shared by every run planned on the same tasks with the same budget).
-Batched: every planner iteration is ONE world-model call over E episodes x N samples. --opt-steps defaults to 30
-(DINO-WM, stable-worldmodel); the seed's numbers used 10.
+ceiling}, Wilson 95% CI, distances, tasks, config), mp4 videos of the first --videos episodes and the ceiling's cache
+(ceiling/, shared by every run planned on the same tasks and budget) beside it. Batched: every planner iteration is
+ONE world-model call over E episodes x N samples. --opt-steps: 30 as DINO-WM and stable-worldmodel; the seed used 10.
 GPU:  python plan.py --run runs/full/vq --protocol open-loop --opt-steps 10 --out runs/full/results/vq-open-loop.json
       (DINOv2 tokens, 100 episodes; seconds per solve on an H200: not yet measured)
-CPU:  python plan.py --run runs/quick/baseline --protocol open-loop --episodes 50 --opt-steps 10
-      --out runs/quick/results/baseline-open-loop.json    (state tokens: ~0.1 s per episode-solve on 2 cores)
+CPU:  python plan.py --run runs/quick/baseline --opt-steps 10 --out runs/quick/results/baseline-open-loop.json
+      (state tokens, open loop, 100 episodes: ~0.1 s per episode-solve on 2 cores)
 """
 import hashlib
 import json

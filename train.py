@@ -1,17 +1,16 @@
 """Train the world model (baseline / la / vq, wm.py) on Push-T windows, from any token source (state, dinov2, jepa).
 
-Reads DIR (data.py layout; --tokens dinov2 also DIR/{split}/features.npy from `dino.py encode` when it matches, else
-encodes frames every step; --features memory encodes every frame once, into GPU memory as int8). Writes RUN/ckpt.pt
-(raw weights, optimiser, step, configs, data stats and fingerprint, la/vq latent prior, RNG; atomic), config.json and
-log.jsonl (validations add the collapse diagnostics defined here). The same --out again resumes exactly (flags given
-again must match, except runtime ones such as a raised --steps); the run folder is locked while training.
+Reads DIR (data.py layout; --tokens dinov2 also DIR/{split}/features.npy from `dino.py encode`, else encodes frames
+every step, or with --features memory every frame once, into GPU memory as int8). Writes RUN/ckpt.pt (weights,
+optimiser, step, configs, data stats and fingerprint, la/vq latent prior, RNG; atomic), config.json and log.jsonl
+(validations add the collapse diagnostics defined here). The same --out again resumes exactly (flags given again must
+match, except runtime ones such as a raised --steps); the run folder is locked while training.
 GPU:  python train.py --data runs/full/data --variant vq --out runs/full/vq     (DINOv2 tokens; H200: not yet measured)
-      DINO-WM setting: --num-hist 3 --proprio --cond-dim 10 --batch-size 32 --lr-predictor 5e-4 --lr-action 5e-4
-      multi-GPU: torchrun --standalone --nproc_per_node 4 train.py ... (batch-size is per GPU); unoptimised reference
-      for speed ratios: add --no-compile --features off --dtype float32
+      DINO-WM setting: --num-hist 3 --proprio --cond-dim 10 --batch-size 32 --lr-predictor 5e-4 --lr-action 5e-4;
+      multi-GPU: torchrun --standalone --nproc_per_node 4 train.py ... (batch per GPU); unoptimised: --no-compile
+      --features off --dtype float32
 CPU:  python train.py --data runs/quick/data --variant la --out /tmp/la --tokens state --steps 2000 --batch-size 256
-      --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --idm-depth 2 --idm-heads 4 --idm-dim 128 ...
-      (the state-token sizes of `reproduce.sh quick`; ~45 steps/s on one core)
+      --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 ... (`reproduce.sh quick`; ~45 steps/s on one core)
 """
 import contextlib
 import itertools
@@ -85,20 +84,6 @@ class TrainConfig:
 # Settings a resumed run may change (its folder's path too: runs move); the rest is what the run *is* and must match.
 RUNTIME = ("out", "steps", "data", "device", "num_workers", "compile", "log_every", "features", "eval_every",
            "dry_run", "frames")
-
-
-def train_order(n, seed, start, rank=0, world=1):
-    """Endless window indices, a fresh seeded permutation per epoch (DINO-WM: once), from `start`; rank r's share."""
-    def epochs():
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            yield from torch.randperm(n, generator=g).tolist()
-    return itertools.islice(epochs(), start + rank, None, world)
-
-
-def fixed_subset(n, count):
-    """Deterministic, evenly spread window indices: the val order never changes (the seed shuffled its val loader)."""
-    return torch.linspace(0, n - 1, min(count, n)).round().long().unique().tolist()
 
 
 def lr_factor(step, cfg):
@@ -239,7 +224,7 @@ def evaluate(model, val_loader, stats_loader, input_of, device, ctx, seed):
     CEM prior, per-dim mean/std of pre-VQ IDM latents of train transitions (the seed sampled N(0, 1); its IDM's latents
     had per-dim means and stds of about 2)."""
     model.eval()
-    variant, sums, codes, n, toks = model.cfg.variant, {}, [], 0, []
+    variant, rows, codes, toks = model.cfg.variant, [], [], []
     g = torch.Generator().manual_seed(seed)  # same permutations at every validation
     for batch in val_loader:
         a, p = batch["action"].to(device), batch["proprio"].to(device)
@@ -254,9 +239,8 @@ def evaluate(model, val_loader, stats_loader, input_of, device, ctx, seed):
             codes.append(out["codes"].flatten())
         if model.encoder is not None:  # jepa: first-frame tokens and states for the collapse statistics and probes
             toks.append((z[:, 0].float().cpu(), batch["state"][:, 0]))
-        sums = {k: sums.get(k, 0.0) + v for k, v in row.items()}
-        n += 1
-    metrics = {k: v / max(n, 1) for k, v in sums.items()}
+        rows.append(row)
+    metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}  # means over the batches
     require(math.isfinite(metrics["val_loss"]), "the validation loss is not finite: a corrupt feature cache? rebuild "
                                                 "it with `python dino.py encode --data DIR --overwrite`")
     if codes:
@@ -337,8 +321,7 @@ def dry_run(cfg, mc, ckpt):
     for name, flops in stages.items():  # FLOP-equivalents: the decoder's launch-bound fitting is counted at the rate
         print(f"estimate {name}: {flops / rate:.0f} GPU-s ({flops / 1e15:.1f} PFLOP at an assumed "
               f"{ASSUMED_TFLOPS[cfg.dtype]} TFLOP/s {cfg.dtype})")
-    if ckpt is None:  # what the later stages of the recipe read before the run has a checkpoint
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    if ckpt is None:  # what the later stages of the recipe read before the run has a checkpoint (makes the folder)
         data.atomic_write(Path(cfg.out) / "config.json", {"train": asdict(cfg), "model": asdict(mc)})
     return stages
 
@@ -376,12 +359,15 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         ds = {s: dino.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features, device, ctx)
               for s in ("train", "val")}
         subset = data.label_subset(len(ds["train"]), cfg.labels, cfg.seed)  # (N,) window indices
-        order = (int(subset[i]) for i in train_order(len(subset), cfg.seed, start * cfg.batch_size * world, rank,
-                                                     world))
+        gen = torch.Generator().manual_seed(cfg.seed)  # endless: a fresh seeded permutation per epoch (DINO-WM: once)
+        order = (int(subset[i]) for _ in itertools.count() for i in torch.randperm(len(subset), generator=gen).tolist())
+        order = itertools.islice(order, start * cfg.batch_size * world + rank, None, world)  # resumed; rank r's share
         train_loader = data.loader(ds["train"], cfg.batch_size, order, cfg.num_workers, device, drop_last=True)
-        val_loader, stats_loader = (data.loader(ds[s], cfg.batch_size, fixed_subset(len(ds[s]), n * cfg.batch_size),
-                                                cfg.num_workers, device)  # the same batches at every evaluation
-                                    for s, n in (("val", cfg.val_batches), ("train", cfg.stats_batches)))
+        # the same batches at every evaluation: evenly spread windows (the seed shuffled its val loader)
+        fixed = {s: torch.linspace(0, len(ds[s]) - 1, min(n * cfg.batch_size, len(ds[s]))).round().long().unique()
+                 for s, n in (("val", cfg.val_batches), ("train", cfg.stats_batches))}  # window indices
+        val_loader, stats_loader = (data.loader(ds[s], cfg.batch_size, fixed[s].tolist(), cfg.num_workers, device)
+                                    for s in ("val", "train"))
         input_of = dino.make_input(mc, device, cfg.dino_weights or None)
         source = "computed per batch" if ds["train"].features is None else "feature cache" if cfg.features == "cache" \
             else "int8 features in device memory"
@@ -408,9 +394,8 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         if device.type == "cuda" and cfg.compile:
             # Compile the hot, fixed-shape transformers in place (Module.compile keeps state_dict keys, so raw is what
             # we save). The VQ's in-place EMA and its DDP collectives stay eager: no graph breaks to reason about.
-            for module in (raw.predictor, getattr(raw, "idm", None), raw.encoder):
-                if module is not None:
-                    module.compile()
+            for module in [m for m in (raw.predictor, getattr(raw, "idm", None), raw.encoder) if m is not None]:
+                module.compile()
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
         params = sum(p.numel() for p in raw.parameters())
         print(f"parameters: {params / 1e6:.2f} M | model GFLOPs per training window: {train_flops(mc) / 1e9:.3g}")
