@@ -448,8 +448,15 @@ def sigreg(z, num_proj=SIGREG_PROJ, knots=SIGREG_KNOTS):
 
 
 def jepa_reg(z, mc):
-    """The weighted anti-collapse loss of jepa tokens: z (B, T, P, D) -> ()."""
-    return mc.jepa_sigreg * sigreg(z.flatten(2))  # (B, T, P*D)
+    """The weighted anti-collapse loss of jepa tokens: z (B, T, P, D) -> (). With jepa_delta (ours), also SIGReg on
+    the frame-to-frame changes, each dimension scaled to unit std: changes that only the rare block pushes make
+    (mostly zero, heavy-tailed) are far from Gaussian, so the encoder is pushed to encode what moves at every step,
+    the agent, which a label-free model otherwise drops (nothing in its loss needs it)."""
+    reg = mc.jepa_sigreg * sigreg(z.flatten(2))  # (B, T, P*D)
+    if mc.jepa_delta:
+        d = (z[:, 1:] - z[:, :-1]).flatten(2).float()  # (B, T-1, P*D)
+        reg = reg + mc.jepa_delta * sigreg(d / d.std(0, keepdim=True).detach().clamp_min(1e-6))
+    return reg
 
 
 class JEPAEncoder(nn.Module):

@@ -151,6 +151,8 @@ if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against la
   same_data "$DATA"
   open=(--protocol open-loop --episodes 100 --ceiling-episodes 100 --opt-steps 10 --videos 0)  # ceiling: every task
   LA=(--latent-dim 4 --cond-dim 4)  # a narrow latent: an action, not the next state (README experiment log)
+  # pixels: SIGReg on the token changes too (wm.py --jepa-delta), or the label-free encoder drops the agent
+  [ "$mode" = labels ] || LA+=(--jepa-delta 0.09)
   wm_lane() {  # VARIANT N...: the label-free world model, then baselines trained on N labelled windows (all: every one)
     local v=$1 n; shift
     [ -z "$v" ] || stage "train-$v" $PY train.py --data "$DATA" --variant $v --out "$OUT/$v" "${WM[@]}" \

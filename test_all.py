@@ -1442,6 +1442,10 @@ def test_sigreg_known_answers_the_jepa_encoder_token_stats_probes_and_the_collap
     s, z = torch.tensor([0.3, 0.0], requires_grad=True), torch.randn(512, 1, 16)  # why the encoder ends in BatchNorm:
     (dino.sigreg(s[0] * z) + dino.sigreg(s[1] * z)).backward()
     assert s.grad[0] < -10 and s.grad[1].abs() < 1e-6  # large at scale 0.3, none at a collapsed batch
+    z = torch.randn(256, 2, 1, 16)  # jepa_delta: tokens that change in every dimension, or in one (the rest still)
+    still = torch.cat([z[:, :1], torch.cat([z[:, 1:, :, :1], z[:, :1, :, 1:]], -1)], 1)  # (256, 2, 1, 16)
+    reg = {w: [dino.jepa_reg(x, WMConfig(tokens="jepa", jepa_delta=w)).item() for x in (z, still)] for w in (0, 1)}
+    assert abs(reg[0][0] - reg[0][1]) < 0.05 and reg[1][0] < 2 and reg[1][1] > 50, reg
     enc = dino.JEPAEncoder(img_size=32, dim=16, width=4)
     z = enc(torch.randint(0, 256, (6, 2, 32, 32, 3), dtype=torch.uint8))
     assert z.shape == (6, 2, 1, 16)

@@ -57,6 +57,7 @@ class WMConfig:
     jepa_dim: int = 64  # D of --tokens jepa: one token per frame; LeWM 192 (ViT-tiny CLS), smaller for CPU runs
     jepa_width: int = 16  # channels of the jepa CNN's first layer (doubled twice on the way down); CPU-sized
     jepa_sigreg: float = 0.09  # SIGReg weight; LeWM config/train/lewm.yaml 0.09 (paper: lambda ~ 0.1)
+    jepa_delta: float = 0.0  # weight of SIGReg on frame-to-frame token changes (dino.jepa_reg; ours): keeps the agent
     jepa_idm: float = 0.0  # PLDM's inverse-dynamics weight (z_t+1, z_t -> a_t; baseline only); Push-T 0, Two-Rooms 1.07
 
     def __post_init__(self):
@@ -76,7 +77,7 @@ class WMConfig:
                 f"{data.MAX_IMG} px")
         require(self.dino_name.removesuffix("_reg") in dino.ARCHS, f"--dino-name {self.dino_name!r}: choose one of "
                 f"{', '.join(dino.ARCHS)} (optionally + _reg)")
-        require(min(self.jepa_dim, self.jepa_width) >= 2 and self.jepa_sigreg >= 0,
+        require(min(self.jepa_dim, self.jepa_width) >= 2 and min(self.jepa_sigreg, self.jepa_delta) >= 0,
                 "--jepa-dim and --jepa-width must be >= 2, the --jepa-* loss weights >= 0")
         jepa = [f for f in self.__dataclass_fields__ if f.startswith("jepa_") and self.tokens != "jepa"]
         data.unused(self, jepa, f"--tokens {self.tokens}")  # silently ignoring them would mislead
