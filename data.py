@@ -681,10 +681,9 @@ def check_choices(cfg):
     """Every config's checks: Literal choices (configs built in code), finite floats (an inf lr means NaN), the seed."""
     for f in dataclasses.fields(cfg):
         choices = typing.get_args(f.type) if typing.get_origin(f.type) is typing.Literal else ()
-        value = getattr(cfg, f.name)
-        require(not choices or value in choices,
-                f"{flag(f.name)} {value!r}: choose one of {', '.join(map(str, choices))}")
-        require(not isinstance(value, float) or math.isfinite(value), f"{flag(f.name)} {value}: give a finite number")
+        v = getattr(cfg, f.name)
+        require(not choices or v in choices, f"{flag(f.name)} {v!r}: choose one of {', '.join(map(str, choices))}")
+        require(not isinstance(v, float) or math.isfinite(v), f"{flag(f.name)} {v}: give a finite number")
     seed = getattr(cfg, "seed", 0)
     require(0 <= seed < 2 ** 32, f"--seed {seed}: choose a seed in 0 .. 2^32 - 1")
 
@@ -722,8 +721,7 @@ def parse_config(*classes, argv=None, doc=None):
     for cls in classes:
         add_flags(p.add_argument_group(cls.__name__), cls)
     given = vars(p.parse_args(argv))
-    names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
-    return (*(cls(**{k: v for k, v in given.items() if k in names(cls)}) for cls in classes), set(given))
+    return (*(cls(**{k: v for k, v in given.items() if k in cls.__dataclass_fields__}) for cls in classes), set(given))
 
 
 def cli(main, *classes, doc=None, commands=None):

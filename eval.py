@@ -163,8 +163,7 @@ def evaluate_run(run, cfg, device):
         # Linear probe latent -> true macro action, fitted on train windows (2 frames: one transition each).
         fit = [(model.conditioning(model.encode(input_of(b)))["cond"][:, 0].float().cpu(), b["action"][:, 0])
                for b in batches("train", 2, cfg.probe_windows, f"{name}: probe fit")]  # (B, C), (B, A)
-        out["probe_r2"] = linear_probe(torch.cat([f[0] for f in fit]), torch.cat([f[1] for f in fit]),
-                                       torch.cat(lat), torch.cat(act), gen)
+        out["probe_r2"] = linear_probe(*map(torch.cat, zip(*fit)), torch.cat(lat), torch.cat(act), gen)
         try:  # the action decoder's val accuracy and label budget (RUN/decode.json), or why there is none
             rep = decode.load_head(run, ckpt, "cpu")[1]
             out["decoder"] = {"val_rmse_px": rep["val_rmse_px"], "r2_mean": rep["r2_mean"],

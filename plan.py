@@ -117,8 +117,7 @@ def cem_gaussian(cost_fn, mu, sigma, num_samples=300, topk=30, opt_steps=30, gen
     topk:        M elites; mean and unbiased std of the elites replace mu and sigma (no smoothing or clipping)
     opt_steps:   fixed iteration count (never stops early: planners do not see the simulator)
     generator:   None, a torch.Generator, or a list of E generators (one noise stream per episode, see draw)
-    returns:     mu (E, H, A), the final mean
-    """
+    returns:     mu (E, H, A), the final mean"""
     E = mu.shape[0]
     for _ in range(opt_steps):
         eps = draw(torch.randn, E, (num_samples, *mu.shape[1:]), generator, mu.device)  # (E, N, H, A)
@@ -145,8 +144,7 @@ def cem_categorical(cost_fn, E, H, K, num_samples=300, topk=30, opt_steps=30, te
     momentum:    pi <- momentum * pi_old + (1 - momentum) * pi_MLE (0.7 keeps 70 % of the OLD distribution)
     generator:   None, a torch.Generator, or a list of E generators (see draw)
     returns:     (E, H) long, the cheapest sample ever evaluated (best-ever tracker), not argmax pi: with
-                 pseudocount 1 and momentum 0.7, pi stays broad for 10 iterations (a unanimous elite reaches 31/62)
-    """
+                 pseudocount 1 and momentum 0.7, pi stays broad for 10 iterations (a unanimous elite reaches 31/62)"""
     pi = torch.full((E, H, K), 1.0 / K, device=device)  # (E, H, K)
     best_cost = torch.full((E,), math.inf, device=device)  # (E,)
     best = torch.zeros(E, H, dtype=torch.long, device=device)  # (E, H)
@@ -174,8 +172,7 @@ def cem_categorical(cost_fn, E, H, K, num_samples=300, topk=30, opt_steps=30, te
 
 def rollout_cost(model, z0, zg, plan, p0=None, pg=None, alpha=1.0, adapter=None):
     """Imagination cost of candidate plans (DINO-WM planning/objectives.py, objective "last" as the seed): roll the
-    world model out from the start tokens under every plan at once and compare the last imagined tokens with the
-    goal's.
+    world model out from the start tokens under every plan at once and compare the last imagined tokens with the goal's.
 
     z0, zg (E, P, D) start and goal tokens; plan (E, N, H, ...) actions, latents or code indices;
     p0 (E, 4) normalised start proprio and pg (E, proprio_dim) goal proprio embedding (None without proprio);
@@ -228,9 +225,8 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
                 env.advance(a)
             goal.append(env.get_state())
         goal = np.stack(goal)  # (n, 7)
-    goal_frame = np.stack([render_state(s, img_size) for s in goal])  # (n, S, S, 3)
     return dict(episode=np.array(ep), step=np.array(step), start_state=start, goal_state=goal, actions=actions,
-                goal_frame=goal_frame)
+                goal_frame=np.stack([render_state(s, img_size) for s in goal]))  # goal_frame (n, S, S, 3)
 
 
 def run_policy(tasks, idx, policy, budget, every_step, img_size, record=(), desc="env"):
@@ -293,15 +289,16 @@ def evaluate(tasks, policy_for, batch, budget, every_step, img_size, out, videos
     return res
 
 
-def references(tasks, stats, budget, every_step, img_size, seed):
-    """The floor and the replay on the same tasks: i.i.d. Gaussian px actions with the dataset's per-step mean and
-    std, and the recorded actions replayed (then zero offsets). Replay is 1.0 open loop by construction."""
+def references(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
+    """The reference rows on the same tasks: the floor, i.i.d. Gaussian px actions with the dataset's per-step mean and
+    std; the recorded actions replayed (then zero offsets), 1.0 open loop by construction; the ceiling (ceiling())."""
     n = len(tasks["episode"])
-    rand = np.random.default_rng([seed, 1]).normal(stats["action_mean"], stats["action_std"], (n, budget, 2))
+    rand = np.random.default_rng([cfg.seed, 1]).normal(stats["action_mean"], stats["action_std"], (n, budget, 2))
     replay, m = np.zeros((n, budget, 2)), min(budget, GOAL_STEPS)  # (n, T, 2)
     replay[:, :m] = tasks["actions"][:, :m]
-    return {name: float(run_policy(tasks, np.arange(n), lambda s, a=a: a, budget, every_step, img_size,
-                                   desc=name)[0].mean()) for name, a in (("random", rand), ("replay", replay))}
+    ref = {name: float(run_policy(tasks, np.arange(n), lambda s, a=a: a, budget, every_step, img_size,
+                                  desc=name)[0].mean()) for name, a in (("random", rand), ("replay", replay))}
+    return {**ref, **ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir)}
 
 
 def sim_costs(state, goal, acts):
@@ -339,8 +336,7 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
     n = min(cfg.ceiling_episodes, len(tasks["episode"]))
     if n == 0:
         return {"ceiling": None, "ceiling_episodes": 0}
-    keys = ("num_samples", "topk", "opt_steps", "horizon", "var_scale", "seed")
-    budget_cfg = {k: getattr(cfg, k) for k in keys}
+    budget_cfg = {k: getattr(cfg, k) for k in ("num_samples", "topk", "opt_steps", "horizon", "var_scale", "seed")}
     digest = hashlib.sha256(json.dumps([tasks["start_state"][:n].tolist(), tasks["goal_state"][:n].tolist(),
                                         budget, every_step, budget_cfg, stats["action_std"], "placed once"]).encode()
                             ).hexdigest()[:16]  # "placed once": caches of the earlier, twice-placed model are stale
@@ -353,9 +349,8 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
             return {k: hit[k] for k in keys}
         except UserError as e:
             print(f"{e}: solving the ceiling again")
-    workers = cfg.workers if cfg.workers > 0 else os.cpu_count()
     solves = iter(range(10 ** 6))  # one noise seed per solve, whatever the pool's order
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(cfg.workers if cfg.workers > 0 else os.cpu_count()) as pool:
         def policy(state):
             jobs = [(s, g, int(np.random.SeedSequence([cfg.seed, i, next(solves)]).generate_state(1)[0]), budget_cfg,
                      stats) for i, (s, g) in enumerate(zip(state, tasks["goal_state"][:n]))]
@@ -363,7 +358,6 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
         ok = run_policy(tasks, np.arange(n), policy, budget, every_step, img_size,
                         desc="ceiling (simulator as model)")[0]
     result = {"ceiling": float(ok.mean()), "ceiling_episodes": n, "ceiling_successes": ok.astype(int).tolist()}
-    path.parent.mkdir(parents=True, exist_ok=True)
     data.atomic_write(path, {**result, "budget": budget_cfg, "protocol_budget": budget, "every_step": every_step})
     print(f"ceiling: {result['ceiling']:.2f} on {n} tasks (simulator as the planner's model) -> {path}")
     return result
@@ -395,27 +389,23 @@ def auto_batch(cfg, model, n, device, width, adapter=None):
     return E
 
 
-def results_json(cfg, tasks, res, planner, variant, tokens, ref, via, labels, extra):
-    """The RESULTS.json of plan.py and policy.py: contract fields first, then the details. via: how plans become
-    actions; labels: the labelled transitions that anything in this row was trained on."""
+def write_results(cfg, tasks, res, planner, variant, tokens, ref, via, labels, extra):
+    """RESULTS.json of plan.py and policy.py (contract fields first, then the details) -> cfg.out, plus the one-line
+    verdict, printed. via: how plans become actions; labels: the labelled transitions behind every model in this row."""
     n, k = len(res["successes"]), sum(res["successes"])
     dist = np.array([distances(g, s) for g, s in zip(tasks["goal_state"], res["final"])])  # (n, 2)
-    return dict(success_rate=k / n, successes=res["successes"], episodes=n, protocol=cfg.protocol, planner=planner,
-                seconds_per_solve=res["seconds"] / max(res["solves"], 1), variant=variant, run=str(cfg.run),
-                tokens=tokens, via=via, labels=labels, reference=ref, ci95=list(wilson(k, n)), split=cfg.split,
-                mean_final_pos_dist=float(dist[:, 0].mean()), mean_final_angle_dist=float(dist[:, 1].mean()),
-                mean_best_pos_dist=float(np.mean(res["best"])), config=asdict(cfg), **extra,
-                tasks={key: tasks[key].tolist() for key in ("episode", "step", "start_state", "goal_state")})
-
-
-def summary(r, out):
-    """The one-line verdict every planning or policy run prints."""
-    lo, hi = r["ci95"]
-    ref, k = r["reference"], sum(r["successes"])
+    results = dict(success_rate=k / n, successes=res["successes"], episodes=n, protocol=cfg.protocol, planner=planner,
+                   seconds_per_solve=res["seconds"] / max(res["solves"], 1), variant=variant, run=str(cfg.run),
+                   tokens=tokens, via=via, labels=labels, reference=ref, ci95=list(wilson(k, n)), split=cfg.split,
+                   mean_final_pos_dist=float(dist[:, 0].mean()), mean_final_angle_dist=float(dist[:, 1].mean()),
+                   mean_best_pos_dist=float(np.mean(res["best"])), config=asdict(cfg), **extra,
+                   tasks={key: tasks[key].tolist() for key in ("episode", "step", "start_state", "goal_state")})
+    data.atomic_write(cfg.out, results)
     ceil = "n/a" if ref["ceiling"] is None else f"{ref['ceiling']:.2f} (n={ref['ceiling_episodes']})"
-    return (f"{r['variant']} {r['protocol']} {r['planner']} [{r['tokens']}]: success {k}/{r['episodes']} = "
-            f"{r['success_rate']:.2f} (95% CI {lo:.2f}-{hi:.2f}) | random {ref['random']:.2f} | replay "
-            f"{ref['replay']:.2f} | ceiling {ceil} | {r['seconds_per_solve']:.3f} s/solve -> {out}")
+    print(f"{variant} {cfg.protocol} {planner} [{tokens}]: success {k}/{n} = {results['success_rate']:.2f} (95% CI "
+          f"{results['ci95'][0]:.2f}-{results['ci95'][1]:.2f}) | random {ref['random']:.2f} | replay "
+          f"{ref['replay']:.2f} | ceiling {ceil} | {results['seconds_per_solve']:.3f} s/solve -> {cfg.out}")
+    return results
 
 
 def decode_plan(model, decoder, z0, plan, p0=None):
@@ -454,8 +444,7 @@ def main(cfg: PlanConfig):
     model, ckpt, root = wm.load_run(cfg.run, device, cfg.data, cfg.dino_weights)
     mc, stats, H = model.cfg, ckpt["stats"], cfg.horizon
     img = mc.img_size or 224  # goal frames and videos (a state run has no image size of its own)
-    # How a plan becomes simulator actions: the baseline plans them; la/vq plan latents for the decoder, or actions
-    # through the adapter.
+    # How a plan becomes simulator actions: the baseline plans them; la/vq plan latents (decoder) or actions (adapter).
     via = cfg.via if cfg.via != "auto" else "actions" if mc.variant == "baseline" else "decoder"
     require((via == "actions") == (mc.variant == "baseline"), f"--via {via}: {cfg.run} is a {mc.variant} run; "
             + ("it plans real actions (--via auto)" if mc.variant == "baseline" else "choose decoder or adapter"))
@@ -490,8 +479,7 @@ def main(cfg: PlanConfig):
         if collapse["collapsed"]:
             print(f"WARNING: planning with a collapsed jepa encoder (median token std "
                   f"{collapse['token_std_median']:.2e})")
-    ref = {**references(tasks, stats, budget, every_step, img, cfg.seed),
-           **ceiling(tasks, cfg, stats, budget, every_step, img, Path(cfg.out).parent / "ceiling")}
+    ref = references(tasks, cfg, stats, budget, every_step, img, Path(cfg.out).parent / "ceiling")
 
     # --- solve: encode the current frames once, plan (E*N rollouts per iteration), decode to px actions
     # The Gaussian planners' start (H, A|L): normalised macro actions at 0 (the dataset-mean action); la latents at
@@ -536,13 +524,10 @@ def main(cfg: PlanConfig):
     res = evaluate(tasks, policy_for, E, budget, every_step, img, cfg.out, cfg.videos)
 
     # --- write RESULTS.json and the one-line summary
-    results = results_json(cfg, tasks, res, planner, mc.variant, mc.tokens, ref, via, labels, dict(
+    return write_results(cfg, tasks, res, planner, mc.variant, mc.tokens, ref, via, labels, dict(
         batch_episodes=E, budget=budget, device=str(device), data=str(root), token_stats=collapse,
         peak_gpu_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         total_seconds=time.perf_counter() - t_start))
-    data.atomic_write(cfg.out, results)
-    print(summary(results, cfg.out))
-    return results
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class EvalConfig:
     seed: int = 0  # seeds the task draws and the random policy (plan.py's tasks with the same seed)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # CUDA: bf16 autocast (the DINOv2 encoder included), or fp32
-    run = property(lambda self: self.policy)  # RESULTS.json's "run" (plan.results_json reads cfg.run): the policy
+    run = property(lambda self: self.policy)  # RESULTS.json's "run" (plan.write_results reads cfg.run): the policy
 
     def __post_init__(self):
         data.check_choices(self)
@@ -302,8 +302,7 @@ def evaluate_policy(cfg: EvalConfig):
     tasks = plan.make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, img)
     ceil_cfg = plan.PlanConfig(run=cfg.policy, horizon=H, opt_steps=cfg.opt_steps, workers=cfg.workers, seed=cfg.seed,
                                ceiling_episodes=cfg.ceiling_episodes)  # plan.py's default CEM budget: the same ceiling
-    ref = {**plan.references(tasks, stats, budget, every_step, img, cfg.seed),
-           **plan.ceiling(tasks, ceil_cfg, stats, budget, every_step, img, Path(cfg.out).parent / "ceiling")}
+    ref = plan.references(tasks, ceil_cfg, stats, budget, every_step, img, Path(cfg.out).parent / "ceiling")
 
     # --- act: one forward pass per query, every episode at once
     def policy_for(idx):
@@ -318,12 +317,9 @@ def evaluate_policy(cfg: EvalConfig):
     res = plan.evaluate(tasks, policy_for, n, budget, every_step, img, cfg.out, cfg.videos)
 
     # --- RESULTS.json and the one-line summary
-    results = plan.results_json(cfg, tasks, res, ck["algo"], ck["algo"], mc.tokens, ref, ck["algo"], ck["labels"], dict(
+    return plan.write_results(cfg, tasks, res, ck["algo"], ck["algo"], mc.tokens, ref, ck["algo"], ck["labels"], dict(
         budget=budget, mpc_execute=execute, device=str(device), data=str(root), train_steps=ck["step"],
         train_seconds=ck["train_seconds"], train_config=tc, total_seconds=time.perf_counter() - t_start))
-    data.atomic_write(cfg.out, results)
-    print(plan.summary(results, cfg.out))
-    return results
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def test_import_converts_states_actions_and_video_frames(tmp_path):
     assert data.load_split(import_dinowm(src, tmp_path / "out2"), "train")["lengths"].tolist() == [20]
 
 ONE = dict(train=[20], val=[20])
-BAD_SOURCES = {  # name: (make a bad pusht_noise folder, the file the error must name, keep_frames)
+BAD_SOURCES = {  # name: (make a bad pusht_noise folder, the file the error names, keep_frames): HOSTILE's import-*
     "short-video": (lambda s: fake_dinowm(s, dict(train=[20, 21], val=[20]), short_video=("train", 1)),
                     "episode_001.mp4", True),
     "torch-pickle": (lambda s: fake_dinowm(s, ONE, lengths_obj=torch.tensor([20])), "seq_lengths.pkl", False),
@@ -314,24 +314,13 @@ BAD_SOURCES = {  # name: (make a bad pusht_noise folder, the file the error must
     "missing": (lambda s: (fake_dinowm(s, ONE) / "train" / "rel_actions.pth").unlink(), "rel_actions.pth", False),
     "garbage": (lambda s: (fake_dinowm(s, ONE) / "train" / "states.pth").write_bytes(b"garbage"), "states.pth", False)}
 
-@pytest.mark.parametrize("case", BAD_SOURCES)
-def test_import_refuses_bad_input_and_writes_nothing(tmp_path, case):
-    make, file, keep_frames = BAD_SOURCES[case]
-    make(tmp_path / "src")  # a pickled torch object is refused, never unpickled
-    user_error(import_dinowm, tmp_path / "src", tmp_path / "out", keep_frames, names=[file])
-    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no dataset, no staging folder
-
-@pytest.mark.parametrize("corrupt,file", [
-    (lambda d: d.joinpath("meta.json").unlink(), "meta.json"),
-    (lambda d: d.joinpath("meta.json").write_text("{not json"), "meta.json"),
-    (lambda d: np.save(d / "train" / "states.npy", np.zeros((27, 5))), "states.npy"),
-    (lambda d: np.save(d / "train" / "states.npy", np.zeros((26, 7))), "lengths.npy"),
-    (lambda d: d.joinpath("train", "actions.npy").write_bytes(b"\x93NUMPY garbage"), "actions.npy"),
-    (lambda d: np.save(d / "train" / "actions.npy", np.ones((27, 2), np.float32)), "fingerprint")],
-    ids=["no-meta", "meta-not-json", "states-shape", "lengths-sum", "actions-corrupt", "fingerprint"])
-def test_damaged_dataset_is_refused_naming_the_file(tmp_path, corrupt, file):
-    corrupt(d := write_dataset(tmp_path / "d", [12, 15]))
-    user_error(data.info, data.InfoConfig(root=str(d)), bench=2, names=[file])
+DAMAGED = {  # name: (damage a dataset of 27 frames, the file the error names): HOSTILE's dataset-*
+    "no-meta": (lambda d: d.joinpath("meta.json").unlink(), "meta.json"),
+    "meta-not-json": (lambda d: d.joinpath("meta.json").write_text("{not json"), "meta.json"),
+    "states-shape": (lambda d: np.save(d / "train" / "states.npy", np.zeros((27, 5))), "states.npy"),
+    "lengths-sum": (lambda d: np.save(d / "train" / "states.npy", np.zeros((26, 7))), "lengths.npy"),
+    "actions-corrupt": (lambda d: d.joinpath("train", "actions.npy").write_bytes(b"\x93NUMPY garbage"), "actions.npy"),
+    "fingerprint": (lambda d: np.save(d / "train" / "actions.npy", np.ones((27, 2), np.float32)), "fingerprint")}
 
 # ---- dino.py: the state-dict contract, forward vs a reference, interpolation, preprocessing, loading, the cache ------
 def official_shapes(D=384, depth=12, reg=False, swiglu=False):
@@ -467,9 +456,7 @@ def test_random_encoder_positions_shapes_frozen_use_the_callers_precision_and_pr
     assert 0.015 < a["blocks.0.attn.qkv.weight"].std() < 0.025 and 0.015 < a["pos_embed"].std() < 0.025
     with torch.inference_mode():
         out, cls = vits.forward_features(x := torch.zeros(1, 3, 224, 224)), vits(x)
-    assert {k: tuple(v.shape) for k, v in out.items() if v is not None} == {
-        "x_norm_clstoken": (1, 384), "x_norm_regtokens": (1, 0, 384), "x_norm_patchtokens": (1, 256, 384),
-        "x_prenorm": (1, 257, 384)} and torch.equal(cls, out["x_norm_clstoken"])
+    assert out["x_norm_patchtokens"].shape == (1, 256, 384) and torch.equal(cls, out["x_norm_clstoken"])
     pytest.raises(ValueError, vits.forward_features, torch.zeros(1, 3, 30, 28))  # sides must be multiples of 14
     frames = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     with torch.no_grad():
@@ -714,14 +701,13 @@ def test_run_folder_resume_after_a_kill_is_bit_identical_and_the_nan_guard(pipe,
     assert set(ckpt["stats"]) >= {"action_mean", "action_std", "proprio_mean", "proprio_std", "latent_mean",
                                   "latent_std"} and len(ckpt["stats"]["latent_mean"]) == 8
     assert jload(pipe.vq6 / "config.json")["model"]["visual_dim"] == 12
-    assert len((pipe.vq6 / "log.jsonl").read_text().splitlines()) >= 5
     with monkeypatch.context() as m:
         kill_at(m, 5), pytest.raises(KeyboardInterrupt, train.main, *train_cfgs(pipe.data, tmp_path / "part"))
     assert tload(tmp_path / "part" / "ckpt.pt")["step"] == 3
     resumed = train.main(*train_cfgs(pipe.data, tmp_path / "part")).state_dict()
     assert all(torch.equal(v, resumed[k]) for k, v in pipe.vq6_sd.items())
     kinds = [(r["step"], "loss" in r) for r in map(json.loads, open(tmp_path / "part" / "log.jsonl"))]
-    assert len(kinds) == len(set(kinds)) and max(kinds)[0] == 6  # the rows logged after the kill are not repeated
+    assert len(kinds) == len(set(kinds)) >= 5 and max(kinds)[0] == 6  # rows logged after the kill are not repeated
     kill_at(monkeypatch, 5, nan=True)  # the 5th train step (step 4) goes NaN
     with pytest.raises(FloatingPointError, match="step 4"):
         train.main(*train_cfgs(pipe.data, tmp_path / "nan", variant="baseline", steps=9))
@@ -742,13 +728,12 @@ def test_a_run_finds_its_data_moved_with_it_or_by_flag_and_refuses_another_or_a_
     other = write_dataset(tmp_path / "other", [12, 15])
     user_error(wm.load_run, moved, data_dir=str(other), names=[other, "--data"])  # another dataset: refused
     assert decode.main(tiny_decode(moved, data=str(tmp_path / "elsewhere")))["label_budget"]  # stages pass it on
-    user_error(decode.main, tiny_decode(moved), names=["--data"])
     (old := tmp_path / "old").mkdir(), user_error(wm.load_run, old, names=[old / "ckpt.pt", "train.py"])
     torch.save({**ckpt, "format": "old"}, old / "ckpt.pt"), user_error(wm.load_run, old, names=[old / "ckpt.pt"])
 
 def test_resume_takes_more_steps_and_runtime_flags_refuses_other_settings_and_leaves_the_run_alone(pipe, tmp_path):
-    """More steps and runtime flags taken; another setting or dataset, fewer steps, a folder in use or no dataset:
-    refused naming the flag, the run untouched, no run folder made."""
+    """More steps and runtime flags taken; another setting or dataset, fewer steps, a folder in use: refused naming
+    the flag, the run untouched, no run folder made (no dataset at all: HOSTILE's train-data-missing)."""
     before, other = (pipe.vq6 / "ckpt.pt").read_bytes(), write_dataset(tmp_path / "o", [12, 9, 15])
     cfg, mc = train_cfgs(pipe.data, pipe.vq6)
     for c, m, flag in ((replace(cfg, lr_predictor=5e-4), mc, "--lr-predictor"), (replace(cfg, steps=2), mc, "--steps"),
@@ -762,14 +747,11 @@ def test_resume_takes_more_steps_and_runtime_flags_refuses_other_settings_and_le
     assert ckpt["step"] == 2 and ckpt["train_config"]["log_every"] == 1
     with data.locked(busy := tmp_path / "busy" / "run"):
         user_error(train.main, *train_cfgs(pipe.data, busy), names=[busy])
-    (x := tmp_path / "x").mkdir()
-    user_error(train.main, *train_cfgs(x / "no-data", x / "run"), names=[x / "no-data"])
-    assert tree(busy.parent) == ["run", "run/.lock"] and tree(x) == []
+    assert tree(busy.parent) == ["run", "run/.lock"]
 
 def test_labels_only_training_draws_from_a_fixed_subset(pipe, tmp_path, monkeypatch):
-    """--labels N: exactly the N windows of the seeded subset, recorded in the checkpoint; bad counts refused."""
-    assert np.array_equal(data.label_subset(50, 7, 3), data.label_subset(50, 7, 3)) and len(set(
-        data.label_subset(50, 7, 3))) == 7 and np.array_equal(data.label_subset(50, -1, 3), np.arange(50))
+    """--labels N: exactly the N windows of the seeded subset, recorded in the checkpoint (bad counts: HOSTILE)."""
+    assert len(set(data.label_subset(50, 7, 3))) == 7 and np.array_equal(data.label_subset(50, -1, 3), np.arange(50))
     seen, loader = [], data.loader  # the window indices the train stream hands out
     monkeypatch.setattr(data, "loader", lambda ds, b, order, *a, **kw: loader(
         ds, b, (seen.append(i) or i for i in order) if kw.get("drop_last") else order, *a, **kw))
@@ -778,9 +760,6 @@ def test_labels_only_training_draws_from_a_fixed_subset(pipe, tmp_path, monkeypa
     windows = len(WindowDataset(pipe.data, "train", 2))
     assert set(seen) == set(data.label_subset(windows, 12, cfg.seed).tolist()) and len(seen) >= 30 * 4
     assert tload(tmp_path / "run" / "ckpt.pt")["stats"]["labels"] == 12
-    for out, variant, n in (("big", "baseline", windows + 1), ("la", "la", 10)):  # too many; a run without labels
-        user_error(train.main, *train_cfgs(pipe.data, tmp_path / out, variant, labels=n), names=["--labels"])
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # labels 0: HOSTILE's labels-zero
 
 def preset_vq():  # an initialised VQ whose codes are one input of each cluster of clustered(5)
     vq = wm.VectorQuantizer(4, 8, ema_decay=0.9, commitment=0.05)
@@ -856,7 +835,7 @@ def test_decoder_pooling_learning_early_stopping_and_take_gathers_each_store_whe
 
 def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_their_run(pipe, tmp_path):
     """decode.json, codes.png and its layout (vq only); heads tied to their checkpoint; vq's pairs carry codes;
-    no checkpoint, a changed dataset, a stale adapter or --via without one, a bad route: refused, nothing written."""
+    a changed dataset, a stale adapter or --via without one, a bad route: refused, nothing written."""
     report, run, root, before = pipe.reports["vq"], pipe.root / "vq", pipe.root, tree(pipe.root)
     assert report["label_budget"]["train_pairs"] == 64 and len(report["r2_per_dim"]) == 10
     assert report["tokens"] == "state" and report["variant"] == "vq"
@@ -898,8 +877,7 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     out = decode.load_head(run, ckpt, CPU, "adapter")[0](pairs["p"].float(), pairs["y"])  # (N, L)
     assert torch.equal(out, E[(out[:, None] - E).abs().sum(-1).argmin(1)])  # the adapter's output is a code
     r, bare = tmp_path / "r", tmp_path / "la"  # a checkpoint whose dataset changed since training
-    r.mkdir(), user_error(decode.main, tiny_decode(r), names=[r / "ckpt.pt"])
-    torch.save({**ckpt, "data": {**ckpt["data"], "relative": "gone", "fingerprint": "0" * 16}}, r / "ckpt.pt")
+    torch.save({**ckpt, "data": {**ckpt["data"], "relative": "gone", "fingerprint": "0" * 16}}, written(r / "ckpt.pt"))
     user_error(decode.main, tiny_decode(r), names=["--data"])
     ckpt = tload(root / "la" / "ckpt.pt")
     user_error(decode.load_head, root / "la", {**ckpt, "ckpt_id": "new"}, CPU, "adapter", names=["adapter.pt"])
@@ -959,8 +937,7 @@ def test_planners_on_known_costs_their_update_rules_batched_equals_separate_and_
     best = plan.cem_categorical(cost, 2, 3, 8, num_samples=50, topk=5, opt_steps=4, generator=gen(0))
     assert torch.equal(best, calls[0][0][torch.arange(2), calls[0][1].argmin(1)])
     torch.manual_seed(0)
-    model = WorldModel(WMConfig(visual_dim=8, num_patches=4, cond_dim=4, proprio=True, proprio_dim=3, depth=1,
-                                heads=2, dim_head=4, mlp_dim=8)).eval()
+    model = WorldModel(tiny_wm(visual_dim=8, cond_dim=4, proprio=True, depth=1, dim_head=4, mlp_dim=8)).eval()
     E, N, H = 2, 3, 4
     z0, zg, p0 = torch.randn(E, 4, 8), torch.randn(E, 4, 8), torch.randn(E, 4)  # (E, P, D), (E, P, D), (E, 4)
     pg, plans = torch.randn(E, 3), torch.randn(E, N, H, 10)  # (E, proprio_dim), (E, N, H, A)
@@ -1006,8 +983,7 @@ def test_end_to_end_results_json_and_the_shared_ceiling_cache(pipe, monkeypatch)
     windows = len(WindowDataset(pipe.data, "train", 2))
     for name, path in pipe.planned.items():
         (variant, protocol), r = name.split("-", 1), jload(path)
-        assert {"success_rate", "successes", "episodes", "protocol", "planner", "seconds_per_solve", "variant", "run",
-                "tokens", "reference", "ci95", "tasks", "config", "mean_final_pos_dist"} <= set(r), name
+        assert {"config", "mean_final_pos_dist"} <= set(r), name  # every other key of RESULTS.json is read below
         assert (r["variant"], r["protocol"], r["tokens"], r["run"]) == (variant, protocol, "state",
                                                                          str(pipe.root / variant))
         via = PLANS[name].get("via", "actions" if variant == "baseline" else "decoder")
@@ -1195,6 +1171,7 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "plan-out-over-a-checkpoint": (PLAN + " --run {r}/baseline --out {r}/baseline/ckpt.pt", ["--out"]),
     "plan-out-over-a-users-json": (PLAN + " --run {r}/baseline --out {r}/data/meta.json", ["--out"]),
     "train-out-empty": (TRAIN + " --data {r}/data --out ''", ["--out"]),
+    "train-data-missing": (TRAIN + " --data {t}/no-data --out {t}/run", ["{t}/no-data"]),
     "train-out-the-dataset": (TRAIN + " --data {r}/data --out {r}/data", ["--out"]),
     "train-out-a-users-folder": (TRAIN + " --data {r}/data --out {t}/mine", ["--out"],
                                  lambda t, r: written(t / "mine" / "config.json")),
@@ -1224,7 +1201,8 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "config-json-corrupt": (TRAIN + " --data {r}/data --out {t}/mine", ["config.json"],
                             lambda t, r: written(t / "mine" / "config.json", "{oops")),
     "labels-zero": (TRAIN + " --data {r}/data --out {t}/run --labels 0", ["--labels"]),
-    "labels-too-many": (TRAIN + " --data {r}/data --out {t}/run --labels 1000000", ["--labels"]),
+    "labels-too-many": (TRAIN + " --data {r}/data --out {t}/run --labels 261", ["--labels"]),  # 260 windows + 1
+    "labels-on-la": (TRAIN.replace("baseline", "la") + " --data {r}/data --out {t}/run --labels 10", ["--labels"]),
     "via-adapter-without-one": (PLAN + " --run {r}/baseline --out {t}/r.json --via adapter", ["--via"]),
     "head-adapter-on-a-baseline": ("decode.py --run {r}/baseline --head adapter --device cpu",
                                    ["--head adapter", "baseline"]),
@@ -1232,7 +1210,13 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "encode-size-30": ("dino.py encode --data {t}/c --size 30", ["--size"]),
     "train-typed-default-lr-on-a-run": ("train.py --data {r}/data --out {r}/la --lr-predictor 5e-5",
                                         ["--lr-predictor"]),
-    "decode-without-a-run": ("decode.py --run {t}/norun --device cpu", ["{t}/norun/ckpt.pt"])}
+    "decode-without-a-run": ("decode.py --run {t}/norun --device cpu", ["{t}/norun/ckpt.pt"]),
+    **{f"import-{k}": ("data.py import-dinowm --src {t}/src --out {t}/out" + " --keep-frames" * keep_frames, [file],
+                       lambda t, r, make=make: make(t / "src"))  # a pickled torch object is refused, never unpickled
+       for k, (make, file, keep_frames) in BAD_SOURCES.items()},
+    **{f"dataset-{k}": ("data.py info {t}/d", [file],
+                        lambda t, r, damage=damage: damage(write_dataset(t / "d", [12, 15])))
+       for k, (damage, file) in DAMAGED.items()}}
 
 @pytest.mark.parametrize("case", HOSTILE)
 def test_hostile_input_is_refused_in_one_line_and_loses_nothing(pipe, tmp_path, monkeypatch, capsys, case):
@@ -1471,9 +1455,9 @@ def test_jepa_runs_train_plan_and_refuse_a_collapsed_encoder(tmp_path):
     """A jepa run logs its regulariser and statistics, plans, is evaluated; a collapsed one is refused; vq on jepa."""
     jepa = dict(tokens="jepa", depth=1, heads=2, dim_head=8, mlp_dim=32, dropout=0.0, jepa_dim=16, jepa_width=4)
     small_plan = functools.partial(tiny_plan, episodes=2, opt_steps=1, ceiling_episodes=0, videos=0)
+    small_train = config(train.TrainConfig, "data", "out", batch_size=16, num_workers=0)
     collect(root := tmp_path / "data", episodes=12, steps=40, img_size=32, seed=0, val_fraction=0.1)
-    assert train.main(train.TrainConfig(data=str(root), out=str(tmp_path / "run"), steps=4, batch_size=16, eval_every=4,
-                                        val_batches=2, log_every=2, num_workers=0),
+    assert train.main(small_train(root, tmp_path / "run", steps=4, eval_every=4, val_batches=2, log_every=2),
                       WMConfig(**jepa, jepa_idm=1.0)).encoder is not None
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert any("reg_loss" in r and "idm_loss" in r for r in rows)
@@ -1492,8 +1476,7 @@ def test_jepa_runs_train_plan_and_refuse_a_collapsed_encoder(tmp_path):
     user_error(plan.main, plan_cfg(), names=[collapsed.parent, "--allow-collapsed"])
     assert not (tmp_path / "r.json").exists() and plan.main(plan_cfg(allow_collapsed=True))["token_stats"]["collapsed"]
     user_error(WMConfig, tokens="jepa", variant="la", jepa_idm=1.0, names=["--jepa-idm"])  # label-using, not baseline
-    train.main(train.TrainConfig(data=str(root), out=str(tmp_path / "vq"), steps=3, batch_size=16, eval_every=3,
-                                 val_batches=1, stats_batches=1, log_every=3, num_workers=0),
+    train.main(small_train(root, tmp_path / "vq", steps=3, eval_every=3, val_batches=1, stats_batches=1, log_every=3),
                WMConfig(**jepa, variant="vq", idm_depth=1, idm_heads=2, idm_dim=16, idm_mlp_dim=32, num_codes=4))
     decode.main(tiny_decode(tmp_path / "vq", max_epochs=1, code_states=4, device="auto"))
     res = plan.main(small_plan(tmp_path / "vq", tmp_path / "vq.json", allow_collapsed=True))

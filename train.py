@@ -431,8 +431,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                         "format": CKPT_FORMAT, "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "model_config": asdict(mc), "train_config": asdict(cfg), "stats": stats, "rng": rng,
                         "data": {"root": str(root), "relative": os.path.relpath(root, run.resolve()),
-                                 "fingerprint": meta["fingerprint"]},
-                        "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
+                                 "fingerprint": meta["fingerprint"]}, "ckpt_id": f"{step:08x}-{secrets.token_hex(4)}"})
                     log_row(run, {"step": step, **metrics})
                 if ddp:
                     dist.barrier()

@@ -87,7 +87,6 @@ class WMConfig:
 
 # Shape legend: B batch, T frames, P tokens per frame, D token width, A macro action, C conditioning, L latent action,
 # K codes, H horizon, N flattened transitions, W predictor token width = D + proprio_dim + C, S tokens of the IDM.
-PROPRIO_IN = 4  # [agent_x, agent_y, agent_vx, agent_vy], z-scored by data.py (DINO-WM datasets/pusht_dset.py)
 CKPT_FORMAT = "dinowm-la-v3"  # ckpt.pt "format"; bumped when the checkpoint layout changes
 
 
@@ -101,9 +100,7 @@ def sinusoidal(n, dim):
     """Fixed 1-D sin/cos table, sin on even and cos on odd channels, base 10000 (AdaWorld). -> (n, dim)"""
     pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
     div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
-    pe = torch.zeros(n, dim)  # (n, dim)
-    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
-    return pe
+    return torch.stack([torch.sin(pos * div), torch.cos(pos * div)], -1).flatten(1)  # (n, dim), interleaved
 
 
 def rotary(x, theta=10000.0):
@@ -269,9 +266,8 @@ class VectorQuantizer(nn.Module):
         stats = torch.cat([onehot.sum(0)[:, None], onehot.T @ x], 1)  # (K, 1 + L): counts | sums
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)  # global counts and sums: identical update on every replica
-        g = self.decay
-        self.cluster_size.mul_(g).add_(stats[:, 0], alpha=1 - g)
-        self.embedding_avg.mul_(g).add_(stats[:, 1:], alpha=1 - g)
+        self.cluster_size.mul_(self.decay).add_(stats[:, 0], alpha=1 - self.decay)
+        self.embedding_avg.mul_(self.decay).add_(stats[:, 1:], alpha=1 - self.decay)
         n_tot = self.cluster_size.sum()
         s = ((self.cluster_size + 1e-6) / (n_tot + K * 1e-6) * n_tot).clamp_min(1e-6)  # (K,) Laplace smoothing
         self.embedding.copy_(self.embedding_avg / s[:, None])
@@ -310,7 +306,7 @@ class WorldModel(nn.Module):
                                       nn.Linear(512, cfg.action_dim)) if cfg.jepa_idm else None
         self.obs_dim = cfg.visual_dim + (cfg.proprio_dim if cfg.proprio else 0)  # channels the loss covers
         # DINO-WM's ProprioceptiveEmbedding is Conv1d(k=1) over time, i.e. a per-frame Linear.
-        self.proprio_encoder = nn.Linear(PROPRIO_IN, cfg.proprio_dim) if cfg.proprio else None
+        self.proprio_encoder = nn.Linear(len(data.PROPRIO), cfg.proprio_dim) if cfg.proprio else None
         if cfg.variant == "baseline":
             self.action_encoder = nn.Linear(cfg.action_dim, cfg.cond_dim)  # seed: Linear(10 -> 32)
         else:
@@ -432,9 +428,8 @@ def derive(mc, meta):
         size = mc.img_size or meta["img_size"]
         require(size % 16 == 0, f"--tokens jepa renders frames at {size} px: use a multiple of 16 (--img-size 96)")
         return replace(mc, action_dim=2 * mc.frameskip, visual_dim=mc.jepa_dim, num_patches=1, img_size=size)
-    width = dino.ARCHS[mc.dino_name.removesuffix("_reg")][0]  # the encoder's width, without building it
-    return replace(mc, action_dim=2 * mc.frameskip, visual_dim=width, num_patches=(mc.dino_size // dino.PATCH) ** 2,
-                   img_size=mc.img_size or meta["img_size"])
+    return replace(mc, action_dim=2 * mc.frameskip, visual_dim=dino.ARCHS[mc.dino_name.removesuffix("_reg")][0],
+                   num_patches=(mc.dino_size // dino.PATCH) ** 2, img_size=mc.img_size or meta["img_size"])
 
 
 def refuse_pixel_flags(mc, **flags):
