@@ -8,7 +8,7 @@ Reads RUN/ckpt.pt and the run's dataset (--data for a moved run). Writes RUN/dec
 in px per env step, R^2 per dim, labels used; vq: each code's mean push, RUN/codes.png), or RUN/adapter.{pt,json}.
 GPU:  python decode.py --run runs/full/vq                 (100k + 10k pairs of DINOv2 tokens; H200: not yet measured)
 CPU:  python decode.py --run runs/quick/vq --pairs 20000 --val-pairs 2000     (state tokens: ~15 s on 2 cores)
-      python decode.py --run runs/quick/la --head adapter --pairs 18000 --val-pairs 2000
+      python decode.py --run runs/quick/la --head adapter --ensemble 5 --pairs 18000 --val-pairs 2000
 """
 import copy
 import math
@@ -37,6 +37,7 @@ class DecodeConfig:
     data: str = ""  # dataset folder, "" = the one the run was trained on (for a run moved away from its data)
     pairs: int = 100_000  # label budget: labelled train transitions the decoder may use (seed: 100,000)
     val_pairs: int = 10_000  # labelled val transitions for early stopping and the report (seed: 10,000)
+    ensemble: int = 1  # adapters fitted on the same pairs (own init and order) and averaged: less error to exploit
     batch_size: int = 256  # decoder training batch (seed train_action_decoder.py)
     lr: float = 1e-3  # AdamW learning rate (seed)
     weight_decay: float = 0.0  # AdamW weight decay (seed)
@@ -54,8 +55,9 @@ class DecodeConfig:
         data.check_choices(self)
         require(self.run, "--run RUN is required: a run folder written by train.py")
         require(min(self.pairs, self.val_pairs, self.batch_size, self.max_epochs, self.patience, self.encode_batch,
-                    self.code_states) >= 1, "--pairs, --val-pairs, --batch-size, --max-epochs, --patience, "
-                                            "--encode-batch and --code-states must be >= 1")
+                    self.code_states, self.ensemble) >= 1, "--pairs, --val-pairs, --batch-size, --max-epochs, "
+                "--patience, --encode-batch, --code-states and --ensemble must be >= 1")
+        data.unused(self, ("ensemble",) if self.head == "decoder" else (), "--head decoder")
         require(self.lr > 0 and self.weight_decay >= 0 and self.min_delta >= 0 and self.workers >= -1,
                 "--lr must be > 0; --weight-decay and --min-delta >= 0; --workers >= -1")
 
@@ -127,18 +129,23 @@ class ActionDecoder(nn.Module):
 class ActionAdapter(nn.Module):
     """g(P_t, a_t) -> the conditioning a label-free predictor saw: the planner searches real actions and imagines each
     step through g, so it cannot leave the latents the IDM produces, and its plan needs no decoder. The decoder's net
-    with latent and action swapped; la regresses the z-scored latent, vq classifies the code."""
+    with latent and action swapped; la regresses the z-scored latent, vq classifies the code. An ensemble averages
+    its nets' outputs: the planner searches for the errors of one net, and independent errors partly cancel."""
 
-    def __init__(self, visual_dim=384, action_dim=10, cond_dim=32, num_codes=0):
+    def __init__(self, visual_dim=384, action_dim=10, cond_dim=32, num_codes=0, ensemble=1):
         super().__init__()
-        self.net = ActionDecoder(visual_dim, action_dim, num_codes or cond_dim)
+        self.nets = nn.ModuleList(ActionDecoder(visual_dim, action_dim, num_codes or cond_dim) for _ in range(ensemble))
         self.register_buffer("mean", torch.zeros(cond_dim))  # (C,) la: the IDM's latent statistics (train.py)
         self.register_buffer("std", torch.ones(cond_dim))  # (C,)
         self.register_buffer("codebook", torch.zeros(num_codes, cond_dim))  # (K, C) vq: the world model's codes
 
+    def raw(self, p, a):
+        """The nets' mean output: (B, C) z-scored latent, or (B, K) code logits."""
+        return torch.stack([net(p, a) for net in self.nets]).mean(0)
+
     def forward(self, p, a):
         """p (B, P, D) tokens, a (B, A) normalised macro action -> (B, C): la the latent, vq its likeliest code."""
-        out = self.net(p, a)  # (B, C) z-scored latent, or (B, K) code logits
+        out = self.raw(p, a)  # (B, C) z-scored latent, or (B, K) code logits
         return self.codebook[out.argmax(-1)] if len(self.codebook) else self.mean + self.std * out
 
 
@@ -157,6 +164,7 @@ def load_head(run, ckpt, device, head="decoder"):
             f"`python decode.py --run {run} --head {head}`")
     arch = dict(saved["config"]["arch"])  # a decoder of an earlier version may name the removed Delta branch
     require(not arch.pop("use_delta", False), f"{path} feeds the removed Delta branch (--use-delta); refit it")
+    require(head == "decoder" or "ensemble" in arch, f"{path} was written by an earlier decode.py; refit it")
     module = cls(**arch).to(device)
     module.load_state_dict(saved["model"])
     return module.eval(), saved["report"]
@@ -262,13 +270,13 @@ def main(cfg: DecodeConfig):
         # z-scored latent; vq adapter: cross-entropy over the codes. fwd(net, batch) -> out; loss(out, batch) -> ()
         if cfg.head == "decoder":
             arch = dict(visual_dim=mc.visual_dim, latent_dim=mc.cond_dim, action_dim=mc.action_dim)
-            net = head = ActionDecoder(**arch).to(device)
-            fwd = lambda net, b: net(b["p"], b["z"])  # noqa: E731
+            head = ActionDecoder(**arch).to(device)
+            nets, fwd = [head], lambda net, b: net(b["p"], b["z"])  # noqa: E731
             loss_fn = lambda out, b: F.smooth_l1_loss(out, b["y"])  # noqa: E731
             score = lambda out, b: (out - b["y"]).pow(2).mean().sqrt()  # noqa: E731  val RMSE
         else:
             arch = dict(visual_dim=mc.visual_dim, action_dim=mc.action_dim, cond_dim=mc.cond_dim,
-                        num_codes=mc.num_codes if mc.variant == "vq" else 0)
+                        num_codes=mc.num_codes if mc.variant == "vq" else 0, ensemble=cfg.ensemble)
             head = ActionAdapter(**arch).to(device)
             if mc.variant == "vq":
                 head.codebook.copy_(model.quantizer.embedding)
@@ -278,17 +286,19 @@ def main(cfg: DecodeConfig):
                 for pairs in (train, val):  # the target: the IDM's latent, z-scored with the run's statistics
                     pairs["zn"] = (pairs["z"] - head.mean.cpu()) / head.std.cpu()  # (N, C)
                 loss_fn = score = lambda out, b: (out - b["zn"]).pow(2).mean()  # noqa: E731
-            net = head.net
-            fwd = lambda net, b: net(b["p"], b["y"])  # noqa: E731
+            nets, fwd = head.nets, lambda net, b: net(b["p"], b["y"])  # noqa: E731
 
-        # --- fit, early stopping on the val score
+        # --- fit each net (an ensemble: the same pairs, its own init and order), early stopping on the val score
         t0 = time.time()
-        history = fit(net, train, val, cfg, device, gen, fwd, loss_fn, score)
+        histories = [fit(net, train, val, cfg, device, gen, fwd, loss_fn, score) for net in nets]
+        history = histories[0]
+        # (N, A) actions, (N, C) z-scored latents or (N, K) code logits; an ensemble's are its nets' mean
+        out = predict(head, val, device, fwd if cfg.head == "decoder" else lambda h, b: h.raw(b["p"], b["y"]))
         report = {"run": str(run), "variant": mc.variant, "tokens": mc.tokens, "head": cfg.head, "label_budget": budget,
                   "labels": budget["labels"], "epochs": len(history),
-                  "best_epoch": min(history, key=lambda h: h["val"])["epoch"], "val": min(h["val"] for h in history),
-                  "train_seconds": time.time() - t0, "history": history}
-        out = predict(net, val, device, fwd)  # (N, A) actions, (N, C) z-scored latents or (N, K) code logits
+                  "best_epoch": min(history, key=lambda h: h["val"])["epoch"], "val": score(out, val).item(),
+                  "members_val": [min(h["val"] for h in hs) for hs in histories], "train_seconds": time.time() - t0,
+                  "history": history}
         if cfg.head == "decoder":  # val RMSE (normalised; px per env step, overall and per axis) and R^2 per dim
             err_px, r2 = macro_px(out, stats) - macro_px(val["y"], stats), wm.r2(out, val["y"])  # (N, F, 2), (A,)
             report.update(val_rmse_norm=(out - val["y"]).pow(2).mean().sqrt().item(),
@@ -303,7 +313,8 @@ def main(cfg: DecodeConfig):
             print(f"adapter: val cross-entropy {report['val']:.4f}, the IDM's code predicted for "
                   f"{report['val_accuracy']:.1%} of val transitions ({mc.num_codes} codes)")
         else:
-            print(f"adapter: val MSE {report['val']:.4f} of the z-scored latent (1 = predicting its mean)")
+            print(f"adapter: val MSE {report['val']:.4f} of the z-scored latent (1 = predicting its mean)" + (
+                f"; each net alone: {', '.join(f'{v:.4f}' for v in report['members_val'])}" if len(nets) > 1 else ""))
 
         # --- write; for a vq decoder also what each code means (decoded on the same real val states, averaged)
         files = [run / HEADS[cfg.head][1], run / HEADS[cfg.head][2]]

@@ -105,8 +105,9 @@ lane_vq() {  # DIR DATA
 lane_la_policies() {  # DIR DATA
   stage decode-la $PY decode.py --run "$1/la" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
   plans la "$1"
-  # the action adapter: the same labels, spent on planning real actions through the label-free model
-  stage adapter-la $PY decode.py --run "$1/la" --head adapter --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
+  # the action adapter (5 averaged): the same labels, spent on planning real actions through the label-free model
+  stage adapter-la $PY decode.py --run "$1/la" --head adapter --ensemble 5 --pairs ${STEPS[2]} \
+    --val-pairs $((STEPS[2] / 10))
   stage plan-la-adapter-open-loop $PY plan.py --run "$1/la" --via adapter "${open[@]}" \
     --out "$1/results/la-adapter-open-loop.json"
   local a i=3
@@ -167,10 +168,11 @@ if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against la
     stage "plan-$name" $PY plan.py "$@" "${open[@]}" --out "$OUT/results/$name.json"
     [ -z "${MPC[*]}" ] || stage "plan-$name-mpc" $PY plan.py "$@" "${MPC[@]}" --out "$OUT/results/$name-mpc.json"
   }
-  head_lane() {  # VARIANT: its decoder and adapter at every budget (90 % train, 10 % val pairs), each planned
+  head_lane() {  # VARIANT: its decoder and adapter (5 averaged) at every budget (90 % train, 10 % val pairs), planned
     local v=$1 n h
     for n in "${BUDGETS[@]}"; do for h in decoder adapter; do
-      stage "$h-$v-$n" $PY decode.py --run "$OUT/$v" --head $h --pairs $((n * 9 / 10)) --val-pairs $((n / 10))
+      stage "$h-$v-$n" $PY decode.py --run "$OUT/$v" --head $h --pairs $((n * 9 / 10)) --val-pairs $((n / 10)) \
+        $([ $h = decoder ] || echo --ensemble 5)
       plan_row "$v-$h-$n" --run "$OUT/$v" --via $h
     done; done
   }

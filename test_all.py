@@ -885,6 +885,15 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     for run, via, names in ((bare, "adapter", ["adapter.pt"]), (root / "la", "actions", ["--via"])):
         user_error(plan.main, tiny_plan(run, tmp_path / "r.json", via=via), names=names)
     assert tree(root) == before and tree(tmp_path) == ["la", "la/ckpt.pt", "r", "r/ckpt.pt"]
+    shutil.copytree(root / "la", ens := tmp_path / "ens")  # an ensemble of 3 adapters: planning sees their mean
+    assert len(decode.main(tiny_decode(ens, head="adapter", ensemble=3))["members_val"]) == 3
+    head, (p, y) = decode.load_head(ens, ckpt, CPU, "adapter")[0], (torch.randn(5, 1, 12), torch.randn(5, 10))
+    members = torch.stack([net(p, y) for net in head.nets])  # (3, N, L) z-scored
+    close(head(p, y), head.mean + head.std * members.mean(0))
+    assert not torch.equal(members[0], members[1])  # each net: its own init and order
+    saved = tload(ens / "adapter.pt")  # one of an earlier version (a single net, no "ensemble" in its arch)
+    saved["config"]["arch"].pop("ensemble"), torch.save(saved, ens / "adapter.pt")
+    user_error(decode.load_head, ens, ckpt, CPU, "adapter", names=["adapter.pt", "refit"])
 
 # ---- plan.py: planners on known costs and their update rules, batched = separate, rollout_cost, tasks, end to end ----
 def quadratic(target):  # cost_fn of a quadratic bowl centred on target (E, H, A): samples (E, N, H, A) -> (E, N)
@@ -1204,6 +1213,7 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "labels-too-many": (TRAIN + " --data {r}/data --out {t}/run --labels 261", ["--labels"]),  # 260 windows + 1
     "labels-on-la": (TRAIN.replace("baseline", "la") + " --data {r}/data --out {t}/run --labels 10", ["--labels"]),
     "via-adapter-without-one": (PLAN + " --run {r}/baseline --out {t}/r.json --via adapter", ["--via"]),
+    "ensemble-on-a-decoder": ("decode.py --run {r}/la --ensemble 2 --device cpu", ["--ensemble"]),
     "head-adapter-on-a-baseline": ("decode.py --run {r}/baseline --head adapter --device cpu",
                                    ["--head adapter", "baseline"]),
     "collect-one-episode": ("data.py collect --out {t}/c --episodes 1", ["--episodes"]),
