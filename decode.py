@@ -291,7 +291,7 @@ def main(cfg: DecodeConfig):
         # --- fit each net (an ensemble: the same pairs, its own init and order), early stopping on the val score
         t0 = time.time()
         histories = [fit(net, train, val, cfg, device, gen, fwd, loss_fn, score) for net in nets]
-        history = histories[0]
+        history = histories[0]  # the report's curve is the first net's; members_val: each net's best
         # (N, A) actions, (N, C) z-scored latents or (N, K) code logits; an ensemble's are its nets' mean
         out = predict(head, val, device, fwd if cfg.head == "decoder" else lambda h, b: h.raw(b["p"], b["y"]))
         report = {"run": str(run), "variant": mc.variant, "tokens": mc.tokens, "head": cfg.head, "label_budget": budget,
