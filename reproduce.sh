@@ -74,6 +74,7 @@ background() {  # background NAME COMMAND...: a stage on one core, its output in
 join() { for p in "${pids[@]}"; do wait "$p"; done; pids=(); }  # a failed stage fails the script here
 
 # State tokens: one 12-number token per frame from the simulator state (wm.state_tokens), a small predictor and IDM.
+ADAPTER=(--head adapter --ensemble 5)  # 5 adapters averaged: the planner finds fewer errors to exploit
 STATE_MODEL=(--tokens state --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --idm-depth 2 --idm-heads 4
              --idm-dim 64 --idm-mlp-dim 128 --batch-size 256 --lr-predictor 1e-3 --lr-action 1e-3 --lr-idm 1e-3
              --schedule cosine --val-batches 8 --stats-batches 20 --log-every 500 --eval-every 2000)
@@ -105,9 +106,8 @@ lane_vq() {  # DIR DATA
 lane_la_policies() {  # DIR DATA
   stage decode-la $PY decode.py --run "$1/la" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
   plans la "$1"
-  # the action adapter (5 averaged): the same labels, spent on planning real actions through the label-free model
-  stage adapter-la $PY decode.py --run "$1/la" --head adapter --ensemble 5 --pairs ${STEPS[2]} \
-    --val-pairs $((STEPS[2] / 10))
+  # the action adapter: the same labels, spent on planning real actions through the label-free model
+  stage adapter-la $PY decode.py --run "$1/la" "${ADAPTER[@]}" --pairs ${STEPS[2]} --val-pairs $((STEPS[2] / 10))
   stage plan-la-adapter-open-loop $PY plan.py --run "$1/la" --via adapter "${open[@]}" \
     --out "$1/results/la-adapter-open-loop.json"
   local a i=3
@@ -168,11 +168,11 @@ if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against la
     stage "plan-$name" $PY plan.py "$@" "${open[@]}" --out "$OUT/results/$name.json"
     [ -z "${MPC[*]}" ] || stage "plan-$name-mpc" $PY plan.py "$@" "${MPC[@]}" --out "$OUT/results/$name-mpc.json"
   }
-  head_lane() {  # VARIANT: its decoder and adapter (5 averaged) at every budget (90 % train, 10 % val pairs), planned
+  head_lane() {  # VARIANT: its decoder and adapter at every budget (90 % train, 10 % val pairs), each planned
     local v=$1 n h
     for n in "${BUDGETS[@]}"; do for h in decoder adapter; do
-      stage "$h-$v-$n" $PY decode.py --run "$OUT/$v" --head $h --pairs $((n * 9 / 10)) --val-pairs $((n / 10)) \
-        $([ $h = decoder ] || echo --ensemble 5)
+      stage "$h-$v-$n" $PY decode.py --run "$OUT/$v" $([ $h = decoder ] || echo "${ADAPTER[@]}") \
+        --pairs $((n * 9 / 10)) --val-pairs $((n / 10))
       plan_row "$v-$h-$n" --run "$OUT/$v" --via $h
     done; done
   }
