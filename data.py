@@ -101,9 +101,8 @@ GOAL_RGB, BLOCK_RGB, BLOCK_LIGHT = (144, 238, 144), (119, 136, 153), (143, 163, 
 AGENT_RGB, AGENT_LIGHT, WALL_RGB = (65, 105, 225), (78, 126, 255), (211, 211, 211)
 ENV = dict(world=WORLD, sim_hz=SIM_HZ, control_hz=CONTROL_HZ, kp=KP, kv=KV, agent_radius=AGENT_RADIUS,
            block_mass=1, block_moment=3000.0, block_cog=[0.0, 45.0], goal_pose=list(GOAL_POSE), pymunk=pymunk.version)
-# Scripted contact-seeking pusher: our design (DINO-WM's noisy expert demonstrations cannot be regenerated),
-# judged by `info`'s statistics, stored in meta.json.
-POLICY = dict(
+# Scripted contact-seeking pusher: our design (DINO-WM's noisy expert demonstrations cannot be regenerated).
+POLICY = dict(  # stored in meta.json; judged by `info`'s statistics
     wander_prob=0.15,  # chance that a new plan is a random walk instead of a push
     wander_steps=[3, 10],  # length of a random walk, env steps
     wander_std=20.0,  # px per axis per step of a random walk; DINO-WM's ACTION_STD x 100 is about 20 px
@@ -237,6 +236,13 @@ class PushT:
                                    vy + (KP * (ty - py) + KV * (0 - vy)) * DT)
             self.space.step(DT)
 
+    def replay(self, state, actions, settle=True):
+        """place(state, settle), then advance() through the px actions (T, 2) -> the final state (7,)."""
+        self.place(state, settle)
+        for a in actions:
+            self.advance(a)
+        return self.get_state()
+
     def step(self, action):
         self.advance(action)
         return self.render()
@@ -264,8 +270,7 @@ def collect_episode(seed, steps):
         if left == 0:  # new plan
             if rng.random() < p["wander_prob"]:
                 mode, left = "wander", rng.integers(*p["wander_steps"], endpoint=True)
-            else:
-                # A push from the nearest of a few random contacts that keep the agent in and the T off the walls.
+            else:  # a push from the nearest of a few random contacts that keep the agent in and the T off the walls
                 plans = []
                 for _ in range(20):
                     i = rng.choice(len(edges), p=lengths / lengths.sum())  # uniform along the outline
@@ -517,7 +522,6 @@ def macro_to_env(a_norm, action_mean, action_std):
 
 def env_to_macro(a_px, action_mean, action_std, frameskip=5):
     """(..., H * frameskip, 2) env actions in px -> (..., H, 2 * frameskip) z-scored macro actions."""
-    assert a_px.shape[-2] % frameskip == 0, f"{a_px.shape[-2]} env actions is not a multiple of {frameskip}"
     a = (a_px - _like(a_px, action_mean)) / _like(a_px, action_std)
     return a.reshape(*a.shape[:-2], -1, 2 * frameskip)  # (..., H, A)
 
@@ -530,8 +534,7 @@ def _like(x, v):
 
 
 def render_batch(states, img_size):
-    """(..., 7) states -> (..., S, S, 3) uint8 frames."""
-    states = np.asarray(states)
+    """(..., 7) states, an array -> (..., S, S, 3) uint8 frames."""
     frames = [render_state(s, img_size) for s in states.reshape(-1, states.shape[-1])]
     return np.stack(frames).reshape(*states.shape[:-1], img_size, img_size, 3)
 
@@ -661,8 +664,7 @@ def figure(cfg):
     print(f"wrote {cfg.out}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Plumbing every stage shares: flags from dataclasses, expected errors, device and precision, atomic writes, locks.
+# ---- Plumbing every stage shares: flags from dataclasses, expected errors, device and precision, atomic writes, locks
 
 class UserError(Exception):
     """An expected mistake in the input (a flag, a file): reported as one line with the way out, exit status 2."""

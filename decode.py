@@ -62,8 +62,7 @@ class DecodeConfig:
                 "--lr must be > 0; --weight-decay and --min-delta >= 0; --workers >= -1")
 
 
-# Shape legend: B batch, N pairs, P tokens per frame, D token width, L/C latent-action width, A macro-action width
-# (10), F env steps per macro action (frameskip), K codes.
+# Shapes: B batch, N pairs, P tokens/frame, D token width, L/C latent width, A macro action (10), F frameskip, K codes.
 FEAT = 128  # width of the pooled-state projection (seed MacroActionDecoderStd dec_dim)
 HID = 256  # MLP width (seed MacroActionDecoderStd hid)
 
@@ -149,13 +148,12 @@ class ActionAdapter(nn.Module):
         return self.codebook[out.argmax(-1)] if len(self.codebook) else self.mean + self.std * out
 
 
-HEADS = {"decoder": (ActionDecoder, "decoder.pt", "decode.json"), "adapter": (ActionAdapter, "adapter.pt",
-                                                                              "adapter.json")}
+HEADS = {"decoder": (ActionDecoder, "decoder.pt", "decode.json"),
+         "adapter": (ActionAdapter, "adapter.pt", "adapter.json")}
 
 
 def load_head(run, ckpt, device, head="decoder"):
-    """RUN/decoder.pt or RUN/adapter.pt -> (the module in eval mode, its fit report); refuses one fitted for another
-    world-model checkpoint."""
+    """RUN/{decoder,adapter}.pt -> (the module in eval mode, its fit report); refuses one fitted for another ckpt.pt."""
     cls, name, _ = HEADS[head]
     path = Path(run) / name
     saved = data.load_pt(path, f"fit it with `python decode.py --run {run} --head {head}`")
@@ -193,8 +191,7 @@ def build_pairs(model, ds, n, input_of, cfg, ctx, device, generator, store):
 
 
 def take(pairs, idx, device):
-    """The pairs at idx, gathered where each is stored (tokens may sit on the GPU or in host memory), on device, tokens
-    in float32 -> dict of (B, ...) tensors."""
+    """Pairs at idx -> dict of (B, ...) on device, gathered where stored (tokens: GPU or host RAM), tokens float32."""
     return {k: v[idx.to(v.device)].to(device).float() if k == "p" else v[idx].to(device) for k, v in pairs.items()}
 
 
@@ -301,8 +298,7 @@ def main(cfg: DecodeConfig):
                   "history": history}
         if cfg.head == "decoder":  # val RMSE (normalised; px per env step, overall and per axis) and R^2 per dim
             err_px, r2 = macro_px(out, stats) - macro_px(val["y"], stats), wm.r2(out, val["y"])  # (N, F, 2), (A,)
-            report.update(val_rmse_norm=(out - val["y"]).pow(2).mean().sqrt().item(),
-                          val_rmse_px=err_px.pow(2).mean().sqrt().item(),
+            report.update(val_rmse_norm=report["val"], val_rmse_px=err_px.pow(2).mean().sqrt().item(),
                           val_rmse_px_xy=err_px.pow(2).mean((0, 1)).sqrt().tolist(), r2_per_dim=r2.tolist(),
                           r2_mean=r2.mean().item())
             print(f"val RMSE {report['val_rmse_px']:.2f} px per env step (x, y: {report['val_rmse_px_xy'][0]:.2f}, "

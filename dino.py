@@ -196,7 +196,6 @@ class DinoVisionTransformer(nn.Module):
         off = self.interpolate_offset
         kw = dict(scale_factor=((h0 + off) / GRID, (w0 + off) / GRID)) if off else dict(size=(h0, w0))
         grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **kw)  # (1, D, h0, w0)
-        assert grid.shape[-2:] == (h0, w0), grid.shape
         table = torch.cat((pe[:, :1], grid.flatten(2).transpose(1, 2)), dim=1)  # (1, 1 + h0 * w0, D)
         if not (torch.is_grad_enabled() and self.pos_embed.requires_grad):  # frozen: cache; trained: recompute
             self._pos_cache[key] = table

@@ -56,9 +56,8 @@ class EvalConfig:
                 "--windows, --probe-windows and --batch-size must be >= 2, --horizon >= 1")
 
 
-# Shape legend: B batch, T frames, P tokens per frame, D token width, A macro action, C conditioning, K codes,
-# H horizon, N windows. Colours (BGR) of the plot lines, one per run.
-COLOURS = [(200, 80, 30), (40, 140, 40), (30, 30, 200), (150, 60, 150), (0, 140, 200), (90, 90, 90)]
+# Shapes: B batch, T frames, P tokens per frame, D token width, A macro action, C cond, K codes, H horizon, N windows.
+COLOURS = [(200, 80, 30), (40, 140, 40), (30, 30, 200), (150, 60, 150), (0, 140, 200), (90, 90, 90)]  # BGR, per run
 # Columns of the success table, in reading order: the floor, the policies, the world models, the ceilings.
 COLUMNS = ["random", "gcbc", "iql", "baseline", "la", "la + adapter", "vq", "vq + adapter", "ceiling", "replay"]
 REFS = ("random", "ceiling", "replay")  # the reference rows of a success table, measured without labels
@@ -151,7 +150,6 @@ def evaluate_run(run, cfg, device):
     out["latent_mse_stats"] = summarize(torch.cat(mse))
     out["latent_mse"] = out["latent_mse_stats"]["mean"]
 
-    # Open-loop rollout over H macro steps on windows of H+1 frames.
     err = torch.cat([rollout_mse(model, *unpack(b)).cpu()
                      for b in batches("val", H + 1, cfg.windows, f"{name}: rollout")])  # (N, H)
     out["rollout_curve"] = [summarize(err[:, h]) for h in range(H)]
@@ -198,8 +196,7 @@ def evaluate_run(run, cfg, device):
         mu = plan.cem_gaussian(lambda s: plan.rollout_cost(model, z0, zg, s, p0, pg), torch.zeros_like(true),
                                torch.ones_like(true), opt_steps=GAP_OPT_STEPS,
                                generator=torch.Generator(device).manual_seed(cfg.seed))  # (E, H, A)
-        # the model's cost of the plan and of the recorded actions, which reach the goal: a plan far cheaper than
-        # the truth in the model's eyes (that misses the goal) is a model error the planner exploits
+        # a plan far cheaper than the truth in the model's eyes (missing the goal) is a model error the planner exploits
         c_plan, c_true = plan.rollout_cost(model, z0, zg, torch.stack([mu, true], 1), p0, pg).unbind(1)  # (E,) each
         out.update(gap_cost_plan=summarize(c_plan.cpu()), gap_cost_true=summarize(c_true.cpu()),
                    gap_plan_cheaper=(c_plan < c_true).float().mean().item())

@@ -111,20 +111,17 @@ def cem_gaussian(cost_fn, mu, sigma, num_samples=300, topk=30, opt_steps=30, gen
     """Gaussian cross-entropy method, batched over episodes (DINO-WM planning/cem.py).
 
     cost_fn:     samples (E, N, H, A) -> costs (E, N), lower is better; one batched world-model call per iteration
-    mu, sigma:   (E, H, A) initial mean and std (baseline: 0 and var_scale in normalised action units;
-                 la: the IDM's latent mean and std stored with the run)
+    mu, sigma:   (E, H, A) initial mean and std (baseline: 0 and var_scale, normalised; la: the run's latent stats)
     num_samples: N candidates per iteration; candidate 0 is always the current mean (DINO-WM)
     topk:        M elites; mean and unbiased std of the elites replace mu and sigma (no smoothing or clipping)
     opt_steps:   fixed iteration count (never stops early: planners do not see the simulator)
     generator:   None, a torch.Generator, or a list of E generators (one noise stream per episode, see draw)
     returns:     mu (E, H, A), the final mean"""
-    E = mu.shape[0]
     for _ in range(opt_steps):
-        eps = draw(torch.randn, E, (num_samples, *mu.shape[1:]), generator, mu.device)  # (E, N, H, A)
+        eps = draw(torch.randn, len(mu), (num_samples, *mu.shape[1:]), generator, mu.device)  # (E, N, H, A)
         samples = mu[:, None] + sigma[:, None] * eps  # (E, N, H, A)
         samples[:, 0] = mu
-        cost = cost_fn(samples)  # (E, N)
-        elite = cost.topk(topk, dim=1, largest=False).indices  # (E, M)
+        elite = cost_fn(samples).topk(topk, dim=1, largest=False).indices  # (E, M) the cheapest samples
         elites = torch.take_along_dim(samples, elite[:, :, None, None], dim=1)  # (E, M, H, A)
         mu, sigma = elites.mean(1), elites.std(1)  # (E, H, A) each; std is unbiased, as torch.std in DINO-WM
     return mu
@@ -156,8 +153,7 @@ def cem_categorical(cost_fn, E, H, K, num_samples=300, topk=30, opt_steps=30, te
         idx = torch.searchsorted(q.cumsum(-1), u.transpose(1, 2).contiguous()).transpose(1, 2)  # (E, N, H)
         idx[:, n_model:] = (u[:, n_model:] * K).long()  # uniform exploration samples (seed: 10 %)
         idx = idx.clamp_max(K - 1)  # cumsum may end a hair below 1
-        cost = cost_fn(idx)  # (E, N)
-        elite_cost, elite = cost.topk(topk, dim=1, largest=False)  # (E, M) sorted, cheapest first
+        elite_cost, elite = cost_fn(idx).topk(topk, dim=1, largest=False)  # (E, M) sorted, cheapest first
         elites = torch.take_along_dim(idx, elite[:, :, None], dim=1)  # (E, M, H)
         better = elite_cost[:, 0] < best_cost  # (E,)
         best_cost = torch.where(better, elite_cost[:, 0], best_cost)  # (E,)
@@ -200,8 +196,7 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
     lengths, starts = d["lengths"], d["starts"]
     if protocol == "open-loop":
         ok = np.flatnonzero(lengths >= GOAL_STEPS + 1)
-        if len(ok) == 0:
-            raise UserError(f"{root}/{split}: no episode has the {GOAL_STEPS + 1} frames a task needs; collect longer")
+        require(len(ok) > 0, f"{root}/{split}: no episode has the {GOAL_STEPS + 1} frames a task needs; collect longer")
         ep = [int(rng.choice(ok)) for _ in range(episodes)]
         step = [int(rng.integers(0, lengths[e] - GOAL_STEPS)) for e in ep]  # high exclusive: [0, T-26]
     else:  # mpc
@@ -218,34 +213,29 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
     if protocol == "mpc":
         goal = d["states"][g + GOAL_STEPS]  # (n, 7)
     else:  # replay in the simulator, as DINO-WM's goal construction does
-        goal, env = [], PushT(img_size)
-        for s, acts in zip(start, actions):
-            env.place(s)
-            for a in acts:
-                env.advance(a)
-            goal.append(env.get_state())
-        goal = np.stack(goal)  # (n, 7)
+        goal = np.stack([PushT(img_size).replay(s, acts) for s, acts in zip(start, actions)])  # (n, 7)
     return dict(episode=np.array(ep), step=np.array(step), start_state=start, goal_state=goal, actions=actions,
                 goal_frame=np.stack([render_state(s, img_size) for s in goal]))  # goal_frame (n, S, S, 3)
 
 
 def run_policy(tasks, idx, policy, budget, every_step, img_size, record=(), desc="env"):
     """Run policy(states (E, 7)) -> (E, T, 2) px actions for `budget` env steps from the start states of tasks[idx], one
-    simulator per episode, calling it again every T steps. Open loop tests the final state (the seed); mpc
-    (every_step) tests every step and freezes an episode at its first success (stable-worldmodel). record: indices
-    kept for videos. -> success (E,), final states (E, 7), best position distance (E,), clips, seconds in policy."""
+    simulator per episode, called again every T steps. Open loop tests the final state (the seed); mpc (every_step)
+    tests every step and freezes an episode at its first success (stable-worldmodel). record: indices kept for videos.
+    -> success (E,), final states (E, 7), best position distance (E,), clips, (seconds in policy, episode-solves)."""
     envs = [PushT(img_size) for _ in idx]
     for env, s in zip(envs, tasks["start_state"][idx]):
         env.place(s)
     state = np.stack([env.get_state() for env in envs])  # (E, 7)
     goal = tasks["goal_state"][idx]  # (E, 7)
-    done, best, seconds = np.zeros(len(idx), bool), np.full(len(idx), np.inf), 0.0
+    done, best, seconds, solves = np.zeros(len(idx), bool), np.full(len(idx), np.inf), 0.0, 0
     clips = {j: ([render_state(state[j], img_size)], [False]) for j in record}
     t, bar = 0, tqdm(total=budget, desc=desc, unit="step", leave=False, disable=None)
     while t < budget:
         t0 = time.perf_counter()
         acts = policy(state)  # (E, T, 2); returning NumPy synchronises any GPU work
         seconds += time.perf_counter() - t0
+        solves += len(state)
         for a in acts.transpose(1, 0, 2)[: budget - t]:  # (E, 2) per env step
             for j, env in enumerate(envs):
                 if not done[j]:  # a succeeded mpc episode stays frozen
@@ -262,7 +252,7 @@ def run_policy(tasks, idx, policy, budget, every_step, img_size, record=(), desc
     success = done if every_step else np.array([is_success(g, s) for g, s in zip(goal, state)])
     for j in record:  # open loop: the final frame shows the verdict
         clips[j][1][-1] = bool(success[j])
-    return success, state, best, clips, seconds
+    return success, state, best, clips, (seconds, solves)
 
 
 def evaluate(tasks, policy_for, batch, budget, every_step, img_size, out, videos=0):
@@ -272,16 +262,11 @@ def evaluate(tasks, policy_for, batch, budget, every_step, img_size, out, videos
     for b0 in range(0, n, batch):
         idx = np.arange(b0, min(n, b0 + batch))
         record = [j for j, i in enumerate(idx) if i < videos]
-        calls = []  # one entry per policy call, to count episode-solves
-
-        def counted(state, policy=policy_for(idx)):
-            calls.append(len(state))
-            return policy(state)
-        ok, final, best, clips, seconds = run_policy(tasks, idx, counted, budget, every_step, img_size, record,
-                                                     desc=f"episodes {b0}-{idx[-1]} of {n}")
+        ok, final, best, clips, (seconds, solves) = run_policy(tasks, idx, policy_for(idx), budget, every_step,
+                                                               img_size, record, desc=f"episodes {b0}-{idx[-1]} of {n}")
         res["successes"] += ok.astype(int).tolist()
         res["final"].append(final), res["best"].extend(best.tolist())
-        res["seconds"], res["solves"] = res["seconds"] + seconds, res["solves"] + sum(calls)
+        res["seconds"], res["solves"] = res["seconds"] + seconds, res["solves"] + solves
         for j, (frames, hits) in clips.items():
             write_video(Path(out).with_name(f"{Path(out).stem}_ep{idx[j]:03d}.mp4"), frames, hits,
                         tasks["goal_frame"][idx[j]])
@@ -302,16 +287,12 @@ def references(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
 
 
 def sim_costs(state, goal, acts):
-    """The ceiling's model: the simulator from `state`, as the env's get_state() returned it, under each px action
-    sequence acts (N, T, 2) -> (N,) costs, the squared state distance in units of the success tolerances (20 px,
-    20 deg). The env has placed its start already, so the state is placed as it is, without set_state's extra physics
-    step (which would move the model's start away from the env's)."""
+    """The ceiling's model: the simulator from `state` as the env's get_state() returned it (placed without set_state's
+    extra physics step, which would move it away from the env's start) under each px action sequence acts (N, T, 2) ->
+    (N,) costs, the squared state distance in units of the success tolerances (20 px, 20 deg)."""
     env, costs = PushT(), []
     for seq in acts:
-        env.place(state, settle=False)
-        for a in seq:
-            env.advance(a)
-        pos, ang = distances(goal, env.get_state())
+        pos, ang = distances(goal, env.replay(state, seq, settle=False))
         costs.append((pos / data.SUCCESS_PX) ** 2 + (ang / data.SUCCESS_ANGLE) ** 2)
     return torch.tensor(costs)  # (N,)
 
@@ -330,9 +311,8 @@ def sim_solve(job):
 
 
 def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
-    """The planner's ceiling: Gaussian CEM over actions with the planner's budget (samples, elites, iterations,
-    horizon, initial std) and the true simulator as its model, executed under the same protocol, on the first
-    cfg.ceiling_episodes tasks. Cached in cache_dir by a digest of the tasks and the budget."""
+    """The planner's ceiling: Gaussian CEM over actions with the planner's budget, the true simulator as its model, the
+    same protocol, on the first cfg.ceiling_episodes tasks. Cached in cache_dir by a digest of the tasks and budget."""
     n = min(cfg.ceiling_episodes, len(tasks["episode"]))
     if n == 0:
         return {"ceiling": None, "ceiling_episodes": 0}
@@ -411,11 +391,10 @@ def write_results(cfg, tasks, res, planner, variant, tokens, ref, via, labels, e
 def decode_plan(model, decoder, z0, plan, p0=None):
     """la/vq plans -> (E, H, A) normalised macro actions: step h is decoded from the tokens of frame h (the real
     start frame for h = 0, then the imagined ones) and the planned latent of step h (the seed's evaluator)."""
-    E, H = plan.shape[:2]
     cond = model.plan_to_cond(plan)  # (E, H, C)
     zs, _ = model.rollout(z0, cond, p0)  # (E, H, P, D) imagined frames 1..H
     frames = torch.cat([z0[:, None], zs[:, :-1]], 1)  # (E, H, P, D) frames 0..H-1: where each step starts
-    return decoder(frames.flatten(0, 1), cond.flatten(0, 1)).view(E, H, -1)  # (E, H, A)
+    return decoder(frames.flatten(0, 1), cond.flatten(0, 1)).view(*plan.shape[:2], -1)  # (E, H, A)
 
 
 def write_video(path, frames, hits, goal, side=256):
@@ -497,13 +476,11 @@ def main(cfg: PlanConfig):
         with torch.inference_mode(), ctx:  # the goals are encoded once per batch
             zg = encode(tasks["goal_state"][idx])  # (E, P, D)
             pg = model.embed_proprio(proprio_of(tasks["goal_state"][idx], stats, device)) if mc.proprio else None
-        # one noise stream per episode, seeded by (seed, episode index): its plans do not depend on E
         gens = [torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, i]).generate_state(1)[0]))
-                for i in idx.tolist()]
+                for i in idx.tolist()]  # noise per episode, seeded by (seed, episode index): plans do not depend on E
 
-        @torch.inference_mode()
         def policy(state):
-            with ctx:
+            with torch.inference_mode(), ctx:
                 z0 = encode(state)  # (E, P, D)
                 p0 = proprio_of(state, stats, device) if mc.proprio else None  # (E, 4)
                 cost_fn = lambda s: cost(model, z0, zg, s, p0, pg, cfg.alpha, adapter)  # noqa: E731
@@ -514,7 +491,7 @@ def main(cfg: PlanConfig):
                     plan = cem_gaussian(cost_fn, mu0.expand(len(state), -1, -1), sigma0.expand(len(state), -1, -1),
                                         generator=gens, **kw)
                 a = plan if decoder is None else decode_plan(model, decoder, z0, plan, p0)  # (E, H, A)
-            return macro_to_env(a.float().cpu().numpy(), stats["action_mean"], stats["action_std"])  # (E, H*F, 2)
+                return macro_to_env(a.float().cpu().numpy(), stats["action_mean"], stats["action_std"])  # (E, H*F, 2)
         return policy
 
     if compiled:  # compile outside the timed solves (skip the warm-up)

@@ -41,6 +41,13 @@ def one_thread():  # tiny tensors: one intra-op thread is faster, and no OpenMP 
 def cached_dino(monkeypatch):  # stages that build the random encoder (through dino.make_input) share one instance
     monkeypatch.setattr(dino, "load_dinov2", cached_dinov2)
 
+@pytest.fixture
+def drawn(monkeypatch):  # the window indices each training stream (data.loader with drop_last) hands out, in order
+    seen, loader = [], data.loader
+    monkeypatch.setattr(data, "loader", lambda ds, b, order, *a, **kw: loader(
+        ds, b, (seen.append(i) or i for i in order) if kw.get("drop_last") else order, *a, **kw))
+    return seen
+
 def user_error(fn, *args, names=(), **kw):  # fn(*args, **kw) raises data.UserError naming each of `names`
     with pytest.raises(UserError) as err:
         fn(*args, **kw)
@@ -103,6 +110,7 @@ def pipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     collect(root / "data", episodes=6, steps=60, img_size=28, seed=0, val_fraction=0.1)
     p = SimpleNamespace(root=root, data=root / "data", vq6=root / "vq6", reports={}, planned={})
+    p.windows = len(WindowDataset(p.data, "train", 2))  # its 2-frame train windows: the labels a baseline sees
     p.vq6_sd = copy.deepcopy(train.main(*train_cfgs(p.data, p.vq6)).state_dict())
     for v in VARIANTS:
         train.main(*train_cfgs(p.data, root / v, v, steps=2, eval_every=2, val_batches=1, stats_batches=1))
@@ -195,10 +203,8 @@ def test_is_success_and_frames_are_upstreams_picture_of_the_state_at_any_size():
 # ---- data.py: collect, info, the command line, windows, macro actions, the importer, damaged datasets ----------------
 def test_collect_layout_statistics_replay_the_data_command_line_and_refusals(tmp_path, monkeypatch, capsys):
     """collect: layout, statistics, replay, any worker count, a no-op again, refusals, nothing left on failure; info"""
-    collect(small := tmp_path / "a"), collect(tmp_path / "b", workers=2)  # 4 episodes x 31 frames: 3 train, 1 val
-    assert all(np.array_equal(data.load_split(small, s)[k], data.load_split(tmp_path / "b", s)[k])
-               for s in ("train", "val") for k in ("states", "actions", "lengths"))
-    assert data.load_meta(small)["fingerprint"] == data.load_meta(tmp_path / "b")["fingerprint"]
+    collect(small := tmp_path / "a"), collect(two := tmp_path / "b", workers=2)  # 4 x 31 frames: 3 train, 1 val
+    assert data.load_meta(small, verify=True)["fingerprint"] == data.load_meta(two, verify=True)["fingerprint"]
     tr, meta, env = data.load_split(small, "train"), data.load_meta(small), PushT()
     assert tr["lengths"].tolist() == [31, 31, 31] and tr["states"].shape == (93, 7) and tr["frames"] is None
     assert (tr["actions"][[30, 61, 92]] == 0).all()  # an episode's last action leads nowhere: not in the stats
@@ -714,14 +720,16 @@ def test_run_folder_resume_after_a_kill_is_bit_identical_and_the_nan_guard(pipe,
     assert tload(tmp_path / "nan" / "ckpt.pt")["step"] == 3  # the last good one, kept
 
 def test_a_run_finds_its_data_moved_with_it_or_by_flag_and_refuses_another_or_a_bad_checkpoint(pipe, tmp_path):
-    """Moved with its data, a run finds it; else --data (fingerprint checked, passed on); bad checkpoints refused."""
+    """Moved with its data, a run finds it and resumes (more steps and a runtime flag taken); else --data (fingerprint
+    checked, passed on); bad checkpoints refused."""
     for name in ("data", "vq6"):  # the run and its dataset copied together elsewhere, their relative layout kept
         shutil.copytree(pipe.root / name, tmp_path / "moved" / name)
     moved = tmp_path / "moved" / "vq6"
     assert wm.load_run(moved)[2] == (moved.parent / "data").resolve()  # the relative path wins over the old one
-    assert train.main(*train_cfgs(moved.parent / "data", moved, steps=7)) is not None
-    shutil.move(moved.parent / "data", tmp_path / "elsewhere")
+    train.main(*train_cfgs(moved.parent / "data", moved, steps=7, log_every=1))
     ckpt = tload(moved / "ckpt.pt")
+    assert ckpt["step"] == 7 and ckpt["train_config"]["log_every"] == 1
+    shutil.move(moved.parent / "data", tmp_path / "elsewhere")
     torch.save({**ckpt, "data": {**ckpt["data"], "root": str(tmp_path / "gone")}}, moved / "ckpt.pt")
     user_error(wm.load_run, moved, names=["--data"])  # found nowhere: the way out is named
     assert wm.load_run(moved, data_dir=str(tmp_path / "elsewhere"))[2] == (tmp_path / "elsewhere").resolve()
@@ -731,9 +739,9 @@ def test_a_run_finds_its_data_moved_with_it_or_by_flag_and_refuses_another_or_a_
     (old := tmp_path / "old").mkdir(), user_error(wm.load_run, old, names=[old / "ckpt.pt", "train.py"])
     torch.save({**ckpt, "format": "old"}, old / "ckpt.pt"), user_error(wm.load_run, old, names=[old / "ckpt.pt"])
 
-def test_resume_takes_more_steps_and_runtime_flags_refuses_other_settings_and_leaves_the_run_alone(pipe, tmp_path):
-    """More steps and runtime flags taken; another setting or dataset, fewer steps, a folder in use: refused naming
-    the flag, the run untouched, no run folder made (no dataset at all: HOSTILE's train-data-missing)."""
+def test_resume_refuses_other_settings_and_leaves_the_run_alone(pipe, tmp_path):
+    """Another setting or dataset, fewer steps: refused naming the flag, the run untouched (more steps taken: the moved
+    run above; a folder in use: the busy-folder test; no dataset at all: HOSTILE's train-data-missing)."""
     before, other = (pipe.vq6 / "ckpt.pt").read_bytes(), write_dataset(tmp_path / "o", [12, 9, 15])
     cfg, mc = train_cfgs(pipe.data, pipe.vq6)
     for c, m, flag in ((replace(cfg, lr_predictor=5e-4), mc, "--lr-predictor"), (replace(cfg, steps=2), mc, "--steps"),
@@ -741,24 +749,13 @@ def test_resume_takes_more_steps_and_runtime_flags_refuses_other_settings_and_le
                        (replace(cfg, data=str(other)), mc, "--data")):
         user_error(train.main, c, m, names=[flag])
         assert (pipe.vq6 / "ckpt.pt").read_bytes() == before
-    cfg, mc = train_cfgs(pipe.data, tmp_path / "run", "baseline", steps=1, val_batches=1, stats_batches=1)
-    train.main(cfg, mc), train.main(replace(cfg, steps=2, log_every=1, eval_every=2), mc)
-    ckpt = tload(tmp_path / "run" / "ckpt.pt")
-    assert ckpt["step"] == 2 and ckpt["train_config"]["log_every"] == 1
-    with data.locked(busy := tmp_path / "busy" / "run"):
-        user_error(train.main, *train_cfgs(pipe.data, busy), names=[busy])
-    assert tree(busy.parent) == ["run", "run/.lock"]
 
-def test_labels_only_training_draws_from_a_fixed_subset(pipe, tmp_path, monkeypatch):
+def test_labels_only_training_draws_from_a_fixed_subset(pipe, tmp_path, drawn):
     """--labels N: exactly the N windows of the seeded subset, recorded in the checkpoint (bad counts: HOSTILE)."""
     assert len(set(data.label_subset(50, 7, 3))) == 7 and np.array_equal(data.label_subset(50, -1, 3), np.arange(50))
-    seen, loader = [], data.loader  # the window indices the train stream hands out
-    monkeypatch.setattr(data, "loader", lambda ds, b, order, *a, **kw: loader(
-        ds, b, (seen.append(i) or i for i in order) if kw.get("drop_last") else order, *a, **kw))
     cfg, mc = train_cfgs(pipe.data, tmp_path / "run", "baseline", steps=30, labels=12, eval_every=30)
     train.main(cfg, mc)
-    windows = len(WindowDataset(pipe.data, "train", 2))
-    assert set(seen) == set(data.label_subset(windows, 12, cfg.seed).tolist()) and len(seen) >= 30 * 4
+    assert set(drawn) == set(data.label_subset(pipe.windows, 12, cfg.seed).tolist()) and len(drawn) >= 30 * 4
     assert tload(tmp_path / "run" / "ckpt.pt")["stats"]["labels"] == 12
 
 def preset_vq():  # an initialised VQ whose codes are one input of each cluster of clustered(5)
@@ -885,15 +882,14 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     for run, via, names in ((bare, "adapter", ["adapter.pt"]), (root / "la", "actions", ["--via"])):
         user_error(plan.main, tiny_plan(run, tmp_path / "r.json", via=via), names=names)
     assert tree(root) == before and tree(tmp_path) == ["la", "la/ckpt.pt", "r", "r/ckpt.pt"]
-    shutil.copytree(root / "la", ens := tmp_path / "ens")  # an ensemble of 3 adapters: planning sees their mean
-    assert len(decode.main(tiny_decode(ens, head="adapter", ensemble=3))["members_val"]) == 3
-    head, (p, y) = decode.load_head(ens, ckpt, CPU, "adapter")[0], (torch.randn(5, 1, 12), torch.randn(5, 10))
+    assert len(decode.main(tiny_decode(bare, head="adapter", ensemble=3))["members_val"]) == 3  # planning: their mean
+    head, (p, y) = decode.load_head(bare, ckpt, CPU, "adapter")[0], (torch.randn(5, 1, 12), torch.randn(5, 10))
     members = torch.stack([net(p, y) for net in head.nets])  # (3, N, L) z-scored
     close(head(p, y), head.mean + head.std * members.mean(0))
     assert not torch.equal(members[0], members[1])  # each net: its own init and order
-    saved = tload(ens / "adapter.pt")  # one of an earlier version (a single net, no "ensemble" in its arch)
-    saved["config"]["arch"].pop("ensemble"), torch.save(saved, ens / "adapter.pt")
-    user_error(decode.load_head, ens, ckpt, CPU, "adapter", names=["adapter.pt", "refit"])
+    saved = tload(bare / "adapter.pt")  # one of an earlier version (a single net, no "ensemble" in its arch)
+    saved["config"]["arch"].pop("ensemble"), torch.save(saved, bare / "adapter.pt")
+    user_error(decode.load_head, bare, ckpt, CPU, "adapter", names=["adapter.pt", "refit"])
 
 # ---- plan.py: planners on known costs and their update rules, batched = separate, rollout_cost, tasks, end to end ----
 def quadratic(target):  # cost_fn of a quadratic bowl centred on target (E, H, A): samples (E, N, H, A) -> (E, N)
@@ -989,7 +985,6 @@ def test_tasks_are_reproducible_their_replay_reaches_the_goal_and_evaluate_ignor
 
 def test_end_to_end_results_json_and_the_shared_ceiling_cache(pipe, monkeypatch):
     """RESULTS.json of every plan in PLANS; the ceiling cached beside the results, shared, solved again if damaged."""
-    windows = len(WindowDataset(pipe.data, "train", 2))
     for name, path in pipe.planned.items():
         (variant, protocol), r = name.split("-", 1), jload(path)
         assert {"config", "mean_final_pos_dist"} <= set(r), name  # every other key of RESULTS.json is read below
@@ -998,7 +993,7 @@ def test_end_to_end_results_json_and_the_shared_ceiling_cache(pipe, monkeypatch)
         via = PLANS[name].get("via", "actions" if variant == "baseline" else "decoder")
         assert r["via"] == via and r["planner"] == ("cem_categorical" if (variant, via) == ("vq", "decoder")
                                                     else "cem_gaussian")
-        assert r["labels"] == (windows if variant == "baseline" else 80)  # every train window, or 64 + 16 pairs
+        assert r["labels"] == (pipe.windows if variant == "baseline" else 80)  # every train window, or 64 + 16 pairs
         assert r["episodes"] == len(r["successes"]) == len(r["tasks"]["start_state"]) == 3
         assert set(r["successes"]) <= {0, 1} and r["seconds_per_solve"] > 0
         assert r["success_rate"] == sum(r["successes"]) / 3 and r["ci95"][0] <= r["success_rate"] <= r["ci95"][1]
@@ -1067,13 +1062,12 @@ def test_eval_metrics_side_by_side_and_success_tables_from_floor_to_ceiling_and_
     assert table["open-loop"]["vq"][0]["k"] == sum(r["successes"]) and table["open-loop"]["vq"][0]["n"] == 3
     assert table["open-loop"]["ceiling"][0]["n"] == 2 and table["open-loop"]["replay"][0]["rate"] == 1.0
     assert not (tmp_path / "s.json").exists()  # no run given: no metrics
-    pool = len(WindowDataset(pipe.data, "train", 2))  # the labelled train windows of the dataset
     sweep = [str(pipe.planned["vq-open-loop"])] + [str(written(tmp_path / "sweep" / f"b{n}.json", json.dumps(
         {**jload(pipe.planned["baseline-open-loop"]), "labels": n, "successes": [1] * k + [0] * (3 - k)})))
-        for n, k in ((20, 0), (130, 1), (pool, 3))]  # one method at several label counts
+        for n, k in ((20, 0), (130, 1), (pipe.windows, 3))]  # one method at several label counts, up to all windows
     evaluate.main(evaluate.EvalConfig(results=sweep, out=str(tmp_path / "sweep" / "m.json")))
     out = capsys.readouterr().out  # one row per method, one column per count, its fraction of the dataset's windows
-    assert pool == 260 and "| method | 20 (7.7%) | 80 (30.8%) | 130 (50.0%) | 260 (all) |" in out
+    assert pipe.windows == 260 and "| method | 20 (7.7%) | 80 (30.8%) | 130 (50.0%) | 260 (all) |" in out
     assert "| baseline | 0.00 [0.00, 0.56] | – | 0.33 [0.06, 0.79] | 1.00 [0.44, 1.00] |" in out
     img = cv2.imread(str(tmp_path / "sweep" / "m_labels.png"))
     assert "| vq + decoder | – | " in out and img is not None and img.shape == (500, 760, 3)
@@ -1146,18 +1140,19 @@ def test_resume_merge_rules_run_folder_locks_and_atomic_writes(tmp_path):
     x.write_bytes(b"PK\x03\x04 truncated"), user_error(data.load_pt, x, "rebuild it", names=[x, "rebuild it"])
 
 def test_no_room_or_a_busy_folder_is_refused_before_any_work(pipe, tmp_path, monkeypatch):
-    """A full disk stops collect, train and plan; a dataset or policy folder in use is refused; nothing written."""
+    """A full disk stops collect, train and plan; a dataset, run or policy folder in use is refused; nothing written."""
     root, before = pipe.root, tree(pipe.root)
     with open(tmp_path / ".d.lock", "w") as f:  # a collect of tmp/d running in another process
         fcntl.flock(f, fcntl.LOCK_EX)
         user_error(collect, tmp_path / "d", episodes=4, steps=10, names=["another process", tmp_path / "d"])
-    with data.locked(tmp_path / "p"):
+    with data.locked(tmp_path / "p"), data.locked(tmp_path / "busy"):
         user_error(policy.train, tiny_policy(root / "data", tmp_path / "p"), names=[tmp_path / "p", "in use"])
+        user_error(train.main, *train_cfgs(root / "data", tmp_path / "busy"), names=[tmp_path / "busy"])
     monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 12, 10 ** 12, 10 ** 7))
     user_error(collect, tmp_path / "d", episodes=4, steps=10, names=["disk"])
     user_error(train.main, *train_cfgs(root / "data", tmp_path / "run", "baseline"), names=["disk"])
     user_error(plan.main, tiny_plan(root / "baseline", tmp_path / "r.json"), names=["disk", "--out"])
-    assert tree(root) == before and tree(tmp_path) == [".d.lock", "p", "p/.lock"]  # only what the test made
+    assert tree(root) == before and tree(tmp_path) == [".d.lock", "busy", "busy/.lock", "p", "p/.lock"]  # ours only
 
 def edited_data(edit):  # a setup: the shared dataset copied to t/data, then changed by edit(folder)
     return lambda t, r: edit(shutil.copytree(r / "data", t / "data"))
@@ -1304,21 +1299,20 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
             vit.forward_features(torch.zeros(2, 3, size, size, device="meta"))
         assert counted.get_total_flops() / 2 == pytest.approx(dino.encoder_flops(name, size), rel=2e-2), name
     run, missing = tmp_path / "vq", tmp_path / "not-collected"
+    px = WMConfig(variant="vq", tokens="dinov2", **SMALL)  # a pixel run: every refusal below is about its features
     cfg = train.TrainConfig(data=str(missing), out=str(run), batch_size=4, steps=100, eval_every=50, features="off",
                             dry_run=True, frames=1000)
-    stages = train.main(cfg, WMConfig(variant="vq", tokens="dinov2", **SMALL))
+    stages = train.main(cfg, px)
     assert set(stages) == {"train-vq", "decode-vq", "plan-vq-open-loop", "plan-vq-mpc"} and min(stages.values()) > 0
     out = capsys.readouterr().out
     assert all(f"estimate {s}: " in out for s in stages) and jload(run / "config.json")["model"]["num_patches"] == 4
-    fwd = 2 * sum(train.model_macs(wm.derive(WMConfig(variant="vq", tokens="dinov2", **SMALL), {"img_size": 224})))
+    fwd = 2 * sum(train.model_macs(wm.derive(px, {"img_size": 224})))
     assert stages["train-vq"] > 100 * 4 * (3 * fwd + 2 * dino.encoder_flops("dinov2_vits14", 28))  # off: + DINOv2
-    user_error(train.main, replace(cfg, frames=0), WMConfig(tokens="dinov2", **SMALL), names=[missing, "--frames"])
+    user_error(train.main, replace(cfg, frames=0), px, names=[missing, "--frames"])
     monkeypatch.setattr(train, "GPU_BYTES", 2 ** 20)  # a 1 MiB "GPU"
-    user_error(train.main, replace(cfg, features="memory"), WMConfig(tokens="dinov2", **SMALL),
-               names=["--features memory", "off"])
+    user_error(train.main, replace(cfg, features="memory"), px, names=["--features memory", "off"])
     monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 6, 10 ** 6, 10 ** 3))
-    user_error(train.main, replace(cfg, features="cache"), WMConfig(tokens="dinov2", **SMALL),
-               names=["--features cache", "memory"])
+    user_error(train.main, replace(cfg, features="cache"), px, names=["--features cache", "memory"])
     mc = wm.derive(WMConfig(variant="la", **SMALL), {"img_size": 32})
     model, cfg = WorldModel(mc).eval(), plan.PlanConfig(run="r", num_samples=300)
     assert plan.auto_batch(plan.PlanConfig(run="r", num_samples=8, topk=2), model, 7, CPU, 8) == 7  # a tiny plan: all
@@ -1379,32 +1373,29 @@ def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(policy_dat
         nets["value"].mlp[-1].bias.fill_(-5.0)
     value_loss = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)[0]
     assert value_loss.item() == pytest.approx(cfg.expectile * 4)  # Q_target - V = 2 > 0: weight tau
-    policy.train(tiny_policy(policy_data, tmp_path / "d", tokens="dinov2", dino_size=28, dino_weights="random",
-                             patch_dim=2))
-    r = policy_eval(tmp_path / "d", tmp_path / "d.json")
+    pixels = dict(tokens="dinov2", dino_size=28, dino_weights="random", patch_dim=2)
+    policy.train(tiny_policy(policy_data, p := tmp_path / "p", **pixels))
+    r = policy_eval(p, tmp_path / "p.json")
     assert r["tokens"] == "dinov2" and r["episodes"] == 2
-    policy.train(tiny_policy(policy_data, p := tmp_path / "p"))
     before, other = (p / "policy.pt").read_bytes(), write_dataset(tmp_path / "other", [31, 31], img_size=28)
     fp, theirs = data.load_meta(other)["fingerprint"], data.load_meta(policy_data)["fingerprint"]
-    user_error(policy_eval, p, tmp_path / "r.json", tokens="dinov2", names=["--tokens", "dinov2", "state"])
-    user_error(policy_eval, p, tmp_path / "r.json", data=str(other), names=["--data", fp, theirs, "state"])
-    user_error(policy.train, tiny_policy(policy_data, p, tokens="dinov2"), names=["--tokens", "dinov2", "state"])
-    user_error(policy.train, tiny_policy(other, p), names=["--data", other, fp, theirs])
+    user_error(policy_eval, p, tmp_path / "r.json", tokens="state", names=["--tokens", "state", "dinov2"])
+    user_error(policy_eval, p, tmp_path / "r.json", data=str(other), names=["--data", fp, theirs, "dinov2"])
+    user_error(policy.train, tiny_policy(policy_data, p), names=["--tokens", "state", "dinov2"])  # a state policy
+    user_error(policy.train, tiny_policy(other, p, **pixels), names=["--data", other, fp, theirs])
     user_error(tiny_policy, policy_data, tmp_path / "q", p_random=0.5, names=["--p-*"])  # weights that do not sum to 1
     assert not (tmp_path / "r.json").exists() and (p / "policy.pt").read_bytes() == before
 
 @pytest.mark.parametrize("algo,goal_steps,labels", [("gcbc", 25, -1), ("iql", 25, 12), ("gcbc", 0, -1)])
-def test_policy_train_and_eval_state_tokens(policy_data, tmp_path, monkeypatch, algo, goal_steps, labels):
+def test_policy_train_and_eval_state_tokens(policy_data, tmp_path, drawn, algo, goal_steps, labels):
     """Train (again: a no-op), evaluate under both protocols; --labels 12 trains on 12 // 5 = 2 chunks of 5."""
-    folder, seen, loader = tmp_path / f"{algo}{goal_steps}", [], data.loader
-    monkeypatch.setattr(data, "loader", lambda ds, b, order, *a, **kw: loader(
-        ds, b, (seen.append(i) or i for i in order) if kw.get("drop_last") else order, *a, **kw))
-    assert policy.train(tiny_policy(policy_data, folder, algo=algo, goal_steps=goal_steps, labels=labels)) > 0
-    assert policy.train(tiny_policy(policy_data, folder, algo=algo, goal_steps=goal_steps, labels=labels)) is None
+    folder = tmp_path / f"{algo}{goal_steps}"
+    cfg = tiny_policy(policy_data, folder, algo=algo, goal_steps=goal_steps, labels=labels)
+    assert policy.train(cfg) > 0 and policy.train(cfg) is None
     ck = data.load_pt(folder / "policy.pt", "")  # plain tensors and strings (weights_only)
-    assert ck["tokens"] == "state" and ("critic" in ck) == (algo == "iql")
-    assert (len(set(seen)), ck["labels"]) == ((2, 10) if labels > 0 else (len(set(seen)), len(
-        WindowDataset(policy_data, "train", 2)))) and len(seen) == 6 * 8
+    assert ck["tokens"] == "state" and ("critic" in ck) == (algo == "iql") and len(drawn) == 6 * 8
+    assert ck["labels"] == (10 if labels > 0 else len(WindowDataset(policy_data, "train", 2)))
+    assert labels < 0 or len(set(drawn)) == 2  # the chunks drawn
     for protocol, n in (("open-loop", 3), ("mpc", 2)):
         res = policy_eval(folder, out := tmp_path / "results" / f"{folder.name}-{protocol}.json", episodes=n,
                           protocol=protocol)

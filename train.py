@@ -139,8 +139,7 @@ def check_finite(first_bad, parts, ckpt_path):
                                  f"{ckpt_path} is left untouched (resume from it, e.g. with a lower lr)")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Diagnostics (the seed's collapse checks, codebook use, what jepa tokens keep): logged per validation, used by eval.py.
+# ---- Diagnostics (the seed's collapse checks, codebook use, what jepa tokens keep): per validation and in eval.py
 # SIGReg aims at a per-dimension std of 1; a median per-dimension jepa token std (eval mode, val frames) below this is
 # a collapsed encoder (they sit at 1e-4 and below), which plan.py refuses.
 COLLAPSE_STD = 0.01
@@ -422,10 +421,9 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                 if main_proc:
                     metrics, prior = evaluate(raw, val_loader, stats_loader, input_of, device, ctx, cfg.seed)
                     stats.update(prior)
-                    # atomically, with the dataset's path also relative to the run (a run moved with its data finds
-                    # it) and the RNG state for exact resume
+                    # atomically, with the dataset's path also relative to the run (a run moved with its data finds it)
                     root = Path(cfg.data).resolve()
-                    rng = {"torch": torch.get_rng_state(),
+                    rng = {"torch": torch.get_rng_state(),  # and the RNG state, for exact resume
                            **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
                     data.atomic_write(run / "ckpt.pt", {
                         "format": CKPT_FORMAT, "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,

@@ -132,11 +132,9 @@ class Attention(nn.Module):
         return self.to_out(o.transpose(1, 2).flatten(2))  # (B, N, W)
 
 
-class FeedForward(nn.Sequential):
+def feed_forward(dim, hidden, dropout=0.0):
     """Pre-LN MLP: LN -> Linear -> GELU -> Dropout -> Linear -> Dropout (DINO-WM models/vit.py; IDM: dropout 0)."""
-
-    def __init__(self, dim, hidden, dropout=0.0):
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
                          nn.Linear(hidden, dim), nn.Dropout(dropout))
 
 
@@ -148,7 +146,7 @@ class ViTPredictor(nn.Module):
         # randn init (std 1) kept for fidelity with DINO-WM models/vit.py; embedding dropout 0 upstream.
         self.pos_embedding = nn.Parameter(torch.randn(1, num_frames * num_patches, dim))  # (1, T*P, W)
         self.layers = nn.ModuleList(nn.ModuleList([Attention(dim, heads, dim_head, dropout),
-                                                   FeedForward(dim, mlp_dim, dropout)]) for _ in range(depth))
+                                                   feed_forward(dim, mlp_dim, dropout)]) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.register_buffer("mask", frame_causal_mask(num_patches, num_frames), persistent=False)  # upstream: a global
 
@@ -191,7 +189,7 @@ class IDMBlock(nn.Module):
         super().__init__()
         self.spatial = IDMAttention(dim, heads, causal=False)
         self.temporal = IDMAttention(dim, heads, causal=True)
-        self.ff = FeedForward(dim, mlp_dim)
+        self.ff = feed_forward(dim, mlp_dim)
 
     def forward(self, x, keep=None):
         """(B, T, S, dim) -> (B, T, keep or S, dim): only the first `keep` tokens per frame are updated and returned."""
@@ -219,8 +217,7 @@ class IDM(nn.Module):
 
     def forward(self, z):
         """(B, T, P, D) DINO tokens -> (B, T, dim) the action-prompt token of every frame."""
-        B, T = z.shape[:2]
-        x = torch.cat([self.action_prompt.expand(B, T, 1, -1).to(z.dtype), z], 2)  # (B, T, P+1, D)
+        x = torch.cat([self.action_prompt.expand(*z.shape[:2], 1, -1).to(z.dtype), z], 2)  # (B, T, P+1, D)
         x = self.proj(x) + self.pos  # (B, T, P+1, dim)
         for block in self.blocks[:-1]:
             x = block(x)
