@@ -345,7 +345,7 @@ def main(cfg: EvalConfig):
         cols += sorted({c for t in success.values() for c in t} - set(cols))
         cell = lambda cs: " / ".join(f"{ci(c)} ({c['k']}/{c['n']})" for c in cs) or "–"  # noqa: E731  a file each
         print("\nsuccess rate [Wilson 95% interval] (successes/tasks); random, ceiling and replay on the same tasks "
-              "(the ceiling on the first tasks only):\n" + "\n".join(markdown(
+              "(the ceiling on the first n of them):\n" + "\n".join(markdown(
                   ["protocol", *cols], [[p] + [cell(t.get(c, [])) for c in cols] for p, t in sorted(success.items())])))
         data.atomic_write(out.with_name(out.stem + "_success.json"), success)
 

@@ -124,7 +124,7 @@ if [ "$mode" = quick ] || [ "$mode" = state ]; then
   if [ "$mode" = quick ]; then
     EPISODES=600 STEPS=(3000 1200 20000 3000 1200) N=(50 4 30 2)
   else
-    EPISODES=2000 STEPS=(12000 12000 100000 8000 8000) N=(100 20 50 10)
+    EPISODES=2000 STEPS=(12000 12000 100000 8000 8000) N=(100 100 50 50)  # the ceiling on every task
   fi
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes $EPISODES --steps 100
   same_data "$DATA"
@@ -206,7 +206,7 @@ if [ "$mode" = labels ] || [ "$mode" = jepa-labels ]; then  # success against la
     --out "$OUT/metrics.json" --windows 600 --probe-windows 5000
 fi
 
-if [ "$mode" = jepa ]; then  # 96-px frames, a 4-block CNN + BN projector trained with the predictor (wm.JEPAEncoder)
+if [ "$mode" = jepa ]; then  # 96-px frames, a 4-block CNN + BN projector trained with the predictor (dino.JEPAEncoder)
   DATA=${DATA:-$OUT/data}
   [ -f "$DATA/meta.json" ] || stage collect $PY data.py collect --out "$DATA" --episodes 1000 --steps 100 --img-size 96
   same_data "$DATA"
@@ -215,7 +215,7 @@ if [ "$mode" = jepa ]; then  # 96-px frames, a 4-block CNN + BN projector traine
     --schedule cosine --batch-size 128 --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --lr-predictor 1e-3 \
     --lr-action 1e-3 --jepa-width 16 --jepa-idm 1.0 --eval-every 300 --val-batches 8 --log-every 50 --num-workers 1
   stage plan-baseline-open-loop $PY plan.py --run "$OUT/baseline" --protocol open-loop --episodes 100 \
-    --ceiling-episodes 10 --opt-steps 10 --out "$OUT/results/baseline-open-loop.json"
+    --ceiling-episodes 100 --opt-steps 10 --out "$OUT/results/baseline-open-loop.json"
   rm -f "$OUT/.done/eval"
   stage eval $PY eval.py --run "$OUT/baseline" --results "$OUT"/results/*.json --out "$OUT/metrics.json" \
     --windows 600 --probe-windows 5000
