@@ -2,10 +2,10 @@
 # The whole pipeline: collect -> train (baseline, la, vq) -> decode -> plan (+ policies) -> eval, then the tables.
 #   bash reproduce.sh quick [OUT]   CPU, <= 10 min on 2 cores (default OUT runs/quick): state tokens end to end, then a
 #                                   short pixel-path smoke (random DINOv2) under OUT/pixels/
-#   bash reproduce.sh state [OUT]   CPU, about an hour on 2 cores: the README's state-token table (100 open-loop tasks)
+#   bash reproduce.sh state [OUT]   CPU, ~35 min on 2 cores: the README's state-token table (100 open-loop tasks)
 #   bash reproduce.sh labels [OUT]  CPU, about an hour on 2 cores: success against labelled transitions (1k, 10k, 100k)
 #                                   on the state table's 100 open-loop tasks, with a table and a PNG plot
-#   bash reproduce.sh jepa  [OUT]   CPU, ~25 min on 2 cores: a pixel encoder trained from scratch (PLDM/LeWM-style,
+#   bash reproduce.sh jepa  [OUT]   CPU, ~15 min on 2 cores: a pixel encoder trained from scratch (PLDM/LeWM-style,
 #                                   SIGReg) with the labelled baseline, planned on 100 open-loop tasks
 #   bash reproduce.sh jepa-labels [OUT]  CPU, about an hour on 2 cores: the label question on pixels: a jepa world
 #                                   model trained without any label (la) + decoder / adapter against labels-only
