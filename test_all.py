@@ -78,10 +78,9 @@ tiny_policy = config(policy.TrainConfig, "data", "out", steps=6, batch_size=8, h
                      device="cpu")
 policy_eval_cfg = config(policy.EvalConfig, "policy", "out", episodes=2, ceiling_episodes=0, videos=0, device="cpu")
 encode_cfg = config(dino.EncodeConfig, "data", dino_weights="random", size=28, batch_size=4, workers=0, device="cpu")
-
-def tiny_eval(runs, out, **kw):
-    return evaluate.EvalConfig(run=[str(r) for r in runs], out=str(out), windows=12, horizon=2, probe_windows=16,
-                               batch_size=8, workers=0, device="cpu", **kw)
+import_cfg = config(data.ImportConfig, "src", "out")
+tiny_eval = config(evaluate.EvalConfig, "out", windows=12, horizon=2, probe_windows=16, batch_size=8, workers=0,
+                   device="cpu")
 
 def train_cfgs(root, out, variant="vq", steps=6, **kw):  # a tiny state-token run, checkpoint every 3 steps
     return config(train.TrainConfig, "data", "out", steps=steps, batch_size=4, eval_every=3, val_batches=2,
@@ -284,14 +283,10 @@ def fake_dinowm(root, lengths_by_split, size=64, short_video=None, lengths_obj=N
         (d / "seq_lengths.pkl").write_bytes(pickle.dumps(list(lengths) if lengths_obj is None else lengths_obj))
     return root
 
-def import_dinowm(src, out, keep_frames=False):
-    data.import_dinowm(data.ImportConfig(src=str(src), out=str(out), keep_frames=keep_frames))
-    return Path(out)
-
 def test_import_converts_states_actions_and_video_frames(tmp_path):
     """pusht_noise -> our layout (mp4 frames in RGB order, read by windows; else 224-px renders), stale staging gone."""
     src = fake_dinowm(tmp_path / "src", dict(train=[30, 27, 28], val=[29, 26]))
-    out = import_dinowm(src, tmp_path / "frames", keep_frames=True)
+    data.import_dinowm(import_cfg(src, out := tmp_path / "frames", keep_frames=True))
     meta, tr = data.load_meta(out), data.load_split(out, "train")
     assert meta["source"] == "dinowm" and meta["img_size"] == 64 and tr["lengths"].tolist() == [30, 27, 28]
     want = np.concatenate([data.collect_episode(500 + i, n - 1)[0] for i, n in enumerate([30, 27, 28])])
@@ -303,11 +298,12 @@ def test_import_converts_states_actions_and_video_frames(tmp_path):
     data.info(data.InfoConfig(root=str(out)), bench=5)  # the fingerprint covers the stored arrays
     aeq(WindowDataset(out, "val", pixels=True)[0]["obs"].numpy(), data.load_split(out, "val")["frames"][[0, 5]])
     (stale := tmp_path / ".out.tmp-killed").mkdir()  # left by an earlier, killed run
-    out = import_dinowm(src, tmp_path / "out")
+    data.import_dinowm(import_cfg(src, out := tmp_path / "out"))
     assert data.load_meta(out)["img_size"] == 224 and data.load_split(out, "val")["frames"] is None
     assert not stale.exists()
     src = fake_dinowm(tmp_path / "src2", dict(train=[20], val=[20]), lengths_obj=[np.int64(20)])  # NumPy integers
-    assert data.load_split(import_dinowm(src, tmp_path / "out2"), "train")["lengths"].tolist() == [20]
+    data.import_dinowm(import_cfg(src, out := tmp_path / "out2"))
+    assert data.load_split(out, "train")["lengths"].tolist() == [20]
 
 ONE = dict(train=[20], val=[20])
 BAD_SOURCES = {  # name: (make a bad pusht_noise folder, the file the error names, keep_frames): HOSTILE's import-*
@@ -1031,7 +1027,7 @@ def test_summary_wilson_and_linear_probe_known_answers():
 def test_eval_metrics_side_by_side_and_success_tables_from_floor_to_ceiling_and_against_labels(pipe, tmp_path, capsys):
     """METRICS.json, table, rollout plot; mixed datasets, no decoder: warned; success tables, random to replay; a label
     sweep's table and PNG (bad results files: HOSTILE)."""
-    metrics, _ = evaluate.main(tiny_eval([pipe.root / v for v in VARIANTS], tmp_path / "metrics.json"))
+    metrics, _ = evaluate.main(tiny_eval(tmp_path / "metrics.json", run=[str(pipe.root / v) for v in VARIANTS]))
     saved = jload(tmp_path / "metrics.json")
     assert list(saved) == list(VARIANTS) and saved == json.loads(json.dumps(metrics))
     for m in saved.values():
@@ -1043,14 +1039,13 @@ def test_eval_metrics_side_by_side_and_success_tables_from_floor_to_ceiling_and_
     out = capsys.readouterr().out
     assert "| metric | baseline | la | vq |" in out and "px (80 labels)" in out
     assert cv2.imread(str(tmp_path / "metrics_rollout.png")).shape == (500, 760, 3)
-    shutil.copytree(pipe.data, d2 := tmp_path / "data2")  # a copy of the dataset, its states moved ...
-    np.save(d2 / "val" / "states.npy", np.load(d2 / "val" / "states.npy") + 1e-3)
+    edit_val("states.npy", lambda s: s + 1e-3)(d2 := shutil.copytree(pipe.data, tmp_path / "data2"))  # a copy ...
     fp = data._fingerprint({s: data.load_split(d2, s) for s in ("train", "val")})
     (d2 / "meta.json").write_text(json.dumps({**jload(d2 / "meta.json"), "fingerprint": fp}))
     ckpt = tload(pipe.root / "vq" / "ckpt.pt")  # ... and a vq run on it, without decoder
     torch.save({**ckpt, "data": {"root": str(d2), "relative": "../data2", "fingerprint": fp}},
                written(tmp_path / "vq2" / "ckpt.pt"))
-    evaluate.main(tiny_eval([pipe.root / "baseline", tmp_path / "vq2"], tmp_path / "m.json"))
+    evaluate.main(tiny_eval(tmp_path / "m.json", run=[str(pipe.root / "baseline"), str(tmp_path / "vq2")]))
     out = capsys.readouterr().out
     assert "trained on different datasets" in out and "missing or stale: run decode.py" in out
     evaluate.main(evaluate.EvalConfig(results=[str(p) for p in pipe.planned.values()], out=str(tmp_path / "s.json")))
@@ -1106,13 +1101,11 @@ def test_flags_and_help_come_from_the_config_fields_and_configs_built_in_code_ar
             assert data.flag(f.name) in text and f"(default: {default!r})" in text, (argv, f.name)
 
 def test_resume_merge_rules_run_folder_locks_and_atomic_writes(tmp_path):
-    """Untyped fields are the run's, typed ones must match unless runtime; one lock holder; a file as run folder kept;
-    atomic writes past planted links and a crash; write errors name the file."""
+    """Untyped fields are the run's, typed ones must match (HOSTILE) unless runtime; one lock holder; a file as run
+    folder kept; atomic writes past planted links and a crash; write errors name the file."""
     stored, rt = dataclasses.asdict(train.TrainConfig(lr_predictor=1e-3, steps=5)), train.RUNTIME
     merged, = data.merge_resume("run", set(), (train.TrainConfig(), stored, rt))
     assert merged.lr_predictor == 1e-3 and merged.steps == 5  # untyped fields: the run's own
-    user_error(data.merge_resume, "run", {"lr_predictor"}, (train.TrainConfig(), stored, rt),
-               names=["--lr-predictor", "run"])  # typed, even at its default, and different: refused
     assert data.merge_resume("run", {"steps"}, (train.TrainConfig(steps=9), stored, rt))[0].steps == 9  # runtime
     merged, = data.merge_resume("run", None, (train.TrainConfig(steps=9), stored, rt))  # built in code:
     assert merged.steps == 9 and merged.lr_predictor == 1e-3  # non-default fields count as given
@@ -1214,7 +1207,7 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "collect-one-episode": ("data.py collect --out {t}/c --episodes 1", ["--episodes"]),
     "encode-size-30": ("dino.py encode --data {t}/c --size 30", ["--size"]),
     "train-typed-default-lr-on-a-run": ("train.py --data {r}/data --out {r}/la --lr-predictor 5e-5",
-                                        ["--lr-predictor"]),
+                                        ["--lr-predictor", "{r}/la"]),  # typed, even at its default, and different
     "decode-without-a-run": ("decode.py --run {t}/norun --device cpu", ["{t}/norun/ckpt.pt"]),
     **{f"import-{k}": ("data.py import-dinowm --src {t}/src --out {t}/out" + " --keep-frames" * keep_frames, [file],
                        lambda t, r, make=make: make(t / "src"))  # a pickled torch object is refused, never unpickled
@@ -1273,7 +1266,7 @@ def test_pixel_tokens_end_to_end_and_features_in_memory_train_like_the_exact_one
     assert decode.main(tiny_decode(tmp_path / "la"))["tokens"] == "dinov2"
     res = plan.main(tiny_plan(tmp_path / "la", tmp_path / "r.json", episodes=2, ceiling_episodes=0, videos=0))
     assert res["tokens"] == "dinov2" and res["reference"]["ceiling"] is None and len(res["successes"]) == 2
-    metrics, _ = evaluate.main(tiny_eval([tmp_path / "la"], tmp_path / "m.json"))
+    metrics, _ = evaluate.main(tiny_eval(tmp_path / "m.json", run=[str(tmp_path / "la")]))
     assert metrics["la"]["tokens"] == "dinov2" and math.isfinite(metrics["la"]["rollout_mse"])
     monkeypatch.setattr(dino, "available_ram", lambda: 2 ** 30)  # 1 GiB: less than the spare training needs
     cfg, mc = train_cfgs(pipe.data, tmp_path / "small", "la", dino_weights="random", features="memory")
@@ -1325,25 +1318,13 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
     user_error(plan.auto_batch, cfg, model, 100, CPU, 8, names=["--num-samples"])
 
 # ---- policy.py (GCBC, GC-IQL): goal sampling, IQL's targets, train -> eval, a DINOv2 cache, refusals ----------------
-@pytest.fixture(scope="module")
-def policy_data(tmp_path_factory):
-    """6 episodes x 41 frames at 28 px (4 train, 2 val), with a random 4 x 384 'DINOv2' cache in dino.py's format."""
-    collect(root := tmp_path_factory.mktemp("policy") / "data", episodes=6, steps=40, img_size=28, seed=0,
-            val_fraction=1 / 3)
-    rng, head = np.random.default_rng(0), dino.cache_header(root, "dinov2_vits14", 28, "random")
-    for split in ("train", "val"):
-        n = data.load_meta(root)["splits"][split]["frames"]
-        np.save(root / split / "features.npy", rng.normal(0, 1, (n, 4, 384)).astype(np.float16))  # (F, P, D)
-        (root / split / "features.json").write_text(json.dumps({**head, "frames": n, "done": n}))
-    return root
-
 def policy_eval(folder, out, **kw):
     return policy.evaluate_policy(policy_eval_cfg(folder, out, **kw))
 
-def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(policy_data, tmp_path, cached_dino):
+def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(pipe, tmp_path, cached_dino, monkeypatch):
     """Goals stay in the episode as set; IQL's target at the goal is 0, its value loss an expectile; dinov2 tokens
     train from the cache, evaluate on frames; another token source or dataset names both sides."""
-    end, rng = policy.episode_ends(policy_data, "train"), np.random.default_rng(0)  # (F,)
+    end, rng = policy.episode_ends(pipe.data, "train"), np.random.default_rng(0)  # (F,)
     t = np.arange(0, len(end) - 30, 3)
     t = t[t + 29 <= end[t]]  # window starts: a chunk fits
     every = np.repeat(np.flatnonzero(np.arange(len(end)) < end), 50)  # every frame before its episode's last, 50x
@@ -1351,16 +1332,16 @@ def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(policy_dat
     assert (g <= end[every]).all() and (g == every + 25)[every + 25 <= end[every]].all()  # 25 ahead, capped at the end
     g = policy.actor_goals(rng, every, end, 0)  # uniform future (swm)
     assert ((g > every) & (g <= end[every])).all() and (g == end[every]).any()
-    cfg, tt = tiny_policy(policy_data, "unused"), np.repeat(t, 200)
+    cfg, tt = tiny_policy(pipe.data, "unused"), np.repeat(t, 200)
     g = policy.value_goals(rng, tt, end, cfg)
     assert np.mean(g == tt) == pytest.approx(cfg.p_current, abs=0.03)
     assert 0 < np.mean(end[g] != end[tt]) <= cfg.p_random  # only random goals leave the episode
     g = policy.value_goals(rng, tt, end, replace(cfg, p_random=0.0, p_future=0.8))
     assert ((g >= tt) & (g <= end[tt]) & (((g - tt) % 5 == 0) | (g == end[tt]))).all()  # whole macro steps ahead
-    cfg, mc = tiny_policy(policy_data, "unused", algo="iql"), wm.derive(WMConfig(tokens="state"),
-                                                                         data.load_meta(policy_data))
+    cfg, mc = tiny_policy(pipe.data, "unused", algo="iql"), wm.derive(WMConfig(tokens="state"),
+                                                                       data.load_meta(pipe.data))
     torch.manual_seed(0)
-    nets, s = policy.build(cfg, mc), torch.tensor(data.load_split(policy_data, "train")["states"][:8]).float()
+    nets, s = policy.build(cfg, mc), torch.tensor(data.load_split(pipe.data, "train")["states"][:8]).float()
     z, a0 = dino.state_tokens(torch.stack([s, s], 1)), torch.randn(8, mc.action_dim)  # (B, 2, 1, 12), (B, A)
     with torch.no_grad():  # Q = Q_target = -3 and V = 0 everywhere
         for name, value in (("critic", -3.0), ("critic_target", -3.0), ("value", 0.0)):
@@ -1374,27 +1355,34 @@ def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(policy_dat
     value_loss = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)[0]
     assert value_loss.item() == pytest.approx(cfg.expectile * 4)  # Q_target - V = 2 > 0: weight tau
     pixels = dict(tokens="dinov2", dino_size=28, dino_weights="random", patch_dim=2)
-    policy.train(tiny_policy(policy_data, p := tmp_path / "p", **pixels))
+    head = dino.cache_header(cached := shutil.copytree(pipe.data, tmp_path / "data"), "dinov2_vits14", 28, "random")
+    for split in ("train", "val"):  # a random 4 x 384 'DINOv2' cache in dino.py's format
+        n = data.load_meta(cached)["splits"][split]["frames"]
+        np.save(cached / split / "features.npy", rng.normal(0, 1, (n, 4, 384)).astype(np.float16))  # (F, P, D)
+        (cached / split / "features.json").write_text(json.dumps({**head, "frames": n, "done": n}))
+    with monkeypatch.context() as m:  # trained from the cache: the encoder never runs
+        m.setattr(dino, "encode", lambda *a: pytest.fail("policy.train encoded frames despite the cache"))
+        policy.train(tiny_policy(cached, p := tmp_path / "p", **pixels))
     r = policy_eval(p, tmp_path / "p.json")
     assert r["tokens"] == "dinov2" and r["episodes"] == 2
     before, other = (p / "policy.pt").read_bytes(), write_dataset(tmp_path / "other", [31, 31], img_size=28)
-    fp, theirs = data.load_meta(other)["fingerprint"], data.load_meta(policy_data)["fingerprint"]
+    fp, theirs = data.load_meta(other)["fingerprint"], data.load_meta(cached)["fingerprint"]
     user_error(policy_eval, p, tmp_path / "r.json", tokens="state", names=["--tokens", "state", "dinov2"])
     user_error(policy_eval, p, tmp_path / "r.json", data=str(other), names=["--data", fp, theirs, "dinov2"])
-    user_error(policy.train, tiny_policy(policy_data, p), names=["--tokens", "state", "dinov2"])  # a state policy
+    user_error(policy.train, tiny_policy(cached, p), names=["--tokens", "state", "dinov2"])  # a state policy
     user_error(policy.train, tiny_policy(other, p, **pixels), names=["--data", other, fp, theirs])
-    user_error(tiny_policy, policy_data, tmp_path / "q", p_random=0.5, names=["--p-*"])  # weights that do not sum to 1
+    user_error(tiny_policy, pipe.data, tmp_path / "q", p_random=0.5, names=["--p-*"])  # weights that do not sum to 1
     assert not (tmp_path / "r.json").exists() and (p / "policy.pt").read_bytes() == before
 
 @pytest.mark.parametrize("algo,goal_steps,labels", [("gcbc", 25, -1), ("iql", 25, 12), ("gcbc", 0, -1)])
-def test_policy_train_and_eval_state_tokens(policy_data, tmp_path, drawn, algo, goal_steps, labels):
+def test_policy_train_and_eval_state_tokens(pipe, tmp_path, drawn, algo, goal_steps, labels):
     """Train (again: a no-op), evaluate under both protocols; --labels 12 trains on 12 // 5 = 2 chunks of 5."""
     folder = tmp_path / f"{algo}{goal_steps}"
-    cfg = tiny_policy(policy_data, folder, algo=algo, goal_steps=goal_steps, labels=labels)
+    cfg = tiny_policy(pipe.data, folder, algo=algo, goal_steps=goal_steps, labels=labels)
     assert policy.train(cfg) > 0 and policy.train(cfg) is None
     ck = data.load_pt(folder / "policy.pt", "")  # plain tensors and strings (weights_only)
     assert ck["tokens"] == "state" and ("critic" in ck) == (algo == "iql") and len(drawn) == 6 * 8
-    assert ck["labels"] == (10 if labels > 0 else len(WindowDataset(policy_data, "train", 2)))
+    assert ck["labels"] == (10 if labels > 0 else pipe.windows)
     assert labels < 0 or len(set(drawn)) == 2  # the chunks drawn
     for protocol, n in (("open-loop", 3), ("mpc", 2)):
         res = policy_eval(folder, out := tmp_path / "results" / f"{folder.name}-{protocol}.json", episodes=n,
@@ -1409,11 +1397,6 @@ def test_policy_train_and_eval_state_tokens(policy_data, tmp_path, drawn, algo, 
         assert r["mpc_execute"] == (1 if protocol == "mpc" and goal_steps == 0 else 5)
 
 # ---- the jepa token source: SIGReg known answers, the encoder, collapse statistics, jepa runs end to end -------------
-def sigreg_of_zero(B):  # SIGReg of B identical rows at 0, from its definition: B * sum_k w_k phi_k (1 - phi_k)^2
-    t = torch.linspace(0, 3, dino.SIGREG_KNOTS, dtype=torch.float64)
-    (w := torch.full_like(t, 6 / (dino.SIGREG_KNOTS - 1)))[[0, -1]] /= 2
-    return B * (w * (phi := torch.exp(-t ** 2 / 2)) * (1 - phi) ** 2).sum().item()
-
 def test_sigreg_known_answers_the_jepa_encoder_token_stats_probes_and_the_collapse_flag(capsys):
     """SIGReg ~1.06 on N(0, 1), B * 0.41 collapsed, between when shrunk, rescuing gradients; uint8 frames -> (B, T, 1,
     D), batch std 1; effective rank, collapse; probes; train.py flags a collapse."""
@@ -1421,9 +1404,12 @@ def test_sigreg_known_answers_the_jepa_encoder_token_stats_probes_and_the_collap
     gauss = dino.sigreg(torch.randn(2048, 2, 16)).item()  # the integral of phi (1 - phi^2) over [-3, 3]
     expect = math.sqrt(2 * math.pi) * (math.erf(3 / math.sqrt(2)) - math.erf(3 * math.sqrt(1.5)) / math.sqrt(3))
     assert abs(gauss - expect) < 0.25, (gauss, expect)
-    assert abs(dino.sigreg(torch.zeros(128, 2, 16)).item() - sigreg_of_zero(128)) < 1e-3
-    assert 50 < sigreg_of_zero(128) < 53  # LeWM's Push-T batch 128: ~52
-    assert gauss < dino.sigreg(0.3 * torch.randn(2048, 2, 16)).item() < sigreg_of_zero(2048)
+    t = torch.linspace(0, 3, dino.SIGREG_KNOTS, dtype=torch.float64)  # SIGReg per row of a batch at 0, from its
+    (w := torch.full_like(t, 6 / (dino.SIGREG_KNOTS - 1)))[[0, -1]] /= 2  # definition: sum_k w_k phi_k (1 - phi_k)^2
+    zero = (w * (phi := torch.exp(-t ** 2 / 2)) * (1 - phi) ** 2).sum().item()  # B identical rows: B * zero
+    assert abs(dino.sigreg(torch.zeros(128, 2, 16)).item() - 128 * zero) < 1e-3
+    assert 50 < 128 * zero < 53  # LeWM's Push-T batch 128: ~52
+    assert gauss < dino.sigreg(0.3 * torch.randn(2048, 2, 16)).item() < 2048 * zero
     s, z = torch.tensor([0.3, 0.0], requires_grad=True), torch.randn(512, 1, 16)  # why the encoder ends in BatchNorm:
     (dino.sigreg(s[0] * z) + dino.sigreg(s[1] * z)).backward()
     assert s.grad[0] < -10 and s.grad[1].abs() < 1e-6  # large at scale 0.3, none at a collapsed batch
@@ -1484,25 +1470,19 @@ def test_jepa_runs_train_plan_and_refuse_a_collapsed_encoder(tmp_path):
     assert res["tokens"] == "jepa" and res["planner"] == "cem_categorical"  # IDM, VQ, decoder see only tokens
 
 # ---- the method end to end (state tokens): decoded IDM latents replay the recording, la plans from its own prior ----
-@pytest.fixture(scope="module")
-def la_run(tmp_path_factory):
-    """A small la run on state tokens with its action decoder and adapter: ~30 s on one core."""
-    collect(root := tmp_path_factory.mktemp("method") / "data", episodes=300, steps=100, img_size=224, seed=0,
-            val_fraction=0.1)
-    train.main(train.TrainConfig(data=str(root), out=str(root.parent / "la"), steps=600, batch_size=128,
+def test_method_decoded_latents_replay_the_recording_the_adapter_imagines_it_and_la_plans_from_its_prior(
+        tmp_path, monkeypatch):
+    """IDM latents of recorded transitions, decoded as the planner does (step h from frame h), retrace the recording;
+    through the adapter, the recorded macro actions carry the imagined start far closer to the goal than the start and
+    the mean action; Gaussian CEM over la latents starts from the run's latent mean and std, not N(0, 1)."""
+    collect(root := tmp_path / "data", episodes=300, steps=100, img_size=224, seed=0, val_fraction=0.1)
+    train.main(train.TrainConfig(data=str(root), out=str(la_run := tmp_path / "la"), steps=600, batch_size=128,
                                  lr_predictor=2e-3, lr_action=2e-3, lr_idm=2e-3, eval_every=600, val_batches=4,
                                  stats_batches=8, log_every=300),
                WMConfig(variant="la", tokens="state", depth=2, heads=4, dim_head=32, mlp_dim=256, dropout=0.0,
                         idm_depth=1, idm_heads=4, idm_dim=64, idm_mlp_dim=128))
-    for head in ("decoder", "adapter"):
-        decode.main(DecodeConfig(run=str(root.parent / "la"), head=head, pairs=8000, val_pairs=1000))
-    return root.parent / "la"
-
-def test_method_decoded_latents_replay_the_recording_the_adapter_imagines_it_and_la_plans_from_its_prior(
-        la_run, tmp_path, monkeypatch):
-    """IDM latents of recorded transitions, decoded as the planner does (step h from frame h), retrace the recording;
-    through the adapter, the recorded macro actions carry the imagined start far closer to the goal than the start and
-    the mean action; Gaussian CEM over la latents starts from the run's latent mean and std, not N(0, 1)."""
+    for head in ("decoder", "adapter"):  # a small la run on state tokens, its decoder and adapter: ~30 s on one core
+        decode.main(DecodeConfig(run=str(la_run), head=head, pairs=8000, val_pairs=1000))
     model, ckpt, root = wm.load_run(la_run)
     decoder, adapter, stats = (*(decode.load_head(la_run, ckpt, "cpu", h)[0] for h in ("decoder", "adapter")),
                                ckpt["stats"])
