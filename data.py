@@ -54,9 +54,12 @@ class CollectConfig:
         require(self.out, "--out DIR is required: the dataset folder to create")
         require(self.episodes >= 2 and self.steps >= 1, f"--episodes {self.episodes} / --steps {self.steps}: need at "
                                                         "least 2 episodes of 1 step")
-        require(14 <= self.img_size <= MAX_IMG and self.workers >= 0 and 0 < self.val_fraction < 1 and
-                self.episodes * (self.steps + 1) <= 10 ** 8, f"--img-size in 14..{MAX_IMG}, --workers >= 0, "
-                "--val-fraction in (0, 1), --episodes x --steps up to 10^8 frames")
+        require(14 <= self.img_size <= MAX_IMG and 0 <= self.workers <= MAX_WORKERS and 0 < self.val_fraction < 1 and
+                self.episodes * (self.steps + 1) <= 10 ** 8, f"--img-size in 14..{MAX_IMG}, --workers in "
+                f"0..{MAX_WORKERS}, --val-fraction in (0, 1), --episodes x --steps up to 10^8 frames")
+        check_choices(self)
+        require(self.seed + self.episodes <= 2 ** 32, f"--seed {self.seed}: episode i starts from reset(seed + i), so "
+                "seed + episodes must stay below 2^32")
 
 
 @dataclass
@@ -79,11 +82,15 @@ class FigureConfig:
     out: str = "assets/pusht.png"  # PNG path
     seed: int = 5  # episode seed
 
+    def __post_init__(self):
+        check_choices(self)
+
 
 # Shapes: F frames in a split, E episodes, T frames in a window, S image side, A = 2 * frameskip macro-action width.
 FORMAT = "pusht-v1"
 SUCCESS_PX, SUCCESS_ANGLE = 20.0, math.pi / 9  # DINO-WM eval_state: joint agent + block position, block angle
 MAX_IMG = 1024  # largest frame side in px a dataset or run may ask for (DINO-WM renders 224)
+MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than this only waits for the ones already running
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # reported, not tracebacks
 WORLD = 512  # world = canvas, px, origin top-left, y down (DINO-WM env/pusht/pusht_env.py window_size)
 SIM_HZ, CONTROL_HZ = 100, 10  # 10 physics substeps of 0.01 s per env step (DINO-WM pusht_env.py)
@@ -383,7 +390,7 @@ def load_meta(root, verify=False):
     require(meta["format"] == FORMAT, f"{path}: format {meta['format']!r}, expected {FORMAT!r}; {fix}")
     bad = [k for k, n in dict(action_mean=2, action_std=2, proprio_mean=4, proprio_std=4).items() if not (
         isinstance(meta.get(k), list) and len(meta[k]) == n and all(isinstance(v, (int, float)) and math.isfinite(v)
-                                                                    for v in meta[k]))]
+                                                                    and (v > 0 or "std" not in k) for v in meta[k]))]
     require(not bad and isinstance(meta.get("img_size"), int) and 14 <= meta["img_size"] <= MAX_IMG,
             f"{path}: {', '.join(bad) or 'img_size'} missing or malformed; {fix}")
     if verify:
@@ -412,7 +419,8 @@ def load_split(root, split):
     require(np.isfinite(out["states"]).all() and np.isfinite(out["actions"]).all(),
             f"{d}: states.npy or actions.npy holds non-finite numbers; {fix}")
     out["starts"] = np.cumsum(lengths) - lengths  # (E,) global index of each episode's first frame
-    out["frames"] = np.load(d / "frames.npy", mmap_mode="r") if (d / "frames.npy").is_file() else None
+    out["frames"] = load_pt(d / "frames.npy", "re-import the dataset", functools.partial(
+        np.load, mmap_mode="r", allow_pickle=False)) if (d / "frames.npy").is_file() else None
     require(out["frames"] is None or (out["frames"].dtype == np.uint8 and out["frames"].shape[0] == n),
             f"{d}/frames.npy: not uint8 ({n}, S, S, 3); re-import the dataset")
     return out
@@ -653,6 +661,7 @@ def info(cfg, bench=500):
 
 def figure(cfg):
     """A PNG strip of one scripted episode every 5 env steps (one macro action): start ... goal 25 steps later."""
+    writable(cfg.out, "--out", png=True)
     states, _ = collect_episode(cfg.seed, 25)  # (26, 7)
     tiles = []
     for t in range(0, 26, 5):
@@ -717,9 +726,14 @@ def add_flags(parser, cls):
         parser.add_argument(flag(f.name), **kw)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage block would bury the one line that matters
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_config(*classes, argv=None, doc=None):
     """One config per dataclass from the command line (each validates itself), then the set of field names given."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in classes:
         add_flags(p.add_argument_group(cls.__name__), cls)
     given = vars(p.parse_args(argv))
@@ -730,8 +744,8 @@ def cli(main, *classes, doc=None, commands=None):
     """Every script's entry point (commands: {name: (fn, config class)}); an expected error is one line, status 2."""
     try:
         if commands:
-            p = argparse.ArgumentParser(description=doc)
-            sub = p.add_subparsers(dest="command", required=True)
+            p = Parser(description=doc)
+            sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
             for name, (fn, cls) in commands.items():
                 add_flags(sub.add_parser(name, help=fn.__doc__.split("\n")[0], description=fn.__doc__), cls)
             args = vars(p.parse_args())
@@ -740,12 +754,13 @@ def cli(main, *classes, doc=None, commands=None):
         *cfgs, given = parse_config(*classes, doc=doc)
         return main(*cfgs, given=given) if "given" in inspect.signature(main).parameters else main(*cfgs)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error:", *str(e).split(), file=sys.stderr)  # one line, whatever a library's message held
         sys.exit(2)
     except OSError as e:  # the machine's fault, not the code's: a full disk, a read-only or foreign folder
         if e.errno not in DISK_ERRORS:
             raise
-        print(f"error: {e.filename or 'a file'}: {e.strerror}; free space, or choose a writable --out", file=sys.stderr)
+        print(f"error: {e.filename or 'a file'}: {e.strerror}; free space, or write to a folder you may write to",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: files written so far are complete; re-run the command to resume", file=sys.stderr)
@@ -800,14 +815,19 @@ def dataset_of(folder, stored, data_dir="", what="run"):
     return root
 
 
-def writable(path, name, keys=None):
-    """Fail before any work if `path` (flag `name`) cannot be written; keys: a .json whose existing file holds keys."""
-    path = Path(path)
+def writable(path, name, keys=None, png=False):
+    """Fail before any work if `path` (flag `name`) cannot be written or is a file of the user's. keys (JSON keys, or a
+    test of the object): a .json that, where it exists, this script wrote; png: a .png, where it exists a PNG."""
+    path, fix = Path(path), f"{name} {path} exists and is not a file this script wrote; choose another path"
     require(not path.is_dir(), f"{name} {path} is a folder; give a file path")
+    require(not png or path.suffix == ".png", f"{name} {path}: give a .png path")
+    if png and path.exists():
+        require(load_pt(path, fix, lambda p: p.read_bytes()[:8]) == b"\x89PNG\r\n\x1a\n", fix)
     if keys is not None:
         require(path.suffix == ".json", f"{name} {path}: give a .json path")
         if path.exists():
-            load_json(path, f"{name} {path} exists and is not a file this script wrote; choose another path", keys)
+            obj = load_json(path, fix, () if callable(keys) else keys)
+            require(not callable(keys) or keys(obj), fix)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path.parent).close()

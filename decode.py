@@ -160,6 +160,9 @@ def load_head(run, ckpt, device, head="decoder"):
     require(saved.get("wm_ckpt_id") == ckpt["ckpt_id"], f"{path} was fitted for world-model checkpoint "
             f"{saved.get('wm_ckpt_id')}, but {run}/ckpt.pt is now {ckpt['ckpt_id']} (retrained?); rerun "
             f"`python decode.py --run {run} --head {head}`")
+    kind = saved["config"].get("decode", {}).get("head", "decoder")  # a file renamed by hand holds the other head
+    require(kind == head, f"{path} holds the {kind}, not the {head}; refit it with `python decode.py --run {run} "
+                          f"--head {head}`")
     arch = dict(saved["config"]["arch"])  # a decoder of an earlier version may name the removed Delta branch
     require(not arch.pop("use_delta", False), f"{path} feeds the removed Delta branch (--use-delta); refit it")
     require(head == "decoder" or "ensemble" in arch, f"{path} was written by an earlier decode.py; refit it")
@@ -228,6 +231,7 @@ def fit(net, train, val, cfg, device, generator, fwd, loss_fn, score):
             bad += 1
             if bad >= cfg.patience:
                 break
+    require(best_state is not None, f"no epoch reached a finite validation score (--lr {cfg.lr} too large?): lower it")
     net.load_state_dict(best_state)  # IMPORTANT: the best epoch, not the last (which overfit by construction)
     return history
 

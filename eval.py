@@ -255,8 +255,12 @@ def draw_plot(lines, title, xlabel, ylabel, log_x=False, hlines=(), top=None, w=
 def main(cfg: EvalConfig):
     # --- setup
     device, ctx = data.setup(cfg.device, cfg.seed)
-    data.writable(cfg.out, "--out", ())  # a .json, never a checkpoint or another file of the user's
-    out = Path(cfg.out)
+    out = Path(cfg.out)  # a .json, never a checkpoint or another file of the user's; likewise what goes next to it
+    plot, protocols = Path(cfg.plot) if cfg.plot else out.with_name(out.stem + "_rollout.png"), ("open-loop", "mpc")
+    data.writable(out, "--out", lambda old: all(isinstance(m, dict) and "latent_mse" in m for m in old.values()))
+    data.writable(out.with_name(out.stem + "_success.json"), "--out", lambda old: set(old) <= set(protocols))
+    for png, flag in ((plot, "--plot"), (out.with_name(out.stem + "_labels.png"), "--out")):
+        data.writable(png, flag, png=True)
     names = [Path(r).name for r in cfg.run]
     names = names if len(set(names)) == len(names) else [str(r) for r in cfg.run]  # keep columns distinct
 
@@ -267,10 +271,10 @@ def main(cfg: EvalConfig):
         fix = f"--results {path}: not a RESULTS.json of plan.py or policy.py; rerun the command that wrote it"
         r = data.load_json(path, fix, plan.RESULT_KEYS)
         ref, ok = r["reference"], lambda x: isinstance(x, (int, float)) and 0 <= x <= 1  # noqa: E731
-        require(isinstance(r["successes"], list) and r["successes"] and set(r["successes"]) <= {0, 1} and
-                isinstance(ref, dict) and ok(ref.get("random")) and ok(ref.get("replay")) and
-                (ref.get("ceiling") is None or ok(ref["ceiling"]) and isinstance(ref.get("ceiling_episodes"), int)),
-                fix)
+        require(r["protocol"] in protocols and isinstance(r["successes"], list) and r["successes"] and
+                set(r["successes"]) <= {0, 1} and isinstance(ref, dict) and ok(ref.get("random")) and
+                ok(ref.get("replay")) and (ref.get("ceiling") is None or ok(ref["ceiling"]) and
+                                           isinstance(ref.get("ceiling_episodes"), int)), fix)
         column = r["planner"] if r["planner"] in ("gcbc", "iql") else r["variant"] + (
             " + adapter" if r["via"] == "adapter" else "")
         cols = success.setdefault(r["protocol"], {})
@@ -332,7 +336,6 @@ def main(cfg: EvalConfig):
         print("\n".join(markdown(["metric", *metrics], [c for c in cells if set(c[1:]) != {"–"}])))
         print(f"\nmean ± std [95% interval of the mean] (n = val windows; swap/shuffle: n = batches of "
               f"{cfg.batch_size}; probe: bootstrap interval), seed {cfg.seed}.")
-        plot = Path(cfg.plot) if cfg.plot else out.with_name(out.stem + "_rollout.png")
         lines = [(name if name == m["variant"] else f"{name} ({m['variant']})", range(1, cfg.horizon + 1),
                   [c["mean"] for c in m["rollout_curve"]], m["rollout_curve"]) for name, m in metrics.items()]
         title = f"open-loop rollout error vs horizon (val, {n_win} windows, seed {cfg.seed}; bars: 95% interval)"

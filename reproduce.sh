@@ -43,7 +43,8 @@ if [ "$mode" = full ]; then  # its environment settings, checked before anything
   [[ "${STEPS:-1}" =~ ^[1-9][0-9]*$ ]] ||
     { echo "error: STEPS=$STEPS: a whole number of training steps, e.g. 162000" >&2; exit 2; }
 fi
-mkdir -p "$OUT/.done" "$OUT/results" "$OUT/logs"
+mkdir -p "$OUT/.done" "$OUT/results" "$OUT/logs" 2> /dev/null ||
+  { echo "error: cannot make folders under OUT=$OUT (a file, or not writable): choose another OUT" >&2; exit 2; }
 : > "$OUT/.timings"
 
 stage() {  # stage NAME COMMAND...: run once (skipped when OUT/.done/NAME exists), time it, mark it done

@@ -1080,7 +1080,7 @@ def test_flags_and_help_come_from_the_config_fields_and_configs_built_in_code_ar
     ev.run.append("d")  # the parsed list is the config's own, not a shared default
     assert data.parse_config(evaluate.EvalConfig, argv=["--results", "r.json"])[0].run == []
     for argv in (["--variant", "nope"], ["--visual-dim", "12"]):  # a choice outside the Literal; a derived field
-        pytest.raises(SystemExit, data.parse_config, train.TrainConfig, WMConfig, argv=argv)
+        user_error(data.parse_config, train.TrainConfig, WMConfig, argv=argv, names=[argv[0]])
     for make, flag in ((lambda: WMConfig(variant="nope"), "--variant"), (lambda: WMConfig(dino_size=30), "--dino-size"),
                        (lambda: WMConfig(variant="la", latent_dim=16), "--latent-dim"), (DecodeConfig, "--run"),
                        (lambda: train.TrainConfig(steps=0), "--steps"), (evaluate.EvalConfig, "--run"),
@@ -1157,9 +1157,12 @@ def nan_at(a, i=(3, 2)):
     a[i] = np.nan
     return a
 
-RESULTS_WITHOUT_RANDOM = json.dumps(dict(success_rate=0.0, successes=[0], episodes=1, protocol="open-loop",
-                                         planner="cem_gaussian", variant="baseline", via="actions", labels=1,
-                                         reference={"replay": 1.0}))
+def frames_cut_short(d):  # an edit: a train/frames.npy that a full disk cut short
+    np.save(f := d / "train" / "frames.npy", np.zeros((len(np.load(d / "train" / "states.npy")), 28, 28, 3), np.uint8))
+    os.truncate(f, 1000)
+
+RESULTS = dict(success_rate=0.0, successes=[0], episodes=1, protocol="open-loop", planner="cem_gaussian",
+               variant="baseline", via="actions", labels=1, reference={"random": 0.0, "replay": 1.0})  # a valid one
 TRAIN = "train.py --variant baseline --tokens state --steps 1 --device cpu"
 PLAN = "plan.py --episodes 1 --ceiling-episodes 0 --videos 0 --device cpu"
 EVAL = "eval.py --results {t}/r.json --out {t}/m.json --device cpu"
@@ -1193,8 +1196,9 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "arrays-changed-under-meta": (PLAN + " --run {r}/baseline --out {t}/r.json --data {t}/data", ["fingerprint"],
                                   edited_data(edit_val("states.npy", lambda s: s + 1.0))),  # an old meta.json
     **{f"results-{k}": (EVAL, ["--results", "{t}/r.json"], lambda t, r, v=v: written(t / "r.json", v))
-       for k, v in (("missing-keys", RESULTS_WITHOUT_RANDOM), ("only-a-rate", '{"success_rate": 0.5}'),
-                    ("not-json", "{not json"))},
+       for k, v in (("random-missing", json.dumps({**RESULTS, "reference": {"replay": 1.0}})),
+                    ("only-a-rate", '{"success_rate": 0.5}'), ("not-json", "{not json"),
+                    ("protocol-a-list", json.dumps({**RESULTS, "protocol": ["x"]})))},
     "config-json-corrupt": (TRAIN + " --data {r}/data --out {t}/mine", ["config.json"],
                             lambda t, r: written(t / "mine" / "config.json", "{oops")),
     "labels-zero": (TRAIN + " --data {r}/data --out {t}/run --labels 0", ["--labels"]),
@@ -1209,6 +1213,26 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "train-typed-default-lr-on-a-run": ("train.py --data {r}/data --out {r}/la --lr-predictor 5e-5",
                                         ["--lr-predictor", "{r}/la"]),  # typed, even at its default, and different
     "decode-without-a-run": ("decode.py --run {t}/norun --device cpu", ["{t}/norun/ckpt.pt"]),
+    "decode-lr-diverges": ("decode.py --run {r}/la --lr 1e30 --pairs 64 --val-pairs 16 --max-epochs 2 --device cpu",
+                           ["--lr"]),
+    "adapter-saved-as-decoder": (PLAN + " --run {t}/la --out {t}/r.json", ["decoder.pt", "adapter"],
+                                 lambda t, r: shutil.copy(shutil.copytree(r / "la", t / "la") / "adapter.pt",
+                                                          t / "la" / "decoder.pt")),
+    "eval-out-over-a-dataset": ("eval.py --run {r}/baseline --out {r}/data/meta.json --device cpu", ["--out"]),
+    "eval-plot-over-a-checkpoint": ("eval.py --run {r}/baseline --out {t}/m.json --plot {r}/baseline/ckpt.pt",
+                                    ["--plot"]),
+    "figure-over-a-checkpoint": ("data.py figure --out {r}/baseline/ckpt.pt", ["--out"]),
+    "collect-seed-negative": ("data.py collect --out {t}/c --seed -1", ["--seed"]),
+    "collect-workers-absurd": ("data.py collect --out {t}/c --workers 100000", ["--workers"]),
+    "encode-size-0": ("dino.py encode --data {t}/c --size 0", ["--size"]),
+    "idm-dim-0": (TRAIN.replace("baseline", "la") + " --data {r}/data --out {t}/run --idm-dim 0", ["--idm-"]),
+    "dino-size-0": ("train.py --tokens dinov2 --data {r}/data --out {t}/run --dino-size 0", ["--dino-size"]),
+    "steps-not-a-whole-number": (TRAIN + " --data {r}/data --out {t}/run --steps 1e3", ["--steps"]),
+    "dinov2-weights-of-another-model": ("dino.py check --weights {t}/w.pth", ["{t}/w.pth"],
+                                        lambda t, r: torch.save({"cls_token": torch.zeros(1, 1, 768)}, t / "w.pth")),
+    "meta-action-std-zero": (TRAIN + " --data {t}/data --out {t}/run", ["action_std"], edited_data(lambda d: written(
+        d / "meta.json", json.dumps({**jload(d / "meta.json"), "action_std": [0.0, 0.0]})))),
+    "frames-cut-short": ("data.py info {t}/data", ["frames.npy"], edited_data(frames_cut_short)),
     **{f"import-{k}": ("data.py import-dinowm --src {t}/src --out {t}/out" + " --keep-frames" * keep_frames, [file],
                        lambda t, r, make=make: make(t / "src"))  # a pickled torch object is refused, never unpickled
        for k, (make, file, keep_frames) in BAD_SOURCES.items()},
@@ -1243,6 +1267,8 @@ def test_reproduce_sh_refuses_before_writing_and_says_when_there_is_no_gpu(pipe,
         r = sh("full", "--dry-run", tmp_path / "f", **{name: value})
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"{name}={value}" in r.stderr
         assert not (tmp_path / "f").exists()
+    r = sh("quick", file := written(tmp_path / "file", "notes"))  # OUT: a file of the user's
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "OUT=" in r.stderr and file.read_text() == "notes"
     written(done := tmp_path / "q" / ".done" / "dataset", "0" * 16 + "\n")  # the OUT's stages ran on another dataset
     r = sh("quick", tmp_path / "q", DATA=str(pipe.data))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "choose another OUT" in r.stderr

@@ -63,7 +63,8 @@ class WMConfig:
     def __post_init__(self):
         data.check_choices(self)
         require(min(self.num_hist, self.frameskip, self.cond_dim, self.depth, self.heads, self.dim_head, self.mlp_dim,
-                    self.idm_depth, self.idm_heads, self.idm_mlp_dim, self.latent_dim, self.num_codes) >= 1,
+                    self.idm_depth, self.idm_heads, self.idm_dim, self.idm_mlp_dim, self.latent_dim, self.num_codes,
+                    self.proprio_dim) >= 1,
                 "model sizes (--num-hist, --depth, --heads, --cond-dim, --idm-*, --latent-dim, --num-codes ...) "
                 "must be >= 1")
         require(self.idm_dim % self.idm_heads == 0, f"--idm-dim {self.idm_dim} must be a multiple of --idm-heads")
@@ -72,9 +73,9 @@ class WMConfig:
         data.unused(self, ("latent_noise",) if self.variant != "la" else (), f"--variant {self.variant}")
         require(self.variant == "baseline" or self.latent_dim == self.cond_dim,
                 f"--latent-dim {self.latent_dim} must equal --cond-dim {self.cond_dim}: la/vq condition on the latent")
-        require(self.dino_size % dino.PATCH == 0 and max(self.img_size, self.dino_size) <= data.MAX_IMG,
-                f"--dino-size {self.dino_size}: a multiple of {dino.PATCH}; it and --img-size {self.img_size} at most "
-                f"{data.MAX_IMG} px")
+        require(self.dino_size % dino.PATCH == 0 and self.dino_size > 0 and self.img_size >= 0 and
+                max(self.img_size, self.dino_size) <= data.MAX_IMG, f"--dino-size {self.dino_size}: a positive "
+                f"multiple of {dino.PATCH}; it and --img-size {self.img_size} at most {data.MAX_IMG} px")
         require(self.dino_name.removesuffix("_reg") in dino.ARCHS, f"--dino-name {self.dino_name!r}: choose one of "
                 f"{', '.join(dino.ARCHS)} (optionally + _reg)")
         require(min(self.jepa_dim, self.jepa_width) >= 2 and min(self.jepa_sigreg, self.jepa_delta) >= 0,
