@@ -54,9 +54,9 @@ class CollectConfig:
         require(self.out, "--out DIR is required: the dataset folder to create")
         require(self.episodes >= 2 and self.steps >= 1, f"--episodes {self.episodes} / --steps {self.steps}: need at "
                                                         "least 2 episodes of 1 step")
-        require(14 <= self.img_size <= MAX_IMG and 0 <= self.workers <= MAX_WORKERS and 0 < self.val_fraction < 1 and
-                self.episodes * (self.steps + 1) <= 10 ** 8, f"--img-size in 14..{MAX_IMG}, --workers in "
-                f"0..{MAX_WORKERS}, --val-fraction in (0, 1), --episodes x --steps up to 10^8 frames")
+        require(14 <= self.img_size <= MAX_IMG and self.workers >= 0 and 0 < self.val_fraction < 1 and
+                self.episodes * (self.steps + 1) <= 10 ** 8, f"--img-size in 14..{MAX_IMG}, --workers >= 0, "
+                "--val-fraction in (0, 1), --episodes x --steps up to 10^8 frames")
         check_choices(self)
         require(self.seed + self.episodes <= 2 ** 32, f"--seed {self.seed}: episode i starts from reset(seed + i), so "
                 "seed + episodes must stay below 2^32")
@@ -90,7 +90,7 @@ class FigureConfig:
 FORMAT = "pusht-v1"
 SUCCESS_PX, SUCCESS_ANGLE = 20.0, math.pi / 9  # DINO-WM eval_state: joint agent + block position, block angle
 MAX_IMG = 1024  # largest frame side in px a dataset or run may ask for (DINO-WM renders 224)
-MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than this only waits for the ones already running
+MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than this only wait for the ones already running
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # reported, not tracebacks
 WORLD = 512  # world = canvas, px, origin top-left, y down (DINO-WM env/pusht/pusht_env.py window_size)
 SIM_HZ, CONTROL_HZ = 100, 10  # 10 physics substeps of 0.01 s per env step (DINO-WM pusht_env.py)
@@ -695,8 +695,9 @@ def check_choices(cfg):
         v = getattr(cfg, f.name)
         require(not choices or v in choices, f"{flag(f.name)} {v!r}: choose one of {', '.join(map(str, choices))}")
         require(not isinstance(v, float) or math.isfinite(v), f"{flag(f.name)} {v}: give a finite number")
-    seed = getattr(cfg, "seed", 0)
+    seed, workers = getattr(cfg, "seed", 0), max(getattr(cfg, k, 0) for k in ("workers", "num_workers"))
     require(0 <= seed < 2 ** 32, f"--seed {seed}: choose a seed in 0 .. 2^32 - 1")
+    require(workers <= MAX_WORKERS, f"--workers {workers}: at most {MAX_WORKERS} (4 per core; more only wait)")
 
 
 def unused(cfg, names, why):

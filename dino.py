@@ -54,8 +54,8 @@ class EncodeConfig:
                 f"in {PATCH}..{data.MAX_IMG}, got {self.size}")
         require(self.name.removesuffix("_reg") in ARCHS, f"--name {self.name!r}: one of {', '.join(ARCHS)} (+ _reg)")
         require(set(self.split.split(",")) <= {"train", "val"}, f"--split {self.split!r}: train, val or train,val")
-        require(self.batch_size >= 1 and -1 <= self.workers <= data.MAX_WORKERS and 0 <= self.img_size <= data.MAX_IMG,
-                f"--batch-size must be >= 1, --workers in -1..{data.MAX_WORKERS}, --img-size in 0..{data.MAX_IMG}")
+        require(self.batch_size >= 1 and self.workers >= -1 and 0 <= self.img_size <= data.MAX_IMG,
+                f"--batch-size must be >= 1, --workers >= -1, --img-size in 0..{data.MAX_IMG}")
 
 
 @dataclass
