@@ -58,8 +58,7 @@ class CollectConfig:
                 self.episodes * (self.steps + 1) <= 10 ** 8, f"--img-size in 14..{MAX_IMG}, --workers >= 0, "
                 "--val-fraction in (0, 1), --episodes x --steps up to 10^8 frames")
         check_choices(self)
-        require(self.seed + self.episodes <= 2 ** 32, f"--seed {self.seed}: episode i starts from reset(seed + i), so "
-                "seed + episodes must stay below 2^32")
+        require(self.seed + self.episodes <= 2 ** 32, f"--seed {self.seed}: episode i resets with seed + i < 2^32")
 
 
 @dataclass

@@ -155,14 +155,12 @@ HEADS = {"decoder": (ActionDecoder, "decoder.pt", "decode.json"),
 def load_head(run, ckpt, device, head="decoder"):
     """RUN/{decoder,adapter}.pt -> (the module in eval mode, its fit report); refuses one fitted for another ckpt.pt."""
     cls, name, _ = HEADS[head]
-    path = Path(run) / name
-    saved = data.load_pt(path, f"fit it with `python decode.py --run {run} --head {head}`")
+    path, command = Path(run) / name, f"`python decode.py --run {run} --head {head}`"
+    saved = data.load_pt(path, f"fit it with {command}")
     require(saved.get("wm_ckpt_id") == ckpt["ckpt_id"], f"{path} was fitted for world-model checkpoint "
-            f"{saved.get('wm_ckpt_id')}, but {run}/ckpt.pt is now {ckpt['ckpt_id']} (retrained?); rerun "
-            f"`python decode.py --run {run} --head {head}`")
+            f"{saved.get('wm_ckpt_id')}, but {run}/ckpt.pt is now {ckpt['ckpt_id']} (retrained?); rerun {command}")
     kind = saved["config"].get("decode", {}).get("head", "decoder")  # a file renamed by hand holds the other head
-    require(kind == head, f"{path} holds the {kind}, not the {head}; refit it with `python decode.py --run {run} "
-                          f"--head {head}`")
+    require(kind == head, f"{path} holds the {kind}, not the {head}; refit it with {command}")
     arch = dict(saved["config"]["arch"])  # a decoder of an earlier version may name the removed Delta branch
     require(not arch.pop("use_delta", False), f"{path} feeds the removed Delta branch (--use-delta); refit it")
     require(head == "decoder" or "ensemble" in arch, f"{path} was written by an earlier decode.py; refit it")
