@@ -694,9 +694,10 @@ def check_choices(cfg):
         v = getattr(cfg, f.name)
         require(not choices or v in choices, f"{flag(f.name)} {v!r}: choose one of {', '.join(map(str, choices))}")
         require(not isinstance(v, float) or math.isfinite(v), f"{flag(f.name)} {v}: give a finite number")
-    seed, workers = getattr(cfg, "seed", 0), max(getattr(cfg, k, 0) for k in ("workers", "num_workers"))
+    seed = getattr(cfg, "seed", 0)
     require(0 <= seed < 2 ** 32, f"--seed {seed}: choose a seed in 0 .. 2^32 - 1")
-    require(workers <= MAX_WORKERS, f"--workers {workers}: at most {MAX_WORKERS} (4 per core; more only wait)")
+    for name in ("workers", "num_workers"):
+        require(getattr(cfg, name, 0) <= MAX_WORKERS, f"{flag(name)}: at most {MAX_WORKERS}, 4 per core")
 
 
 def unused(cfg, names, why):

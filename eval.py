@@ -256,7 +256,8 @@ def main(cfg: EvalConfig):
     # --- setup
     device, ctx = data.setup(cfg.device, cfg.seed)
     out = Path(cfg.out)  # a .json, never a checkpoint or another file of the user's; likewise what goes next to it
-    plot, protocols = Path(cfg.plot) if cfg.plot else out.with_name(out.stem + "_rollout.png"), ("open-loop", "mpc")
+    plot = Path(cfg.plot) if cfg.plot else out.with_name(out.stem + "_rollout.png")
+    protocols = tuple(plan.PROTOCOL_EPISODES)  # ("open-loop", "mpc")
     data.writable(out, "--out", lambda old: all(isinstance(m, dict) and "latent_mse" in m for m in old.values()))
     data.writable(out.with_name(out.stem + "_success.json"), "--out", lambda old: set(old) <= set(protocols))
     for png, flag in ((plot, "--plot"), (out.with_name(out.stem + "_labels.png"), "--out")):
