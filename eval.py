@@ -52,8 +52,9 @@ class EvalConfig:
         data.check_choices(self)
         require(self.run or self.results, "nothing to evaluate: pass --run RUN (repeat for side-by-side) and/or "
                                           "--results FILE ...")
-        require(self.windows >= 2 and self.horizon >= 1 and self.probe_windows >= 2 and self.batch_size >= 2,
-                "--windows, --probe-windows and --batch-size must be >= 2, --horizon >= 1")
+        require(self.windows >= 2 and self.horizon >= 1 and self.probe_windows >= 2 and self.batch_size >= 2 and
+                self.gap_tasks >= 0, "--windows, --probe-windows and --batch-size must be >= 2, --horizon >= 1, "
+                "--gap-tasks >= 0")
 
 
 # Shapes: B batch, T frames, P tokens per frame, D token width, A macro action, C cond, K codes, H horizon, N windows.

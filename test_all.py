@@ -1178,6 +1178,8 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "policy-out-a-users-folder": ("policy.py train --data {r}/data --steps 1 --out {t}/mine", ["--out"],
                                   lambda t, r: written(t / "mine" / "notes.txt")),
     "seed-negative": (TRAIN + " --data {r}/data --out {t}/run --seed -1", ["--seed"]),
+    "frames-negative": (TRAIN + " --data {r}/data --out {t}/run --frames -3", ["--frames"]),
+    "gap-tasks-negative": ("eval.py --run {r}/baseline --out {t}/m.json --gap-tasks -1", ["--gap-tasks"]),
     "seed-huge": (PLAN + " --run {r}/baseline --out {t}/r.json --seed " + str(2 ** 40), ["--seed"]),
     "lr-inf": (TRAIN + " --data {r}/data --out {t}/run --lr-predictor inf", ["--lr-predictor"]),
     "var-scale-inf": (PLAN + " --run {r}/baseline --out {t}/r.json --var-scale inf", ["--var-scale"]),

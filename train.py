@@ -74,8 +74,8 @@ class TrainConfig:
                 "--eval-every, --val-batches, --stats-batches and --log-every must be >= 1")
         require(min(self.lr_predictor, self.lr_action, self.lr_idm) > 0 and self.weight_decay >= 0,
                 "learning rates must be > 0 and --weight-decay >= 0")
-        require(self.warmup >= 0 and self.grad_clip >= 0 and self.num_workers >= -1,
-                "--warmup and --grad-clip must be >= 0, --num-workers >= -1")
+        require(min(self.warmup, self.grad_clip, self.frames) >= 0 and self.num_workers >= -1,
+                "--warmup, --grad-clip and --frames must be >= 0, --num-workers >= -1")
         require(self.labels == -1 or self.labels >= 1, f"--labels {self.labels}: a number of labelled windows >= 1, "
                                                        "or -1 for all of them")
 
