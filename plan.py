@@ -329,6 +329,7 @@ def ceiling(tasks, cfg, stats, budget, every_step, img_size, cache_dir):
             return {k: hit[k] for k in keys}
         except UserError as e:
             print(f"{e}: solving the ceiling again")
+    data.writable(path, "--out")  # the cache sits next to --out: checked before minutes of solving
     solves = iter(range(10 ** 6))  # one noise seed per solve, whatever the pool's order
     with multiprocessing.Pool(cfg.workers if cfg.workers > 0 else os.cpu_count()) as pool:
         def policy(state):

@@ -1170,6 +1170,8 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     # a setup(t, r) run first). Each must exit 2 with that one line, no traceback, every file and folder kept.
     "plan-out-over-a-checkpoint": (PLAN + " --run {r}/baseline --out {r}/baseline/ckpt.pt", ["--out"]),
     "plan-out-over-a-users-json": (PLAN + " --run {r}/baseline --out {r}/data/meta.json", ["--out"]),
+    "plan-ceiling-cache-a-users-file": (PLAN + " --run {r}/baseline --out {t}/r.json --ceiling-episodes 1", ["--out"],
+                                        lambda t, r: written(t / "ceiling", "notes")),
     "train-out-empty": (TRAIN + " --data {r}/data --out ''", ["--out"]),
     "train-data-missing": (TRAIN + " --data {t}/no-data --out {t}/run", ["{t}/no-data"]),
     "train-out-the-dataset": (TRAIN + " --data {r}/data --out {r}/data", ["--out"]),
