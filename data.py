@@ -186,11 +186,10 @@ class PushT:
     def _build(self):
         """A fresh space, built in DINO-WM's _setup() order (walls, agent, block), which fixes contact order."""
         self.space = space = pymunk.Space()
-        space.gravity = (0, 0)
         space.damping = 0  # QUIRK (DINO-WM _setup): bodies lose all velocity every substep; the T stops dead
         space.add(*[pymunk.Segment(space.static_body, a, b, 2) for a, b in WALLS])
         # QUIRK: the agent is KINEMATIC (infinite mass): it passes through walls and can push the T through them.
-        # All shapes keep pymunk's friction 0 and elasticity 0; DINO-WM's `body.friction = 1` is a no-op.
+        # Gravity (0, 0) and friction and elasticity 0 are pymunk's defaults; DINO-WM's `body.friction = 1` is a no-op.
         self.agent = pymunk.Body(body_type=pymunk.Body.KINEMATIC)
         self.agent.position = (256, 400)
         space.add(self.agent, pymunk.Circle(self.agent, AGENT_RADIUS))
@@ -221,7 +220,6 @@ class PushT:
         s = np.asarray(state, np.float64).reshape(-1)
         if s.shape not in ((5,), (7,)) or not np.isfinite(s).all():
             raise ValueError(f"PushT.set_state wants 5 or 7 finite numbers, got {np.asarray(state).tolist()}")
-        s = s.tolist()
         self._build()  # a fresh space also drops cached contact impulses: no dependence on history
         self.agent.velocity = (s[5], s[6]) if len(s) == 7 else (0.0, 0.0)
         self.agent.position = (s[0], s[1])
@@ -712,10 +710,8 @@ def add_flags(parser, cls):
     comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     for f in [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]:  # derived: computed, not flags
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kw = dict(help=f"{comments.get(f.name, '')} (default: {default!r})", default=argparse.SUPPRESS)
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=comments.get(f.name))
-            continue
+        pos = f.metadata.get("positional")  # a positional argument is required: no default to show
+        kw = dict(help=comments.get(f.name, "") + f" (default: {default!r})" * (not pos), default=argparse.SUPPRESS)
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
@@ -724,7 +720,7 @@ def add_flags(parser, cls):
             kw["choices"] = typing.get_args(f.type)
         else:
             kw["type"] = type(default)
-        parser.add_argument(flag(f.name), **kw)
+        parser.add_argument(f.name if pos else flag(f.name), **kw)
 
 
 class Parser(argparse.ArgumentParser):
@@ -794,6 +790,9 @@ def merge_resume(path, given, *pairs):
     equal the stored ones, except runtime fields, which override them; given=None: fields off their defaults count."""
     merged, bad = [], []
     for cfg, stored, runtime in pairs:
+        gone = [flag(k) for k, v in stored.items() if k not in cfg.__dataclass_fields__ and v]  # settings removed since
+        require(not gone, f"{path} holds a run trained with {', '.join(gone)}, removed since; choose another --out")
+        stored = {k: v for k, v in stored.items() if k in cfg.__dataclass_fields__}  # off when removed (0, False, "")
         typed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("derived") and (
             f.name in given if given is not None else getattr(cfg, f.name) != f.default)}
         bad += differences(stored, typed, "the run has", runtime)

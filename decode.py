@@ -40,11 +40,8 @@ class DecodeConfig:
     ensemble: int = 1  # adapters fitted on the same pairs (own init and order) and averaged: less error to exploit
     batch_size: int = 256  # decoder training batch (seed train_action_decoder.py)
     lr: float = 1e-3  # AdamW learning rate (seed)
-    weight_decay: float = 0.0  # AdamW weight decay (seed)
     max_epochs: int = 200  # epoch cap (seed)
     patience: int = 5  # epochs without val-RMSE improvement before stopping (seed)
-    min_delta: float = 1e-4  # smallest val-RMSE drop that counts as improvement, normalised units (seed)
-    encode_batch: int = 64  # windows per world-model batch while labelling pairs
     code_states: int = 256  # real val states each vq code is decoded on to find its mean action
     workers: int = -1  # loader processes rendering frames (pixel tokens without a cache); -1 = one per CPU core
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when present
@@ -54,12 +51,11 @@ class DecodeConfig:
     def __post_init__(self):
         data.check_choices(self)
         require(self.run, "--run RUN is required: a run folder written by train.py")
-        require(min(self.pairs, self.val_pairs, self.batch_size, self.max_epochs, self.patience, self.encode_batch,
-                    self.code_states, self.ensemble) >= 1, "--pairs, --val-pairs, --batch-size, --max-epochs, "
-                "--patience, --encode-batch, --code-states and --ensemble must be >= 1")
+        require(min(self.pairs, self.val_pairs, self.batch_size, self.max_epochs, self.patience, self.code_states,
+                    self.ensemble) >= 1, "--pairs, --val-pairs, --batch-size, --max-epochs, --patience, --code-states "
+                "and --ensemble must be >= 1")
         data.unused(self, ("ensemble",) if self.head == "decoder" else (), "--head decoder")
-        require(self.lr > 0 and self.weight_decay >= 0 and self.min_delta >= 0 and self.workers >= -1,
-                "--lr must be > 0; --weight-decay and --min-delta >= 0; --workers >= -1")
+        require(self.lr > 0 and self.workers >= -1, "--lr must be > 0; --workers >= -1")
 
 
 # Shapes: B batch, N pairs, P tokens/frame, D token width, L/C latent width, A macro action (10), F frameskip, K codes.
@@ -175,7 +171,7 @@ def build_pairs(model, ds, n, input_of, cfg, ctx, device, generator, store):
     frame t, on `store`; z (N, C) the conditioning the predictor saw (pre-VQ latent for la, codebook vector for vq);
     y (N, A) the true normalised macro action between frame t and t+5; codes (N,) for vq. z, y, codes on the CPU."""
     idx = torch.randperm(len(ds), generator=generator)[:n].tolist()
-    loader = data.loader(ds, cfg.encode_batch, idx, cfg.workers, device)
+    loader = data.loader(ds, 64, idx, cfg.workers, device)  # 64 windows per world-model batch
     p = torch.empty(len(idx), model.cfg.num_patches, model.cfg.visual_dim, dtype=torch.float16, device=store)
     rows, i, t0 = {"z": [], "y": [], "codes": []}, 0, time.time()
     for batch in tqdm(loader, desc="labelling pairs", leave=False, disable=None):
@@ -207,7 +203,7 @@ def predict(net, pairs, device, fwd, batch_size=256):
 def fit(net, train, val, cfg, device, generator, fwd, loss_fn, score):
     """AdamW on loss_fn(fwd(net, batch), batch), early stopping on score(predict(val), val) (lower is better), the best
     weights restored (seed train_action_decoder.py) -> the per-epoch history [{"epoch", "train_loss", "val"}]."""
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)  # the seed's: no weight decay
     best, best_state, bad, history = float("inf"), None, 0, []
     for epoch in range(1, cfg.max_epochs + 1):
         t0, total = time.time(), torch.zeros((), device=device)
@@ -223,12 +219,11 @@ def fit(net, train, val, cfg, device, generator, fwd, loss_fn, score):
         history.append({"epoch": epoch, "train_loss": total.item() / len(train["y"]), "val": val_score})
         print(f"epoch {epoch:3d} | train loss {history[-1]['train_loss']:.4f} | val {val_score:.4f} | best "
               f"{min(best, val_score):.4f} | {len(train['y']) / (time.time() - t0):.0f} pairs/s")
-        if val_score < best - cfg.min_delta:
-            best, bad, best_state = val_score, 0, copy.deepcopy(net.state_dict())
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
+        bad = 0 if val_score < best - 1e-4 else bad + 1  # improved by the seed's min_delta 1e-4 (normalised units)?
+        if not bad:
+            best, best_state = val_score, copy.deepcopy(net.state_dict())
+        elif bad >= cfg.patience:
+            break
     require(best_state is not None, f"no epoch reached a finite validation score (--lr {cfg.lr} too large?): lower it")
     net.load_state_dict(best_state)  # IMPORTANT: the best epoch, not the last (which overfit by construction)
     return history

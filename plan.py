@@ -160,8 +160,7 @@ def cem_categorical(cost_fn, E, H, K, num_samples=300, topk=30, opt_steps=30, te
         best = torch.where(better[:, None], elites[:, 0], best)  # (E, H)
         counts = F.one_hot(elites, K).sum(1).float() + pseudocount  # (E, H, K)
         mle = (counts / counts.sum(-1, keepdim=True)).clamp_min(min_prob)  # (E, H, K)
-        pi = momentum * pi + (1 - momentum) * mle / mle.sum(-1, keepdim=True)  # (E, H, K)
-        pi = pi.clamp_min(min_prob)
+        pi = (momentum * pi + (1 - momentum) * mle / mle.sum(-1, keepdim=True)).clamp_min(min_prob)  # (E, H, K)
         pi = pi / pi.sum(-1, keepdim=True)  # (E, H, K)
     return best
 
@@ -210,9 +209,8 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
     g = np.array([starts[e] + t for e, t in zip(ep, step)], dtype=np.int64)  # (n,) global start frame
     start = d["states"][g]  # (n, 7)
     actions = d["actions"][g[:, None] + np.arange(GOAL_STEPS)].astype(np.float64)  # (n, 25, 2)
-    if protocol == "mpc":
-        goal = d["states"][g + GOAL_STEPS]  # (n, 7)
-    else:  # replay in the simulator, as DINO-WM's goal construction does
+    goal = d["states"][g + GOAL_STEPS]  # (n, 7) mpc: the recorded state
+    if protocol == "open-loop":  # replay in the simulator, as DINO-WM's goal construction does
         goal = np.stack([PushT(img_size).replay(s, acts) for s, acts in zip(start, actions)])  # (n, 7)
     return dict(episode=np.array(ep), step=np.array(step), start_state=start, goal_state=goal, actions=actions,
                 goal_frame=np.stack([render_state(s, img_size) for s in goal]))  # goal_frame (n, S, S, 3)
@@ -224,9 +222,7 @@ def run_policy(tasks, idx, policy, budget, every_step, img_size, record=(), desc
     tests every step and freezes an episode at its first success (stable-worldmodel). record: indices kept for videos.
     -> success (E,), final states (E, 7), best position distance (E,), clips, (seconds in policy, episode-solves)."""
     envs = [PushT(img_size) for _ in idx]
-    for env, s in zip(envs, tasks["start_state"][idx]):
-        env.place(s)
-    state = np.stack([env.get_state() for env in envs])  # (E, 7)
+    state = np.stack([env.replay(s, []) for env, s in zip(envs, tasks["start_state"][idx])])  # (E, 7) placed
     goal = tasks["goal_state"][idx]  # (E, 7)
     done, best, seconds, solves = np.zeros(len(idx), bool), np.full(len(idx), np.inf), 0.0, 0
     clips = {j: ([render_state(state[j], img_size)], [False]) for j in record}
@@ -290,11 +286,9 @@ def sim_costs(state, goal, acts):
     """The ceiling's model: the simulator from `state` as the env's get_state() returned it (placed without set_state's
     extra physics step, which would move it away from the env's start) under each px action sequence acts (N, T, 2) ->
     (N,) costs, the squared state distance in units of the success tolerances (20 px, 20 deg)."""
-    env, costs = PushT(), []
-    for seq in acts:
-        pos, ang = distances(goal, env.replay(state, seq, settle=False))
-        costs.append((pos / data.SUCCESS_PX) ** 2 + (ang / data.SUCCESS_ANGLE) ** 2)
-    return torch.tensor(costs)  # (N,)
+    env = PushT()
+    dist = [distances(goal, env.replay(state, seq, settle=False)) for seq in acts]  # (pos px, angle rad) per sequence
+    return torch.tensor([(pos / data.SUCCESS_PX) ** 2 + (ang / data.SUCCESS_ANGLE) ** 2 for pos, ang in dist])  # (N,)
 
 
 def sim_solve(job):
@@ -464,10 +458,9 @@ def main(cfg: PlanConfig):
     # --- solve: encode the current frames once, plan (E*N rollouts per iteration), decode to px actions
     # The Gaussian planners' start (H, A|L): normalised macro actions at 0 (the dataset-mean action); la latents at
     # the IDM's own latent statistics stored by train.py (the seed sampled N(0, 1): --la-prior standard)
+    mu0, sigma0 = torch.zeros(width or 1), torch.ones(width or 1)  # (A|L,)
     if (mc.variant, via, cfg.la_prior) == ("la", "decoder", "data"):
         mu0, sigma0 = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])  # (L,)
-    else:
-        mu0, sigma0 = torch.zeros(width or 1), torch.ones(width or 1)  # (A|L,)
     mu0, sigma0 = mu0.float().to(device).expand(H, -1), cfg.var_scale * sigma0.float().to(device).expand(H, -1)
     kw = dict(num_samples=cfg.num_samples, topk=cfg.topk, opt_steps=cfg.opt_steps)
     compiled = cfg.compile and device.type == "cuda"

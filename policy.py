@@ -87,7 +87,6 @@ class EvalConfig:
     episodes: int = 0  # evaluation episodes; 0 = the protocol's own (open-loop 100, mpc 50), as plan.py
     protocol: Literal["open-loop", "mpc"] = "open-loop"  # one chunk (25 steps), or re-query within 50 steps
     split: Literal["val", "train"] = "val"  # dataset split the tasks come from, as plan.py
-    mpc_execute: int = 0  # macro actions run per mpc query; 0 = by the policy's goals (chunk-end: H, uniform: 1)
     opt_steps: int = 30  # CEM iterations of the reference ceiling (plan.py --opt-steps; equal flags share its cache)
     ceiling_episodes: int = 20  # tasks the simulator-as-model ceiling runs on (0 = none; ~7 s each per core)
     workers: int = -1  # processes for the ceiling's simulator rollouts; -1 = one per CPU core
@@ -100,8 +99,8 @@ class EvalConfig:
     def __post_init__(self):
         data.check_choices(self)
         require(self.policy, "--policy POLICY_DIR is required: a folder written by `policy.py train`")
-        require(min(self.episodes, self.ceiling_episodes, self.videos, self.mpc_execute) >= 0 and self.opt_steps >= 1
-                and self.workers >= -1, "--episodes, --ceiling-episodes, --videos, --mpc-execute must be >= 0")
+        require(min(self.episodes, self.ceiling_episodes, self.videos) >= 0 and self.opt_steps >= 1
+                and self.workers >= -1, "--episodes, --ceiling-episodes, --videos must be >= 0")
 
 
 # Shape legend: B batch, T = H + 1 frames (frameskip apart), P tokens per frame, D token width, A macro action (2 x
@@ -267,8 +266,7 @@ def train(cfg: TrainConfig):
         data.atomic_write(path, {
             "format": FORMAT, "algo": cfg.algo, "tokens": mc.tokens, "step": cfg.steps, "config": asdict(cfg),
             "model_config": asdict(mc), "train_seconds": seconds, "val_mse": val_mse, "labels": labels,
-            **{k: nets[k].state_dict() for k in ("actor", "value", "critic") if k in nets},
-            "stats": data.train_stats(meta),
+            **{k: m.state_dict() for k, m in nets.items() if "target" not in k}, "stats": data.train_stats(meta),
             "data": {"root": str(root), "relative": os.path.relpath(root, out.resolve()), "fingerprint": fp}})
         print(f"trained {cfg.algo} ({mc.tokens} tokens) for {cfg.steps} steps in {seconds:.1f} s: val chunk MSE "
               f"{val_mse:.4f} -> {path}")
@@ -294,7 +292,7 @@ def evaluate_policy(cfg: EvalConfig):
     n = cfg.episodes or plan.PROTOCOL_EPISODES[cfg.protocol]
     budget = plan.MPC_BUDGET if every_step else H * mc.frameskip  # open loop: one chunk, executed whole
     # mpc: chunk-end goals run whole chunks (every 25 steps, as plan.py replans), uniform ones 1 macro step (as swm)
-    execute = min(cfg.mpc_execute or (H if tc["goal_steps"] else 1), H) if every_step else H
+    execute = (H if tc["goal_steps"] else 1) if every_step else H
     input_of = dino.make_input(mc, device, tc["dino_weights"] or None)
     encode = lambda states: input_of(dino.batch_of_states(states, mc))[:, 0]  # noqa: E731 (E, P, D)
     print(f"{ck['algo']} ({mc.tokens} tokens, {ck['step']} steps) | {n} episodes | budget {budget} env steps, "

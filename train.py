@@ -47,9 +47,7 @@ class TrainConfig:
     lr_action: float = 2e-4  # AdamW lr of the action and proprio encoders; seed 2e-4 (DINO-WM 5e-4)
     lr_idm: float = 2.5e-5  # AdamW lr of the IDM + latent_action_down; seed 2.5e-5
     weight_decay: float = 0.01  # AdamW weight decay, all parameters (torch default, as seed and DINO-WM)
-    schedule: Literal["constant", "cosine"] = "constant"  # lr after warm-up: constant (seed) or cosine to 0 at --steps
-    warmup: int = 0  # linear lr warm-up steps; seed and DINO-WM 0
-    grad_clip: float = 0.0  # max global grad norm, 0 = off (seed and DINO-WM clip nothing); the norm is logged anyway
+    schedule: Literal["constant", "cosine"] = "constant"  # lr schedule: constant (seed) or cosine to 0 at --steps
     eval_every: int = 2000  # steps between validation + checkpoint (also at the last step)
     val_batches: int = 20  # fixed val batches per validation (deterministic order)
     stats_batches: int = 50  # fixed train batches for the la/vq latent prior (planning's CEM init)
@@ -74,8 +72,7 @@ class TrainConfig:
                 "--eval-every, --val-batches, --stats-batches and --log-every must be >= 1")
         require(min(self.lr_predictor, self.lr_action, self.lr_idm) > 0 and self.weight_decay >= 0,
                 "learning rates must be > 0 and --weight-decay >= 0")
-        require(min(self.warmup, self.grad_clip, self.frames) >= 0 and self.num_workers >= -1,
-                "--warmup, --grad-clip and --frames must be >= 0, --num-workers >= -1")
+        require(self.frames >= 0 and self.num_workers >= -1, "--frames must be >= 0, --num-workers >= -1")
         require(self.labels == -1 or self.labels >= 1, f"--labels {self.labels}: a number of labelled windows >= 1, "
                                                        "or -1 for all of them")
 
@@ -87,12 +84,8 @@ RUNTIME = ("out", "steps", "data", "device", "num_workers", "compile", "log_ever
 
 
 def lr_factor(step, cfg):
-    """Linear warm-up, then constant or cosine decay to 0 at cfg.steps."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
-    return 1.0
+    """Constant, or cosine decay to 0 at cfg.steps (no warm-up: the seed and DINO-WM have none)."""
+    return 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps))) if cfg.schedule == "cosine" else 1.0
 
 
 def model_macs(mc):
@@ -376,9 +369,8 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
 
         # --- model: raw (uncompiled) is what we save, model what trains (compiled, DDP); AdamW, the seed's lr groups
         raw = WorldModel(mc).to(device)
-        lrs = {"predictor": cfg.lr_predictor, "action_encoder": cfg.lr_action, "proprio_encoder": cfg.lr_action,
-               "idm": cfg.lr_idm, "latent_action_down": cfg.lr_idm, "encoder": cfg.lr_predictor,
-               "jepa_idm": cfg.lr_predictor}
+        lrs = dict(predictor=cfg.lr_predictor, encoder=cfg.lr_predictor, jepa_idm=cfg.lr_predictor, idm=cfg.lr_idm,
+                   latent_action_down=cfg.lr_idm, action_encoder=cfg.lr_action, proprio_encoder=cfg.lr_action)
         groups = {}
         for name, prm in raw.named_parameters():
             groups.setdefault(name.split(".")[0], []).append(prm)
@@ -444,7 +436,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                 out = model(input_of(batch), batch["action"].to(device), batch["proprio"].to(device))
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or math.inf)
+            gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), math.inf)  # the global norm; nothing clipped
             opt.step()
             vals = torch.stack([out[k].detach().float() for k in parts] + [gnorm.float()])  # (len(parts) + 1,)
             first_bad = torch.where(~torch.isfinite(vals[:-1]) & (first_bad < 0), step, first_bad)
@@ -453,7 +445,6 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
                 torch.cuda.synchronize()  # one-off sync: compile + first step reported apart from the throughput
                 bar.write(f"first step (compile, warm-up): {time.perf_counter() - t0:.1f} s")
                 t0, t_step = time.perf_counter(), step + 1
-            # logging: step | loss parts | grad norm | lr | ms/step | samples/s [| GPU]
             if (step + 1) % cfg.log_every == 0 and main_proc:
                 check_finite(first_bad, parts, run / "ckpt.pt")  # host sync point: the only one per log interval
                 dt = (time.perf_counter() - t0) / max(1, step + 1 - t_step)

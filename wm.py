@@ -53,7 +53,6 @@ class WMConfig:
     num_codes: int = 32  # K, VQ codebook size; seed's final commit 32
     commitment: float = 0.05  # beta, commitment loss weight; seed 0.05
     ema_decay: float = 0.99  # gamma, EMA decay of the codebook statistics; seed 0.99
-    latent_noise: float = 0.0  # la: training noise on the latent, in units of its batch std (an SNR bottleneck); seed 0
     jepa_dim: int = 64  # D of --tokens jepa: one token per frame; LeWM 192 (ViT-tiny CLS), smaller for CPU runs
     jepa_width: int = 16  # channels of the jepa CNN's first layer (doubled twice on the way down); CPU-sized
     jepa_sigreg: float = 0.09  # SIGReg weight; LeWM config/train/lewm.yaml 0.09 (paper: lambda ~ 0.1)
@@ -64,13 +63,11 @@ class WMConfig:
         data.check_choices(self)
         require(min(self.num_hist, self.frameskip, self.cond_dim, self.depth, self.heads, self.dim_head, self.mlp_dim,
                     self.idm_depth, self.idm_heads, self.idm_dim, self.idm_mlp_dim, self.latent_dim, self.num_codes,
-                    self.proprio_dim) >= 1,
-                "model sizes (--num-hist, --depth, --heads, --cond-dim, --idm-*, --latent-dim, --num-codes ...) "
-                "must be >= 1")
+                    self.proprio_dim) >= 1, "model sizes (--num-hist, --depth, --heads, --cond-dim, --idm-*, "
+                "--latent-dim, --num-codes ...) must be >= 1")
         require(self.idm_dim % self.idm_heads == 0, f"--idm-dim {self.idm_dim} must be a multiple of --idm-heads")
-        require(0 <= self.dropout < 1 and 0 < self.ema_decay < 1 and self.commitment >= 0 and self.latent_noise >= 0,
-                "--dropout in [0, 1), --ema-decay in (0, 1), --commitment and --latent-noise >= 0")
-        data.unused(self, ("latent_noise",) if self.variant != "la" else (), f"--variant {self.variant}")
+        require(0 <= self.dropout < 1 and 0 < self.ema_decay < 1 and self.commitment >= 0,
+                "--dropout in [0, 1), --ema-decay in (0, 1), --commitment >= 0")
         require(self.variant == "baseline" or self.latent_dim == self.cond_dim,
                 f"--latent-dim {self.latent_dim} must equal --cond-dim {self.cond_dim}: la/vq condition on the latent")
         require(self.dino_size % dino.PATCH == 0 and self.dino_size > 0 and self.img_size >= 0 and
@@ -268,10 +265,9 @@ class VectorQuantizer(nn.Module):
         self.embedding_avg.mul_(self.decay).add_(stats[:, 1:], alpha=1 - self.decay)
         n_tot = self.cluster_size.sum()
         s = ((self.cluster_size + 1e-6) / (n_tot + K * 1e-6) * n_tot).clamp_min(1e-6)  # (K,) Laplace smoothing
-        self.embedding.copy_(self.embedding_avg / s[:, None])
-        # Dead code (s_k < 1e-3, ~690 unused steps after n_k = 1): restart it AND its statistics.
+        # Dead code (s_k < 1e-3, ~690 unused steps after n_k = 1): restart it AND its statistics; the rest E = m / s.
         dead = (s < 1e-3)[:, None]  # (K, 1)
-        self.embedding.copy_(torch.where(dead, cand, self.embedding))
+        self.embedding.copy_(torch.where(dead, cand, self.embedding_avg / s[:, None]))
         self.embedding_avg.copy_(torch.where(dead, cand, self.embedding_avg))
         self.cluster_size.copy_(torch.where(dead[:, 0], torch.ones_like(self.cluster_size), self.cluster_size))
 
@@ -344,9 +340,6 @@ class WorldModel(nn.Module):
         # Only the T-1 real transitions a_0..a_{T-2} are quantised and counted (the seed also counts the copy).
         latent = u[:, 1:]  # (B, T-1, L)
         out, a = {"latent": latent}, latent
-        if self.training and self.cfg.latent_noise:  # la: at most ~log2(1 + 1/noise^2) / 2 bits per dim get through,
-            # whatever the latent's scale (the std is the batch's, detached): too little to copy the next frame
-            a = latent + self.cfg.latent_noise * latent.detach().std(0, keepdim=True) * torch.randn_like(latent)
         if self.cfg.variant == "vq":
             q, codes, commit = self.quantizer(latent.flatten(0, 1))  # (N, L), (N,), ()
             a = q.view(latent.shape)  # (B, T-1, L)
