@@ -222,7 +222,7 @@ def run_policy(tasks, idx, policy, budget, every_step, img_size, record=(), desc
     tests every step and freezes an episode at its first success (stable-worldmodel). record: indices kept for videos.
     -> success (E,), final states (E, 7), best position distance (E,), clips, (seconds in policy, episode-solves)."""
     envs = [PushT(img_size) for _ in idx]
-    state = np.stack([env.replay(s, []) for env, s in zip(envs, tasks["start_state"][idx])])  # (E, 7) placed
+    state = np.stack([env.replay(s, []) for env, s in zip(envs, tasks["start_state"][idx])])  # (E, 7): place(s)
     goal = tasks["goal_state"][idx]  # (E, 7)
     done, best, seconds, solves = np.zeros(len(idx), bool), np.full(len(idx), np.inf), 0.0, 0
     clips = {j: ([render_state(state[j], img_size)], [False]) for j in record}
