@@ -213,7 +213,7 @@ def train(cfg: TrainConfig):
 
         # --- networks, optimiser, and a fixed val batch (up to 256 windows, their actor goals) for the logged chunk MSE
         nets = {k: m.to(device) for k, m in build(cfg, mc).items()}
-        trained = [p for k in ("actor", "value", "critic") if k in nets for p in nets[k].parameters()]
+        trained = [p for k, m in nets.items() if "target" not in k for p in m.parameters()]  # not the EMA targets
         opt = torch.optim.Adam(trained, lr=cfg.lr)  # OGBench: Adam, on the sum of three losses of disjoint parameters
         if device.type == "cuda" and cfg.compile:
             for m in nets.values():
