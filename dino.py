@@ -87,14 +87,6 @@ def weights_file(name):
     return name.removesuffix("_reg") + ("_reg4" if name.endswith("_reg") else "") + "_pretrain.pth"
 
 
-def encoder_flops(name="dinov2_vits14", size=196):
-    """FLOPs of one image at size x size px (2 per multiply-add): patch embed, per block qkv, proj, MLP, attention."""
-    D, depth, _, _ = ARCHS[name.removesuffix("_reg")]
-    P = (size // PATCH) ** 2
-    N = 1 + P + (4 if name.endswith("_reg") else 0)  # CLS, registers, patches
-    return 2 * (P * 3 * PATCH ** 2 * D + depth * (12 * N * D * D + 2 * N * N * D))
-
-
 def weights_tag(weights, name="dinov2_vits14"):
     """The weights by content, for cache headers: "random" or "<file name>:<sha256 prefix>" (None/"" = hub cache)."""
     if weights == "random":

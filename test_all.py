@@ -1322,7 +1322,7 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
             vit = dino.DinoVisionTransformer(name)
         with FlopCounterMode(display=False) as counted, torch.no_grad():
             vit.forward_features(torch.zeros(2, 3, size, size, device="meta"))
-        assert counted.get_total_flops() / 2 == pytest.approx(dino.encoder_flops(name, size), rel=2e-2), name
+        assert counted.get_total_flops() / 2 == pytest.approx(train.encoder_flops(name, size), rel=2e-2), name
     run, missing = tmp_path / "vq", tmp_path / "not-collected"
     px = WMConfig(variant="vq", tokens="dinov2", **SMALL)  # a pixel run: every refusal below is about its features
     cfg = train.TrainConfig(data=str(missing), out=str(run), batch_size=4, steps=100, eval_every=50, features="off",
@@ -1332,7 +1332,7 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert all(f"estimate {s}: " in out for s in stages) and jload(run / "config.json")["model"]["num_patches"] == 4
     fwd = 2 * sum(train.model_macs(wm.derive(px, {"img_size": 224})))
-    assert stages["train-vq"] > 100 * 4 * (3 * fwd + 2 * dino.encoder_flops("dinov2_vits14", 28))  # off: + DINOv2
+    assert stages["train-vq"] > 100 * 4 * (3 * fwd + 2 * train.encoder_flops("dinov2_vits14", 28))  # off: + DINOv2
     user_error(train.main, replace(cfg, frames=0), px, names=[missing, "--frames"])
     monkeypatch.setattr(train, "GPU_BYTES", 2 ** 20)  # a 1 MiB "GPU"
     user_error(train.main, replace(cfg, features="memory"), px, names=["--features memory", "off"])

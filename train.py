@@ -88,6 +88,14 @@ def lr_factor(step, cfg):
     return 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps))) if cfg.schedule == "cosine" else 1.0
 
 
+def encoder_flops(name="dinov2_vits14", size=196):
+    """FLOPs of one image at size x size px (2 per multiply-add): patch embed, per block qkv, proj, MLP, attention."""
+    D, depth, _, _ = dino.ARCHS[name.removesuffix("_reg")]
+    P = (size // dino.PATCH) ** 2
+    N = 1 + P + (4 if name.endswith("_reg") else 0)  # CLS, registers, patches
+    return 2 * (P * 3 * dino.PATCH ** 2 * D + depth * (12 * N * D * D + 2 * N * N * D))
+
+
 def model_macs(mc):
     """Multiply-adds per window of the predictor's and (la/vq) the IDM's forward pass, from the layer sizes."""
     W = mc.visual_dim + (mc.proprio_dim if mc.proprio else 0) + mc.cond_dim
@@ -276,7 +284,7 @@ def dry_run(cfg, mc, ckpt):
     frames = sum(len(data.load_split(root, s)["states"]) for s in ("train", "val")) if have else cfg.frames
     require(frames or mc.tokens == "state", f"--dry-run: --data {root} does not exist yet; pass --frames N, the "
                                             "frames it will hold")
-    dino_flops = dino.encoder_flops(mc.dino_name, mc.dino_size) if mc.tokens == "dinov2" else 0  # per image
+    dino_flops = encoder_flops(mc.dino_name, mc.dino_size) if mc.tokens == "dinov2" else 0  # per image
     pred, idm = model_macs(mc)
     found = have and mc.tokens == "dinov2" and dino.load_features(root, "train", mc.dino_name, mc.dino_size,
                                                                    cfg.dino_weights or None, mc.img_size) is not None
