@@ -740,9 +740,9 @@ def test_resume_refuses_other_settings_and_leaves_the_run_alone(pipe, tmp_path):
                        (replace(cfg, data=str(other)), mc, "--data")):
         user_error(train.main, c, m, names=[flag])
         assert (pipe.vq6 / "ckpt.pt").read_bytes() == before
-    old, ck = shutil.copytree(pipe.vq6, tmp_path / "old"), tload(pipe.vq6 / "ckpt.pt")  # an earlier version's run,
+    old, ck = shutil.copytree(pipe.vq6, tmp_path / "old"), tload(pipe.vq6 / "ckpt.pt")  # a run saved earlier
     c = replace(cfg, out=str(old))
-    for warmup, noise in ((0, 0.0), (5, 0.0), (0, 0.5)):  # naming settings removed since: resumed if they were off
+    for warmup, noise in ((0, 0.0), (5, 0.0), (0, 0.5)):  # with settings removed since: resumed if they were off
         torch.save({**ck, "train_config": {**ck["train_config"], "warmup": warmup},
                     "model_config": {**ck["model_config"], "latent_noise": noise}}, old / "ckpt.pt")
         if warmup or noise:
