@@ -241,16 +241,14 @@ def test_collect_layout_statistics_replay_the_data_command_line_and_refusals(tmp
 def test_windows_frames_actions_proprio_features_and_macro_actions(tmp_path):
     """Windows: frames, time-major macro actions, proprio, a feature cache, short episodes; env <-> macro actions."""
     with pytest.warns(UserWarning, match="1 of 3"):
-        WindowDataset(write_dataset(tmp_path / "d", [12, 9, 15]), "train")
-    ds = WindowDataset(tmp_path / "d", "train", num_frames=2, frameskip=5, pixels=True)
+        ds = WindowDataset(write_dataset(tmp_path / "d", [12, 9, 15]), "train", num_frames=2, frameskip=5, pixels=True)
     assert len(ds) == 3 + 0 + 6  # the 9-frame episode holds no 10-frame window
     meta, item = ds.meta, ds[4]  # second window of the third episode: starts at frame 12 + 9 + 1 = 22
     assert int(item["index"]) == 22 and item["obs"].shape == (2, 32, 32, 3) and item["obs"].dtype == torch.uint8
     aeq(item["state"][:, 0].numpy(), [22, 27]), aeq(item["obs"][0].numpy(), render_state(ds.states[22], 32))
     raw = np.stack([np.arange(22, 32), -np.arange(22, 32)], 1)  # (10, 2): actions 22..31 -> row k = 22+5k .. 26+5k
     allclose(item["action"].numpy(), ((raw - meta["action_mean"]) / meta["action_std"]).reshape(2, 10), rtol=1e-6)
-    allclose(item["proprio"][:, 0].numpy(), (np.array([22, 27]) - meta["proprio_mean"][0]) / meta["proprio_std"][0],
-             rtol=1e-6)
+    allclose(item["proprio"][:, 0], (np.array([22, 27]) - meta["proprio_mean"][0]) / meta["proprio_std"][0], rtol=1e-6)
     assert torch.equal(ds.__getitems__([4, 0])["action"][0], item["action"])  # a batch is one gather
     feats = np.arange(36 * 3 * 4, dtype=np.float16).reshape(36, 3, 4)  # (F, P, D)
     item = WindowDataset(tmp_path / "d", "train", pixels=True, features=feats)[4]
@@ -362,10 +360,8 @@ def reference_forward(sd, x, reg):
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=14).flatten(2).transpose(1, 2)
     t = torch.cat((sd["cls_token"].expand(B, -1, -1), t), 1)
     grid = sd["pos_embed"][:, 1:].reshape(1, 37, 37, D).permute(0, 3, 1, 2)
-    if reg:
-        grid = F.interpolate(grid, size=(h0, w0), mode="bicubic", antialias=True)
-    else:
-        grid = F.interpolate(grid, scale_factor=((h0 + 0.1) / 37, (w0 + 0.1) / 37), mode="bicubic")
+    grid = (F.interpolate(grid, size=(h0, w0), mode="bicubic", antialias=True) if reg
+            else F.interpolate(grid, scale_factor=((h0 + 0.1) / 37, (w0 + 0.1) / 37), mode="bicubic"))
     t = t + torch.cat((sd["pos_embed"][:, :1], grid.flatten(2).transpose(1, 2)), 1)
     if reg:
         t = torch.cat((t[:, :1], sd["register_tokens"].expand(B, -1, -1), t[:, 1:]), 1)
@@ -383,8 +379,7 @@ def reference_forward(sd, x, reg):
 @pytest.mark.parametrize("name,D,depth,n_params,forward", [  # forward: the ViT-S whose forward is checked
     ("dinov2_vits14", 384, 12, 22_056_576, "dinov2_vits14"), ("dinov2_vitb14_reg", 768, 12, 86_583_552,
      "dinov2_vits14_reg"), ("dinov2_vitl14", 1024, 24, None, None), ("dinov2_vitg14", 1536, 40, None, None)])
-def test_state_dict_keys_and_shapes_are_the_official_ones_and_forward_equals_the_reference(name, D, depth, n_params,
-                                                                                           forward):
+def test_state_dict_keys_and_shapes_are_official_and_forward_equals_the_reference(name, D, depth, n_params, forward):
     with torch.device("meta"):  # shapes only, no memory
         sd, model = dino.DinoVisionTransformer(name).state_dict(), forward and dino.DinoVisionTransformer(forward)
     assert {k: tuple(v.shape) for k, v in sd.items()} == official_shapes(D, depth, name.endswith("_reg"), "g14" in name)
@@ -456,13 +451,12 @@ def test_random_encoder_positions_shapes_frozen_use_the_callers_precision_and_pr
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(a["blocks.0.ls1.gamma"], torch.ones(384)) and torch.equal(a["norm.bias"], torch.zeros(384))
     assert 0.015 < a["blocks.0.attn.qkv.weight"].std() < 0.025 and 0.015 < a["pos_embed"].std() < 0.025
+    frames = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
     with torch.inference_mode():
         out, cls = vits.forward_features(x := torch.zeros(1, 3, 224, 224)), vits(x)
+        ref = vits.forward_features(dino.preprocess(frames, 28))["x_norm_patchtokens"]  # (2, 4, 384) fp32
     assert out["x_norm_patchtokens"].shape == (1, 256, 384) and torch.equal(cls, out["x_norm_clstoken"])
     pytest.raises(ValueError, vits.forward_features, torch.zeros(1, 3, 30, 28))  # sides must be multiples of 14
-    frames = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
-    with torch.no_grad():
-        ref = vits.forward_features(dino.preprocess(frames, 28))["x_norm_patchtokens"]  # (2, 4, 384) fp32
     z = dino.encode(vits, frames, 28)
     assert z.dtype == torch.float32 and torch.equal(z, ref)  # bit-exact: no autocast inside encode
     (norm := torch.nn.LayerNorm(384))(z).sum().backward()  # encode's output is no inference tensor
@@ -494,8 +488,7 @@ def test_feature_cache_and_store(tmp_path, monkeypatch, cached_dino):
     assert head["done"] == head["frames"] == 16 and head["dtype"] == "float32" and head["images_per_s"] > 0
     frames = np.stack([render_state(s, 32) for s in data.load_split(root, "train")["states"]])
     allclose(feats, dino.encode(cached_dinov2("dinov2_vits14", "random"), frames, 28).numpy(), atol=2e-2, rtol=1e-2)
-    assert dino.load_features(root, "train", size=42, weights="random") is None  # another encoder input size
-    assert dino.load_features(root, "train", size=28, weights="other.pth") is None  # other weights
+    assert load(size=42) is None and load(weights="other.pth") is None  # another encoder input size, other weights
     good = np.array(feats)
     os.truncate(npy, npy.stat().st_size - 100)
     user_error(load, names=[npy, f"dino.py encode --data {root} --split train"])  # the command that rebuilds it
@@ -525,9 +518,8 @@ def test_state_tokens_and_the_token_source_config():
     close((zm := dino.state_tokens(moved))[..., 6:10], z[..., 6:10], atol=1e-5, rtol=0)  # block frame: offset, speed
     assert (zm[..., :6] - z[..., :6]).abs().max() > 0.1  # the world frame does see where the T is
     s = np.array([[200.0, 200.0, 300.0, 300.0, 6.2, 0.0, 0.0]])
-    turned, wrapped, shifted = s + [0, 0, 0, 0, math.radians(20), 0, 0], s.copy(), s + [0, 0, 20, 0, 0, 0, 0]
-    wrapped[0, 4] += math.radians(20) - 2 * math.pi  # the same pose, across the wrap-around
-    z, zt, zw, zs = (dino.state_tokens(x)[0, 0] for x in (s, turned, wrapped, shifted))
+    turned, shifted = s + [0, 0, 0, 0, math.radians(20), 0, 0], s + [0, 0, 20, 0, 0, 0, 0]  # zw: turned, 2 pi less
+    z, zt, zw, zs = (dino.state_tokens(x)[0, 0] for x in (s, turned, turned - [0, 0, 0, 0, 2 * math.pi, 0, 0], shifted))
     close(zw, zt, atol=1e-5, rtol=0)
     assert abs((zt - z)[4:6].norm() / (zs - z)[:4].norm() - 1) < 0.02  # the angle part moves as far as the position
     meta, states = {"img_size": 64}, np.array([[200.0, 200.0, 300.0, 300.0, 1.0, 3.0, 4.0], PUSH])
@@ -563,31 +555,26 @@ def test_shapes_overfitting_one_batch_and_the_rollout_error_every_variant(varian
         first = first or out["pred_loss"].item()
         opt.zero_grad(), out["loss"].backward(), opt.step()
     assert out["pred_loss"].item() < first / 10, (variant, first, out["pred_loss"].item())
-    torch.manual_seed(0)
-    model = WorldModel(tiny_wm(variant, depth=1)).eval()
     z, a = torch.randn(5, 4, 4, 16), torch.randn(5, 4, 10)  # (B, H+1, P, D), (B, H+1, A)
-    err = evaluate.rollout_mse(model, z, a)  # (B, H)
-    assert err.shape == (5, 3) and torch.allclose(err[:, 0], evaluate.one_step_mse(model, z[:, :2], a[:, :2])[0],
-                                                  atol=1e-5)
+    err = evaluate.rollout_mse(m.eval(), z, a)  # (B, H), on the model just fit
+    assert err.shape == (5, 3) and torch.allclose(err[:, 0], evaluate.one_step_mse(m, z[:, :2], a[:, :2])[0], atol=1e-5)
     (a2 := a.clone())[:, 2], (z2 := z.clone())[:, 3] = 5.0, z[:, 3] + 1.0  # baseline reads actions, la/vq frames
-    assert torch.allclose(evaluate.rollout_mse(model, z2, a2)[:, :2], err[:, :2], atol=1e-5)
+    assert torch.allclose(evaluate.rollout_mse(m, z2, a2)[:, :2], err[:, :2], atol=1e-5)
 
 def test_predictor_and_idm_are_causal_the_idm_computes_only_its_token_and_rollout_equals_single_steps():
     """Frame-causal predictor and IDM; the IDM's last block as every block in full; rollout = predictor steps."""
     mask = wm.frame_causal_mask(2, 3)  # (T*P, T*P): token i sees token j iff frame(j) <= frame(i)
     assert mask.int().tolist()[1] == [1, 1, 0, 0, 0, 0] and mask[5].all() and not mask[0, 2:].any()
-    m, x = WorldModel(tiny_wm("la", num_hist=3)).eval(), torch.randn(2, 4, 4, 16 + 8)
-    (y := x.clone())[:, 2] = torch.randn(2, 4, 24)  # change frame 2 only (not by a constant: LayerNorm removes it)
+    m, x = WorldModel(tiny_wm("la", num_hist=3, proprio=True, idm_depth=3)).eval(), torch.randn(2, 4, 4, 16 + 3 + 8)
+    (y := x.clone())[:, 2] = torch.randn(2, 4, 27)  # change frame 2 only (not by a constant: LayerNorm removes it)
     a, b, u, v = m.predictor(x[:, :3]), m.predictor(y[:, :3]), m.idm(x[..., :16]), m.idm(y[..., :16])
     assert torch.allclose(a[:, :2], b[:, :2], atol=1e-6) and not torch.allclose(a[:, 2], b[:, 2])
     assert torch.allclose(u[:, :2], v[:, :2], atol=1e-5) and not torch.allclose(u[:, 2], v[:, 2])
-    torch.manual_seed(0)
-    idm, z = wm.IDM(16, 4, 16, 3, 2, 32).eval(), torch.randn(2, 3, 4, 16)  # (B, T, P, D)
+    idm, z = m.idm, torch.randn(2, 3, 4, 16)  # (B, T, P, D), 3 blocks
     x = idm.proj(torch.cat([idm.action_prompt.expand(2, 3, 1, -1), z], 2)) + idm.pos
     for block in idm.blocks:
         x = block(x)  # every token of every block
     assert torch.allclose(idm(z), idm.head(x[:, :, 0]), atol=1e-5)
-    m = WorldModel(tiny_wm("baseline", num_hist=3, proprio=True)).eval()
     z0, p0, cond = torch.randn(2, 4, 16), torch.randn(2, 4), torch.randn(2, 5, 8)
     zs, ps = m.rollout(z0, cond, p0)
     frames = [torch.cat([z0, m.embed_proprio(p0)[:, None].expand(-1, 4, -1)], -1)]  # (B, P, 19)
@@ -610,7 +597,7 @@ def test_vq_codebook_init_nearest_code_straight_through_ema_and_dead_codes():
     assert vq.initialised and all((x - e).abs().sum(1).min() < 1e-6 for e in vq.embedding)  # E = 4 of its inputs
     close(vq.embedding, vq.embedding_avg / vq.cluster_size[:, None]), close(q, vq.embedding[codes])  # E = m / n, n = 1
     torch.manual_seed(0)
-    (vq := wm.VectorQuantizer(4, 8, ema_decay=0.99, commitment=0.05))(x)  # the first batch initialises the codebook
+    (vq := wm.VectorQuantizer(4, 8, ema_decay=0.9, commitment=0.05))(x)  # the first batch initialises the codebook
     E, x = vq.embedding.clone(), x.requires_grad_()  # (K, L) before this batch's EMA update
     q, codes, commit = vq(x)
     assert torch.equal(codes, torch.cdist(x, E).argmin(1)) and torch.allclose(q, E[codes], atol=1e-6)
@@ -619,16 +606,11 @@ def test_vq_codebook_init_nearest_code_straight_through_ema_and_dead_codes():
     assert torch.equal(x.grad, w)  # straight-through: the identity to the encoder output, so it reaches the IDM
     (m := WorldModel(tiny_wm("vq")))(*batch())["loss"].backward()
     assert m.idm.blocks[0].ff[1].weight.grad.abs().sum() > 0 and m.latent_action_down.weight.grad.abs().sum() > 0
-    torch.manual_seed(0)
-    vq, x = wm.VectorQuantizer(4, 8, ema_decay=0.9, commitment=0.05), clustered()
-    codes = vq(x)[1]
     gap = lambda: sum((vq.embedding[k] - x[codes == k].mean(0)).norm() for k in codes.unique())  # noqa: E731
     before = gap()
     for _ in range(20):
         codes = vq(x)[1]
     assert gap() < 0.2 * before
-    torch.manual_seed(0)
-    (vq := wm.VectorQuantizer(4, 8, ema_decay=0.99, commitment=0.05))(x := torch.randn(32, 8))
     vq.embedding[3], vq.embedding_avg[3], vq.cluster_size[3] = 1e3, 1e3 * 1e-5, 1e-5  # never selected, s_3 < 1e-3
     vq(x)
     assert (vq.embedding[3] - x).abs().sum(1).min() == 0  # revived as an input of this batch, with n = 1, m = E
@@ -710,9 +692,17 @@ def test_run_folder_resume_after_a_kill_is_bit_identical_and_the_nan_guard(pipe,
         train.main(*train_cfgs(pipe.data, tmp_path / "nan", variant="baseline", steps=9))
     assert tload(tmp_path / "nan" / "ckpt.pt")["step"] == 3  # the last good one, kept
 
-def test_a_run_finds_its_data_moved_with_it_or_by_flag_and_refuses_another_or_a_bad_checkpoint(pipe, tmp_path):
-    """Moved with its data, a run finds it and resumes (more steps and a runtime flag taken); else --data (fingerprint
-    checked, passed on); bad checkpoints refused."""
+def test_a_run_finds_its_data_moved_with_it_or_by_flag_and_refuses_other_settings_or_a_bad_checkpoint(pipe, tmp_path):
+    """Another setting or dataset, fewer steps: refused naming the flag, the run untouched; moved with its data, a run
+    finds it and resumes (more steps and a runtime flag taken); else --data (fingerprint checked, passed on); bad or old
+    checkpoints refused (a folder in use: the busy-folder test; no dataset at all: HOSTILE's train-data-missing)."""
+    before, other = (pipe.vq6 / "ckpt.pt").read_bytes(), write_dataset(tmp_path / "other", [12, 9, 15])
+    cfg, mc = train_cfgs(pipe.data, pipe.vq6)
+    for c, m, flag in ((replace(cfg, lr_predictor=5e-4), mc, "--lr-predictor"), (replace(cfg, steps=2), mc, "--steps"),
+                       (cfg, replace(mc, num_codes=8), "--num-codes"), (cfg, replace(mc, variant="la"), "--variant"),
+                       (replace(cfg, data=str(other)), mc, "--data")):
+        user_error(train.main, c, m, names=[flag])
+        assert (pipe.vq6 / "ckpt.pt").read_bytes() == before
     for name in ("data", "vq6"):  # the run and its dataset copied together elsewhere, their relative layout kept
         shutil.copytree(pipe.root / name, tmp_path / "moved" / name)
     moved = tmp_path / "moved" / "vq6"
@@ -724,23 +714,11 @@ def test_a_run_finds_its_data_moved_with_it_or_by_flag_and_refuses_another_or_a_
     torch.save({**ckpt, "data": {**ckpt["data"], "root": str(tmp_path / "gone")}}, moved / "ckpt.pt")
     user_error(wm.load_run, moved, names=["--data"])  # found nowhere: the way out is named
     assert wm.load_run(moved, data_dir=str(tmp_path / "elsewhere"))[2] == (tmp_path / "elsewhere").resolve()
-    other = write_dataset(tmp_path / "other", [12, 15])
     user_error(wm.load_run, moved, data_dir=str(other), names=[other, "--data"])  # another dataset: refused
     assert decode.main(tiny_decode(moved, data=str(tmp_path / "elsewhere")))["label_budget"]  # stages pass it on
-    (old := tmp_path / "old").mkdir(), user_error(wm.load_run, old, names=[old / "ckpt.pt", "train.py"])
-    torch.save({**ckpt, "format": "old"}, old / "ckpt.pt"), user_error(wm.load_run, old, names=[old / "ckpt.pt"])
-
-def test_resume_refuses_other_settings_and_leaves_the_run_alone(pipe, tmp_path):
-    """Another setting or dataset, fewer steps: refused naming the flag, the run untouched (more steps taken: the moved
-    run above; a folder in use: the busy-folder test; no dataset at all: HOSTILE's train-data-missing)."""
-    before, other = (pipe.vq6 / "ckpt.pt").read_bytes(), write_dataset(tmp_path / "o", [12, 9, 15])
-    cfg, mc = train_cfgs(pipe.data, pipe.vq6)
-    for c, m, flag in ((replace(cfg, lr_predictor=5e-4), mc, "--lr-predictor"), (replace(cfg, steps=2), mc, "--steps"),
-                       (cfg, replace(mc, num_codes=8), "--num-codes"), (cfg, replace(mc, variant="la"), "--variant"),
-                       (replace(cfg, data=str(other)), mc, "--data")):
-        user_error(train.main, c, m, names=[flag])
-        assert (pipe.vq6 / "ckpt.pt").read_bytes() == before
+    (empty := tmp_path / "empty").mkdir(), user_error(wm.load_run, empty, names=[empty / "ckpt.pt", "train.py"])
     old, ck = shutil.copytree(pipe.vq6, tmp_path / "old"), tload(pipe.vq6 / "ckpt.pt")  # a run saved earlier
+    torch.save({**ck, "format": "old"}, old / "ckpt.pt"), user_error(wm.load_run, old, names=[old / "ckpt.pt"])
     c = replace(cfg, out=str(old))
     for warmup, noise in ((0, 0.0), (5, 0.0), (0, 0.5)):  # with settings removed since: resumed if they were off
         torch.save({**ck, "train_config": {**ck["train_config"], "warmup": warmup},
@@ -753,10 +731,9 @@ def test_resume_refuses_other_settings_and_leaves_the_run_alone(pipe, tmp_path):
 def test_labels_only_training_draws_from_a_fixed_subset(pipe, tmp_path, drawn):
     """--labels N: exactly the N windows of the seeded subset, recorded in the checkpoint (bad counts: HOSTILE)."""
     assert len(set(data.label_subset(50, 7, 3))) == 7 and np.array_equal(data.label_subset(50, -1, 3), np.arange(50))
-    cfg, mc = train_cfgs(pipe.data, tmp_path / "run", "baseline", steps=30, labels=12, eval_every=30)
-    train.main(cfg, mc)
-    assert set(drawn) == set(data.label_subset(pipe.windows, 12, cfg.seed).tolist()) and len(drawn) >= 30 * 4
-    assert tload(tmp_path / "run" / "ckpt.pt")["stats"]["labels"] == 12
+    train.main(*train_cfgs(pipe.data, tmp_path / "run", "baseline", steps=30, labels=12, eval_every=30))
+    assert set(drawn) == set(data.label_subset(pipe.windows, 12, train.TrainConfig.seed).tolist())  # the default seed
+    assert len(drawn) >= 30 * 4 and tload(tmp_path / "run" / "ckpt.pt")["stats"]["labels"] == 12
 
 def preset_vq():  # an initialised VQ whose codes are one input of each cluster of clustered(5)
     vq = wm.VectorQuantizer(4, 8, ema_decay=0.9, commitment=0.05)
@@ -783,14 +760,13 @@ def test_ddp_vq_and_training_agree_across_two_ranks(pipe, tmp_path):
     with socket.socket() as s:
         port = s.bind(("127.0.0.1", 0)) or s.getsockname()[1]
     mp.start_processes(ddp_worker, args=(str(pipe.data), str(tmp_path), port), nprocs=2, start_method="spawn")
-    a, b = tload(tmp_path / "first0.pt"), tload(tmp_path / "first1.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
     (ref := preset_vq())(clustered(5))  # one process, the whole batch: DDP's buffer broadcast alone would hide a bug
     for rank, (k, v) in itertools.product((0, 1), ref.state_dict().items()):
         close(tload(tmp_path / f"ema{rank}.pt")[k], v, atol=1e-5, rtol=1e-5, msg=f"rank {rank}: {k}")
-    a, b = tload(tmp_path / "rank0.pt"), tload(tmp_path / "rank1.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a) and a["quantizer.initialised"]
-    assert tload(tmp_path / "run" / "ckpt.pt")["step"] == 3
+    for name in ("first", "rank"):  # the ranks' first-batch codebooks, their replicas after training: the same
+        a, b = (tload(tmp_path / f"{name}{rank}.pt") for rank in (0, 1))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["quantizer.initialised"] and tload(tmp_path / "run" / "ckpt.pt")["step"] == 3
 
 # ---- decode.py: decoder shapes, learning a known map, early stopping, the stores, the run's report and codes --------
 def fit_linear(seed, n_val, sign, cfg):
@@ -834,13 +810,11 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     """decode.json, codes.png and its layout (vq only); heads tied to their checkpoint; vq's pairs carry codes;
     a changed dataset, a stale adapter or --via without one, a bad route: refused, nothing written."""
     report, run, root, before = pipe.reports["vq"], pipe.root / "vq", pipe.root, tree(pipe.root)
-    assert report["label_budget"]["train_pairs"] == 64 and len(report["r2_per_dim"]) == 10
-    assert report["tokens"] == "state" and report["variant"] == "vq"
+    assert (report["tokens"], report["variant"], report["label_budget"]["train_pairs"]) == ("state", "vq", 64)
     assert jload(run / "decode.json")["val_rmse_px"] == pytest.approx(report["val_rmse_px"])
     assert [c["code"] for c in report["codes"]] == [0, 1, 2, 3] and sum(c["usage"] for c in report["codes"]) == 16
-    assert np.array(report["codes"][0]["mean_action_px"]).shape == (5, 2)
-    img = cv2.imread(str(run / "codes.png"))
-    assert img is not None and img.shape[0] > 100
+    assert len(report["r2_per_dim"]) == 10 and np.array(report["codes"][0]["mean_action_px"]).shape == (5, 2)
+    assert cv2.imread(str(run / "codes.png")).shape[0] > 100  # None if unreadable: fails too
     assert "codes" not in pipe.reports["la"] and not (root / "la" / "codes.png").exists()
     assert pipe.reports["baseline"] is None and not {"decode.json", "decoder.pt"} & set(tree(root / "baseline"))
     (steps := np.zeros((10, 5, 2)))[3, :, 0] = 10.0  # (K, F, 2): code 3 pushes right by 50 px in total
@@ -854,9 +828,8 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     assert torch.allclose(decode.load_head(run, ckpt, CPU)[0](p, z), ref.eval()(p, z))  # the saved weights
     user_error(decode.load_head, run, {**ckpt, "ckpt_id": "new"}, CPU, names=["decoder.pt", "decode.py"])
     user_error(decode.load_head, root / "baseline", ckpt, CPU, names=["decoder.pt", "decode.py"])
-    old = shutil.copytree(run, tmp_path / "old")  # saved by an earlier version, naming options removed since
-    mc, arch = ckpt["model_config"], saved["config"]["arch"]
-    for reg, delta in (("sigreg", False), ("vcreg", False), ("sigreg", True)):
+    old, mc, arch = shutil.copytree(run, tmp_path / "old"), ckpt["model_config"], saved["config"]["arch"]
+    for reg, delta in (("sigreg", False), ("vcreg", False), ("sigreg", True)):  # as saved when these options existed
         torch.save({**ckpt, "model_config": {**mc, "jepa_reg": reg, "jepa_std": 18.0}}, old / "ckpt.pt")
         torch.save({**saved, "config": {"arch": {**arch, "use_delta": delta}}}, old / "decoder.pt")
         if reg == "vcreg":
@@ -903,14 +876,10 @@ def test_planners_on_known_costs_their_update_rules_batched_equals_separate_and_
     code 0 (K = 4): pi_MLE = (31, 1, 1, 1) / 34 (pseudocount 1), pi = 0.7/4 + 0.3 pi_MLE (momentum on the OLD pi),
     code 0 drawn with pi_0^(2/3) / sum pi^(2/3) = 0.3767, the last 10 % uniform; the best sample ever returned.
     Per-episode generators: E episodes in one call = E calls; rollout_cost over E*N plans = each plan alone."""
-    target = torch.randn(3, 3, 2, generator=gen(0)) * 2  # (E, H, A)
-    mu = plan.cem_gaussian(quadratic(target), torch.zeros(3, 3, 2), torch.full((3, 3, 2), 3.0), num_samples=100,
-                           topk=10, opt_steps=15, generator=gen(1))
-    assert (mu - target).abs().max() < 0.01
-    seen, mu0 = [], torch.randn(2, 3, 2)  # (E, H, A)
-    plan.cem_gaussian(lambda x: seen.append(x.clone()) or x.square().sum((-1, -2)), mu0, torch.ones(2, 3, 2),
-                      num_samples=20, topk=5, opt_steps=2)
-    assert torch.equal(seen[0][:, 0], mu0) and not torch.equal(seen[0][:, 1], mu0)
+    target, mu0, seen = torch.randn(3, 3, 2, generator=gen(0)) * 2, torch.randn(3, 3, 2, generator=gen(2)), []
+    mu = plan.cem_gaussian(lambda x: seen.append(x.clone()) or quadratic(target)(x), mu0, torch.full((3, 3, 2), 3.0),
+                           num_samples=100, topk=10, opt_steps=15, generator=gen(1))  # (E, H, A) each
+    assert (mu - target).abs().max() < 0.01 and torch.equal(seen[0][:, 0], mu0) and not torch.equal(seen[0][:, 1], mu0)
     E, H, A, K = 3, 4, 2, 8
     target, table = torch.randn(E, H, A, generator=gen(0)), torch.rand(E, H, K, generator=gen(0))
 
@@ -918,8 +887,7 @@ def test_planners_on_known_costs_their_update_rules_batched_equals_separate_and_
         kw = dict(num_samples=32, topk=4, opt_steps=3, generator=[gen(s) for s in seeds])
         if name == "cem_categorical":
             return plan.cem_categorical(table_cost(table[sl]), len(seeds), H, K, **kw)
-        return plan.cem_gaussian(quadratic(target[sl]), torch.zeros(len(seeds), H, A), torch.ones(len(seeds), H, A),
-                                 **kw)
+        return plan.cem_gaussian(quadratic(target[sl]), torch.zeros_like(target[sl]), torch.ones_like(target[sl]), **kw)
     for name in ("cem_gaussian", "cem_categorical"):
         batched = solve(name, slice(0, E), [10, 11, 12])
         assert torch.equal(batched, torch.cat([solve(name, slice(e, e + 1), [10 + e]) for e in range(E)])), name
@@ -953,8 +921,9 @@ def test_planners_on_known_costs_their_update_rules_batched_equals_separate_and_
             err = (zs[0, -1] - zg[e]).square().mean() + 0.5 * (ps[0, -1] - pg[e]).square().mean()
             assert torch.allclose(cost[e, n], err, atol=1e-5)
 
-def test_tasks_are_reproducible_their_replay_reaches_the_goal_and_evaluate_ignores_the_batch_size(pipe, tmp_path):
-    """Reproducible tasks whose replay succeeds (videos drawn); batch-size-free evaluate; the ceiling's model start."""
+def test_tasks_replay_to_the_goal_batch_free_evaluate_results_json_and_the_ceiling_cache(pipe, tmp_path, monkeypatch):
+    """Reproducible tasks whose replay succeeds (videos drawn); batch-size-free evaluate; the ceiling's model start;
+    RESULTS.json of every plan in PLANS; the ceiling cached beside the results, shared, solved again if damaged."""
     tasks, rng = plan.make_tasks(pipe.data, "val", "open-loop", 5, 0, 28), np.random.default_rng(0)
     acts = np.where(rng.random((5, 1, 1)) < 0.5, tasks["actions"], rng.normal(0, 20, (5, 25, 2)))  # some succeed
     r2, r5 = (plan.evaluate(tasks, lambda idx: lambda s, idx=idx: acts[idx], E, 25, False, 28, tmp_path / f"{E}.json",
@@ -982,17 +951,13 @@ def test_tasks_are_reproducible_their_replay_reaches_the_goal_and_evaluate_ignor
     start, acts = env.get_state(), d["actions"][t:t + 10]  # (7,), (10, 2)
     rollout(env, acts)  # ... the model replays the actions from the state the env reports, to exactly the env's
     assert np.abs(start[5:]).max() > 1 and plan.sim_costs(start, env.get_state(), acts[None]).item() == 0
-
-def test_end_to_end_results_json_and_the_shared_ceiling_cache(pipe, monkeypatch):
-    """RESULTS.json of every plan in PLANS; the ceiling cached beside the results, shared, solved again if damaged."""
     for name, path in pipe.planned.items():
         (variant, protocol), r = name.split("-", 1), jload(path)
         assert {"config", "mean_final_pos_dist"} <= set(r), name  # every other key of RESULTS.json is read below
-        assert (r["variant"], r["protocol"], r["tokens"], r["run"]) == (variant, protocol, "state",
-                                                                         str(pipe.root / variant))
         via = PLANS[name].get("via", "actions" if variant == "baseline" else "decoder")
-        assert r["via"] == via and r["planner"] == ("cem_categorical" if (variant, via) == ("vq", "decoder")
-                                                    else "cem_gaussian")
+        planner = "cem_categorical" if (variant, via) == ("vq", "decoder") else "cem_gaussian"
+        assert (r["variant"], r["protocol"], r["via"], r["planner"]) == (variant, protocol, via, planner)
+        assert r["tokens"] == "state" and r["run"] == str(pipe.root / variant)
         assert r["labels"] == (pipe.windows if variant == "baseline" else 80)  # every train window, or 64 + 16 pairs
         assert r["episodes"] == len(r["successes"]) == len(r["tasks"]["start_state"]) == 3
         assert set(r["successes"]) <= {0, 1} and r["seconds_per_solve"] > 0
@@ -1016,7 +981,9 @@ def test_end_to_end_results_json_and_the_shared_ceiling_cache(pipe, monkeypatch)
     assert again["reference"]["ceiling"] == ceil[0]["ceiling"] and jload(cache[0])
 
 # ---- eval.py: metric known answers, METRICS.json side by side, the success tables, the plots, bad input -------------
-def test_summary_wilson_and_linear_probe_known_answers():
+def test_eval_metrics_side_by_side_and_success_tables_from_floor_to_ceiling_and_against_labels(pipe, tmp_path, capsys):
+    """METRICS.json, table, rollout plot; mixed datasets, no decoder: warned; success tables, random to replay; a label
+    sweep's table and PNG (bad results files: HOSTILE); summarize, Wilson and the linear probe: known answers."""
     s, (lo, hi), g = evaluate.summarize([1.0, 2.0, 3.0, 4.0]), plan.wilson(50, 100), gen(0)
     assert s["mean"] == 2.5 and s["n"] == 4 and s["std"] == pytest.approx(1.2910, abs=1e-4)
     assert s["ci95"] == pytest.approx([2.5 - 1.96 * 1.2910 / 2, 2.5 + 1.96 * 1.2910 / 2], abs=1e-4)
@@ -1027,10 +994,6 @@ def test_summary_wilson_and_linear_probe_known_answers():
     assert exact["mean"] > 0.999 and exact["n"] == 200 and exact["n_fit"] == 400 and len(exact["per_dim"]) == 10
     noise = evaluate.linear_probe(x_fit, torch.randn(400, 10, generator=g), x, torch.randn(200, 10, generator=g), g)
     assert noise["mean"] < 0.05 and noise["ci95"][0] < noise["mean"] < noise["ci95"][1]
-
-def test_eval_metrics_side_by_side_and_success_tables_from_floor_to_ceiling_and_against_labels(pipe, tmp_path, capsys):
-    """METRICS.json, table, rollout plot; mixed datasets, no decoder: warned; success tables, random to replay; a label
-    sweep's table and PNG (bad results files: HOSTILE)."""
     metrics, _ = evaluate.main(tiny_eval(tmp_path / "metrics.json", run=[str(pipe.root / v) for v in VARIANTS]))
     saved = jload(tmp_path / "metrics.json")
     assert list(saved) == list(VARIANTS) and saved == json.loads(json.dumps(metrics))
@@ -1056,8 +1019,7 @@ def test_eval_metrics_side_by_side_and_success_tables_from_floor_to_ceiling_and_
     out, table, r = capsys.readouterr().out, jload(tmp_path / "s_success.json"), jload(pipe.planned["vq-open-loop"])
     assert "| protocol | random | baseline | la | vq | vq + adapter | ceiling | replay |" in out
     assert "against labelled transitions" not in out and not (tmp_path / "s_labels.png").exists()  # no sweep here
-    assert list(table) == ["open-loop", "mpc"] and set(table["mpc"]) == {"random", "la", "vq + adapter", "ceiling",
-                                                                         "replay"}
+    assert [*table] == ["open-loop", "mpc"] and {*table["mpc"]} == {"random", "la", "vq + adapter", "ceiling", "replay"}
     assert table["open-loop"]["vq"][0]["k"] == sum(r["successes"]) and table["open-loop"]["vq"][0]["n"] == 3
     assert table["open-loop"]["ceiling"][0]["n"] == 2 and table["open-loop"]["replay"][0]["rate"] == 1.0
     assert not (tmp_path / "s.json").exists()  # no run given: no metrics
@@ -1072,8 +1034,7 @@ def test_eval_metrics_side_by_side_and_success_tables_from_floor_to_ceiling_and_
     assert "| vq + decoder | – | " in out and img is not None and img.shape == (500, 760, 3)
 
 # ---- plumbing every stage shares: flags, configs, resume merge, locks, disk, atomic writes, hostile input ------------
-def test_flags_and_help_come_from_the_config_fields_and_configs_built_in_code_are_checked_like_flags(monkeypatch,
-                                                                                                      capsys):
+def test_flags_and_help_come_from_config_fields_and_configs_built_in_code_are_checked_like_flags(monkeypatch, capsys):
     """Flags = config fields (given = what was typed, lists the config's own); --help shows defaults; configs checked"""
     cfg, mc, given = data.parse_config(train.TrainConfig, WMConfig, argv=[
         "--variant", "vq", "--no-compile", "--steps", "7", "--dino-weights", "random", "--tokens", "state"])
@@ -1092,12 +1053,11 @@ def test_flags_and_help_come_from_the_config_fields_and_configs_built_in_code_ar
                        (lambda: data.CollectConfig(out="x", episodes=1), "--episodes")):
         user_error(make, names=[flag])
     monkeypatch.setenv("COLUMNS", "1000"), capsys.readouterr()  # no line wrapping
-    for argv, classes in ((["train.py"], (train.TrainConfig, WMConfig)), (["decode.py"], (DecodeConfig,)),
-                          (["plan.py"], (plan.PlanConfig,)), (["eval.py"], (evaluate.EvalConfig,)),
-                          (["data.py", "collect"], (data.CollectConfig,)),
-                          (["dino.py", "encode"], (dino.EncodeConfig,))):
+    for argv, classes in (("train.py", (train.TrainConfig, WMConfig)), ("decode.py", (DecodeConfig,)),
+                          ("plan.py", (plan.PlanConfig,)), ("eval.py", (evaluate.EvalConfig,)),
+                          ("data.py collect", (data.CollectConfig,)), ("dino.py encode", (dino.EncodeConfig,))):
         with pytest.raises(SystemExit) as exit_:
-            run_script(monkeypatch, *argv, "--help")
+            run_script(monkeypatch, *argv.split(), "--help")
         text = " ".join(capsys.readouterr().out.split())
         assert exit_.value.code == 0
         for f in (f for cls in classes for f in dataclasses.fields(cls) if not f.metadata.get("derived")):
@@ -1108,29 +1068,26 @@ def test_resume_merge_rules_run_folder_locks_and_atomic_writes(tmp_path):
     """Untyped fields are the run's, typed ones must match (HOSTILE) unless runtime; one lock holder; a file as run
     folder kept; atomic writes past planted links and a crash; write errors name the file."""
     stored, rt = dataclasses.asdict(train.TrainConfig(lr_predictor=1e-3, steps=5)), train.RUNTIME
-    merged, = data.merge_resume("run", set(), (train.TrainConfig(), stored, rt))
-    assert merged.lr_predictor == 1e-3 and merged.steps == 5  # untyped fields: the run's own
-    assert data.merge_resume("run", {"steps"}, (train.TrainConfig(steps=9), stored, rt))[0].steps == 9  # runtime
-    merged, = data.merge_resume("run", None, (train.TrainConfig(steps=9), stored, rt))  # built in code:
-    assert merged.steps == 9 and merged.lr_predictor == 1e-3  # non-default fields count as given
+    for given, steps in ((set(), 5), ({"steps"}, 9), (None, 9)):  # untyped: the run's own; typed runtime fields win;
+        merged, = data.merge_resume("run", given, (train.TrainConfig(steps=9), stored, rt))  # None (built in code):
+        assert merged.steps == steps and merged.lr_predictor == 1e-3  # non-default fields count as given
     with data.locked(tmp_path / "run"):
         user_error(data.locked(tmp_path / "run").__enter__, names=[tmp_path / "run"])
     with data.locked(tmp_path / "run"):  # released at exit
         pass
     user_error(data.locked(file := written(tmp_path / "file", "notes")).__enter__, names=["--out", file])
     assert file.read_text() == "notes"
-    for name in ("a.tmp.json", ".a.tmp.json"):  # links planted where a fixed temp name would be
-        (tmp_path / "w" / name).symlink_to(written(tmp_path / "w" / "target", "mine"))
-    data.atomic_write(path := tmp_path / "w" / "a.json", {"x": 1})
-    assert (tmp_path / "w" / "target").read_text() == "mine"
-    for name in ("a.tmp.json", ".a.tmp.json", "target"):
-        (tmp_path / "w" / name).unlink()
 
     def crash(tmp):
         tmp.write_text('{"x": ')
         raise OSError("killed")
+    data.atomic_write(path := tmp_path / "w" / "a.json", {"x": 1})
     pytest.raises(OSError, data.atomic_write, path, crash)
     assert jload(path) == {"x": 1} and tree(tmp_path / "w") == ["a.json"]  # the old file, whole
+    for name in ("a.tmp.json", ".a.tmp.json"):  # links planted where a fixed temp name would be
+        (tmp_path / "w" / name).symlink_to(written(tmp_path / "w" / "target", "mine"))
+    data.atomic_write(path, {"x": 2})
+    assert (tmp_path / "w" / "target").read_text() == "mine" and jload(path) == {"x": 2}
     user_error(data.writable, tmp_path, "--out", names=["--out", tmp_path])  # a folder, not a file
     data.writable(tmp_path / "new" / "deeper" / "r.json", "--out")  # missing folders are made later: fine
     user_error(data.load_pt, x := tmp_path / "x.pt", "rebuild it", names=[x, "rebuild it"])  # missing, truncated
@@ -1168,6 +1125,7 @@ def frames_cut_short(d):  # an edit: a train/frames.npy that a full disk cut sho
 RESULTS = dict(success_rate=0.0, successes=[0], episodes=1, protocol="open-loop", planner="cem_gaussian",
                variant="baseline", via="actions", labels=1, reference={"random": 0.0, "replay": 1.0})  # a valid one
 TRAIN = "train.py --variant baseline --tokens state --steps 1 --device cpu"
+ON_COPY = TRAIN + " --data {t}/data --out {t}/run"  # training on t/data: the shared dataset, as edited_data changed it
 PLAN = "plan.py --episodes 1 --ceiling-episodes 0 --videos 0 --device cpu"
 EVAL = "eval.py --results {t}/r.json --out {t}/m.json --device cpu"
 HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline's root; what the one error line names;
@@ -1193,12 +1151,10 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "jepa-flag-on-a-state-run": (TRAIN + " --data {r}/data --out {t}/run --jepa-dim 32", ["--jepa-dim"]),
     "la-prior-on-vq": (PLAN + " --run {r}/vq --out {t}/r.json --la-prior standard", ["--la-prior"]),
     "pseudocount-off-codes": (PLAN + " --run {r}/baseline --out {t}/r.json --pseudocount 0.1", ["--pseudocount"]),
-    "meta-missing-a-key": (TRAIN + " --data {t}/data --out {t}/run", ["meta.json"], edited_data(lambda d: written(
+    "meta-missing-a-key": (ON_COPY, ["meta.json"], edited_data(lambda d: written(
         d / "meta.json", json.dumps({**jload(d / "meta.json"), "action_std": None})))),
-    "meta-not-an-object": (TRAIN + " --data {t}/data --out {t}/run", ["meta.json"],
-                           edited_data(lambda d: written(d / "meta.json", "[1, 2]"))),
-    "states-not-finite": (TRAIN + " --data {t}/data --out {t}/run", ["states.npy"],
-                          edited_data(edit_val("states.npy", nan_at))),
+    "meta-not-an-object": (ON_COPY, ["meta.json"], edited_data(lambda d: written(d / "meta.json", "[1, 2]"))),
+    "states-not-finite": (ON_COPY, ["states.npy"], edited_data(edit_val("states.npy", nan_at))),
     "arrays-changed-under-meta": (PLAN + " --run {r}/baseline --out {t}/r.json --data {t}/data", ["fingerprint"],
                                   edited_data(edit_val("states.npy", lambda s: s + 1.0))),  # an old meta.json
     **{f"results-{k}": (EVAL, ["--results", "{t}/r.json"], lambda t, r, v=v: written(t / "r.json", v))
@@ -1236,7 +1192,7 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "steps-not-a-whole-number": (TRAIN + " --data {r}/data --out {t}/run --steps 1e3", ["--steps"]),
     "dinov2-weights-of-another-model": ("dino.py check --weights {t}/w.pth", ["{t}/w.pth"],
                                         lambda t, r: torch.save({"cls_token": torch.zeros(1, 1, 768)}, t / "w.pth")),
-    "meta-action-std-zero": (TRAIN + " --data {t}/data --out {t}/run", ["action_std"], edited_data(lambda d: written(
+    "meta-action-std-zero": (ON_COPY, ["action_std"], edited_data(lambda d: written(
         d / "meta.json", json.dumps({**jload(d / "meta.json"), "action_std": [0.0, 0.0]})))),
     "frames-cut-short": ("data.py info {t}/data", ["frames.npy"], edited_data(frames_cut_short)),
     **{f"import-{k}": ("data.py import-dinowm --src {t}/src --out {t}/out" + " --keep-frames" * keep_frames, [file],
@@ -1283,14 +1239,13 @@ def test_reproduce_sh_refuses_before_writing_and_says_when_there_is_no_gpu(pipe,
 # ---- the DINOv2 pixel path, precision and fit: end to end, features in memory, counted FLOPs, --dry-run, auto_batch --
 SMALL = {**SIZES, "dino_size": 28}  # a tiny world model over 4 DINOv2 patches
 
-def test_pixel_tokens_end_to_end_and_features_in_memory_train_like_the_exact_ones(pipe, tmp_path, cached_dino,
-                                                                                  monkeypatch):
+def test_pixel_tokens_end_to_end_features_in_memory_train_like_exact_ones(pipe, tmp_path, cached_dino, monkeypatch):
     """The DINOv2 path (random ViT-S/14 at 28 px, tokens on the fly): train la, decode, plan, eval; --features memory
     (int8, encoded once) validates like DINOv2 on every batch to int8 precision; it needs memory."""
     for folder, features in (("la", "off"), ("memory", "memory")):
         cfg, mc = train_cfgs(pipe.data, tmp_path / folder, "la", steps=2, eval_every=2, dino_weights="random",
                              features=features)
-        raw = train.main(cfg, replace(mc, tokens="dinov2", dino_size=28))
+        raw = train.main(cfg, px := replace(mc, tokens="dinov2", dino_size=28))
         assert (raw.cfg.visual_dim, raw.cfg.num_patches, raw.cfg.img_size) == (384, 4, 28)
     off, memory = ([json.loads(line) for line in open(tmp_path / f / "log.jsonl")] for f in ("la", "memory"))
     assert memory[0]["val_latent_mse"] == pytest.approx(off[0]["val_latent_mse"], rel=1e-2)  # step 0, same batches
@@ -1301,18 +1256,15 @@ def test_pixel_tokens_end_to_end_and_features_in_memory_train_like_the_exact_one
     metrics, _ = evaluate.main(tiny_eval(tmp_path / "m.json", run=[str(tmp_path / "la")]))
     assert metrics["la"]["tokens"] == "dinov2" and math.isfinite(metrics["la"]["rollout_mse"])
     monkeypatch.setattr(dino, "available_ram", lambda: 2 ** 30)  # 1 GiB: less than the spare training needs
-    cfg, mc = train_cfgs(pipe.data, tmp_path / "small", "la", dino_weights="random", features="memory")
-    user_error(train.main, cfg, replace(mc, tokens="dinov2", dino_size=28), names=["--features memory", "off"])
+    user_error(train.main, replace(cfg, out=str(tmp_path / "small")), px, names=["--features memory", "off"])
     assert not (tmp_path / "small" / "ckpt.pt").exists()
 
 def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatch, capsys):
-    """train_flops, encoder_flops = FlopCounterMode's (meta); --dry-run: no dataset, an estimate per stage,
-    config.json, a feature mode that does not fit refused; --batch-episodes 0: as many as half the free RAM holds, else
-    the flag."""
+    """train_flops, encoder_flops = FlopCounterMode's (meta); --dry-run: no dataset, an estimate per stage, config.json,
+    a feature mode that does not fit refused; --batch-episodes 0: as many as half the free RAM holds, else the flag."""
     for variant in ("baseline", "la"):
-        mc = wm.derive(WMConfig(variant=variant, **SMALL), {"img_size": 32})
         with torch.device("meta"):
-            model = WorldModel(mc)
+            model = WorldModel(mc := wm.derive(WMConfig(variant=variant, **SMALL), {"img_size": 32}))
         z, a, p = (torch.zeros(3, 2, *s, device="meta") for s in ((4, 384), (10,), (4,)))
         with FlopCounterMode(display=False) as counted:
             model(z, a, p)["loss"].backward()
@@ -1338,8 +1290,7 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
     user_error(train.main, replace(cfg, features="memory"), px, names=["--features memory", "off"])
     monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 6, 10 ** 6, 10 ** 3))
     user_error(train.main, replace(cfg, features="cache"), px, names=["--features cache", "memory"])
-    mc = wm.derive(WMConfig(variant="la", **SMALL), {"img_size": 32})
-    model, cfg = WorldModel(mc).eval(), plan.PlanConfig(run="r", num_samples=300)
+    model, cfg = WorldModel(mc).eval(), plan.PlanConfig(run="r", num_samples=300)  # mc: la's, from the first loop
     assert plan.auto_batch(plan.PlanConfig(run="r", num_samples=8, topk=2), model, 7, CPU, 8) == 7  # a tiny plan: all
     assert plan.auto_batch(plan.PlanConfig(run="r", batch_episodes=3), model, 7, CPU, 8) == 3  # else the flag
     monkeypatch.setattr(dino, "available_ram", lambda: 10 ** 9)
@@ -1350,8 +1301,7 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
     user_error(plan.auto_batch, cfg, model, 100, CPU, 8, names=["--num-samples"])
 
 # ---- policy.py (GCBC, GC-IQL): goal sampling, IQL's targets, train -> eval, a DINOv2 cache, refusals ----------------
-def policy_eval(folder, out, **kw):
-    return policy.evaluate_policy(policy_eval_cfg(folder, out, **kw))
+policy_eval = lambda folder, out, **kw: policy.evaluate_policy(policy_eval_cfg(folder, out, **kw))  # noqa: E731
 
 def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(pipe, tmp_path, cached_dino, monkeypatch):
     """Goals stay in the episode as set; IQL's target at the goal is 0, its value loss an expectile; dinov2 tokens
@@ -1364,28 +1314,24 @@ def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(pipe, tmp_
     assert (g <= end[every]).all() and (g == every + 25)[every + 25 <= end[every]].all()  # 25 ahead, capped at the end
     g = policy.actor_goals(rng, every, end, 0)  # uniform future (swm)
     assert ((g > every) & (g <= end[every])).all() and (g == end[every]).any()
-    cfg, tt = tiny_policy(pipe.data, "unused"), np.repeat(t, 200)
+    cfg, tt = tiny_policy(pipe.data, "unused", algo="iql"), np.repeat(t, 200)
     g = policy.value_goals(rng, tt, end, cfg)
     assert np.mean(g == tt) == pytest.approx(cfg.p_current, abs=0.03)
     assert 0 < np.mean(end[g] != end[tt]) <= cfg.p_random  # only random goals leave the episode
     g = policy.value_goals(rng, tt, end, replace(cfg, p_random=0.0, p_future=0.8))
     assert ((g >= tt) & (g <= end[tt]) & (((g - tt) % 5 == 0) | (g == end[tt]))).all()  # whole macro steps ahead
-    cfg, mc = tiny_policy(pipe.data, "unused", algo="iql"), wm.derive(WMConfig(tokens="state"),
-                                                                       data.load_meta(pipe.data))
+    mc = wm.derive(WMConfig(tokens="state"), data.load_meta(pipe.data))
     torch.manual_seed(0)
     nets, s = policy.build(cfg, mc), torch.tensor(data.load_split(pipe.data, "train")["states"][:8]).float()
     z, a0 = dino.state_tokens(torch.stack([s, s], 1)), torch.randn(8, mc.action_dim)  # (B, 2, 1, 12), (B, A)
-    with torch.no_grad():  # Q = Q_target = -3 and V = 0 everywhere
-        for name, value in (("critic", -3.0), ("critic_target", -3.0), ("value", 0.0)):
-            nets[name].mlp[-1].weight.zero_(), nets[name].mlp[-1].bias.fill_(value)
-    value_loss, critic_loss, w, _ = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)  # g = s
-    assert critic_loss.item() == pytest.approx(9.0)  # (Q - 0)^2: reward 0, the episode over
-    assert value_loss.item() == pytest.approx((1 - cfg.expectile) * 9)  # Q_target - V = -3 < 0: weight 1 - tau
-    assert w.shape == (8,) and (w <= policy.AWR_CLIP).all()
-    with torch.no_grad():
-        nets["value"].mlp[-1].bias.fill_(-5.0)
-    value_loss = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)[0]
-    assert value_loss.item() == pytest.approx(cfg.expectile * 4)  # Q_target - V = 2 > 0: weight tau
+    for v, weight in ((0.0, 1 - cfg.expectile), (-5.0, cfg.expectile)):  # Q_target - V = -3 < 0: 1 - tau; 2 > 0: tau
+        with torch.no_grad():  # Q = Q_target = -3 and V = v everywhere
+            for name, value in (("critic", -3.0), ("critic_target", -3.0), ("value", v)):
+                nets[name].mlp[-1].weight.zero_(), nets[name].mlp[-1].bias.fill_(value)
+        value_loss, critic_loss, w, _ = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)
+        assert value_loss.item() == pytest.approx(weight * (v + 3) ** 2)  # the expectile loss; g = s:
+        assert critic_loss.item() == pytest.approx(9.0)  # (Q - 0)^2: reward 0, the episode over
+        assert w.shape == (8,) and (w <= policy.AWR_CLIP).all()
     pixels = dict(tokens="dinov2", dino_size=28, dino_weights="random", patch_dim=2)
     head = dino.cache_header(cached := shutil.copytree(pipe.data, tmp_path / "data"), "dinov2_vits14", 28, "random")
     for split in ("train", "val"):  # a random 4 x 384 'DINOv2' cache in dino.py's format
@@ -1395,8 +1341,7 @@ def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(pipe, tmp_
     with monkeypatch.context() as m:  # trained from the cache: the encoder never runs
         m.setattr(dino, "encode", lambda *a: pytest.fail("policy.train encoded frames despite the cache"))
         policy.train(tiny_policy(cached, p := tmp_path / "p", **pixels))
-    r = policy_eval(p, tmp_path / "p.json")
-    assert r["tokens"] == "dinov2" and r["episodes"] == 2
+    assert (r := policy_eval(p, tmp_path / "p.json"))["tokens"] == "dinov2" and r["episodes"] == 2
     before, other = (p / "policy.pt").read_bytes(), write_dataset(tmp_path / "other", [31, 31], img_size=28)
     fp, theirs = data.load_meta(other)["fingerprint"], data.load_meta(cached)["fingerprint"]
     user_error(policy_eval, p, tmp_path / "r.json", tokens="state", names=["--tokens", "state", "dinov2"])
@@ -1417,14 +1362,12 @@ def test_policy_train_and_eval_state_tokens(pipe, tmp_path, drawn, algo, goal_st
     assert ck["labels"] == (10 if labels > 0 else pipe.windows)
     assert labels < 0 or len(set(drawn)) == 2  # the chunks drawn
     for protocol, n in (("open-loop", 3), ("mpc", 2)):
-        res = policy_eval(folder, out := tmp_path / "results" / f"{folder.name}-{protocol}.json", episodes=n,
-                          protocol=protocol)
+        res = policy_eval(folder, out := tmp_path / f"{folder.name}-{protocol}.json", episodes=n, protocol=protocol)
         r = jload(out)
         assert r == json.loads(json.dumps(res)) and len(r["successes"]) == r["episodes"] == n
-        assert (r["planner"], r["variant"], r["tokens"], r["run"]) == (algo, algo, "state", str(folder))
-        assert r["via"] == algo and r["labels"] == ck["labels"]
-        assert r["protocol"] == protocol and 0 <= r["success_rate"] <= 1 and len(r["ci95"]) == 2
-        assert set(r["reference"]) >= {"random", "replay", "ceiling", "ceiling_episodes"}
+        assert (r["planner"], r["variant"], r["via"], r["tokens"], r["run"]) == (algo, algo, algo, "state", str(folder))
+        assert r["labels"] == ck["labels"] and r["protocol"] == protocol and 0 <= r["success_rate"] <= 1
+        assert len(r["ci95"]) == 2 and set(r["reference"]) >= {"random", "replay", "ceiling", "ceiling_episodes"}
         assert r["budget"] == (50 if protocol == "mpc" else 25)  # uniform-future goals re-query every mpc step:
         assert r["mpc_execute"] == (1 if protocol == "mpc" and goal_steps == 0 else 5)
 
@@ -1455,7 +1398,6 @@ def test_sigreg_known_answers_the_jepa_encoder_token_stats_probes_and_the_collap
     assert torch.allclose(z.flatten(0, 2).std(0, unbiased=False), torch.ones(16), atol=1e-2)  # the final BatchNorm
     z.square().sum().backward()
     assert enc.convs[0].weight.grad.abs().sum() > 0
-    torch.manual_seed(0)
     st = train.token_stats(torch.randn(4000, 1, 8))
     assert not st["collapsed"] and st["effective_rank"] > 7.8
     st = train.token_stats(torch.full((100, 1, 8), 3.0) + 1e-5 * torch.randn(100, 1, 8))
@@ -1485,8 +1427,7 @@ def test_jepa_runs_train_plan_and_refuse_a_collapsed_encoder(tmp_path):
     assert res["tokens"] == "jepa" and "token_std_median" in res["token_stats"]
     metrics, _ = evaluate.main(evaluate.EvalConfig(run=[str(run)], out=str(tmp_path / "m.json"), windows=16,
                                                    probe_windows=32, batch_size=16, gap_tasks=3, workers=0))
-    assert {"probe_agent", "effective_rank", "collapsed", "gap_cost_plan", "gap_plan_cheaper"} <= set(
-        next(iter(metrics.values())))
+    assert {"probe_agent", "effective_rank", "collapsed", "gap_cost_plan", "gap_plan_cheaper"} <= set(metrics["run"])
     ckpt = tload(run / "ckpt.pt")
     for k in ("encoder.projector.4.weight", "encoder.projector.4.bias"):
         ckpt["model"][k].zero_()  # every frame maps to one token
@@ -1502,8 +1443,7 @@ def test_jepa_runs_train_plan_and_refuse_a_collapsed_encoder(tmp_path):
     assert res["tokens"] == "jepa" and res["planner"] == "cem_categorical"  # IDM, VQ, decoder see only tokens
 
 # ---- the method end to end (state tokens): decoded IDM latents replay the recording, la plans from its own prior ----
-def test_method_decoded_latents_replay_the_recording_the_adapter_imagines_it_and_la_plans_from_its_prior(
-        tmp_path, monkeypatch):
+def test_method_decoded_latents_replay_the_recording_adapter_imagines_it_la_plans_from_its_prior(tmp_path, monkeypatch):
     """IDM latents of recorded transitions, decoded as the planner does (step h from frame h), retrace the recording;
     through the adapter, the recorded macro actions carry the imagined start far closer to the goal than the start and
     the mean action; Gaussian CEM over la latents starts from the run's latent mean and std, not N(0, 1)."""
@@ -1532,14 +1472,12 @@ def test_method_decoded_latents_replay_the_recording_the_adapter_imagines_it_and
         start.append(plan.distances(goal, env.get_state())[0]), rollout(env, act)
         final.append(plan.distances(goal, env.get_state())[0])
     assert np.mean(final) < 0.6 * np.mean(start), (np.mean(final), np.mean(start))
-    z0, zg = (dino.state_tokens(tasks[k]) for k in ("start_state", "goal_state"))  # (n, 1, 12) each
-    a = torch.as_tensor(data.env_to_macro(tasks["actions"], stats["action_mean"], stats["action_std"]),
-                        dtype=torch.float32)  # (n, 5, A) the recorded macro actions
+    z0, zg = (dino.state_tokens(tasks[k]) for k in ("start_state", "goal_state"))  # (n, 1, 12); a (n, 5, A): recorded
+    a = data.env_to_macro(torch.tensor(tasks["actions"]).float(), stats["action_mean"], stats["action_std"])
     with torch.no_grad():
         true, mean = (plan.rollout_cost(model, z0, zg, x[:, None], adapter=adapter)[:, 0] for x in (a, 0 * a))  # (n,)
     start = (z0 - zg).square().mean((-1, -2))  # (n,); measured 0.064 against 0.29 and 0.33; next-step pairing: 0.138
-    assert true.mean() < 0.35 * start.mean() and true.mean() < 0.35 * mean.mean(), (true.mean(), mean.mean(),
-                                                                                   start.mean())
+    assert true.mean() < 0.35 * min(start.mean(), mean.mean()), (true.mean(), mean.mean(), start.mean())
     seen, cem_gaussian = [], plan.cem_gaussian
 
     def spy(cost_fn, mu, sigma, *args, **kw):
