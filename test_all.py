@@ -4,7 +4,7 @@ wording: data.UserError naming the flag or file, or exit status 2 with one stder
 The tiny state-token pipeline `pipe` is built once and shared; one small la run (~30 s) checks the method. ~1 min on
 2 cores, CPU only."""
 import contextlib, copy, dataclasses, fcntl, functools, hashlib, itertools, json, math, os, pickle, runpy  # noqa: E401
-import shlex, shutil, socket, subprocess, sys, urllib.error  # noqa: E401
+import shlex, shutil, socket, subprocess, sys, unittest.mock, urllib.error  # noqa: E401
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -126,8 +126,9 @@ PUSH = np.array([170.0, 315.0, 256.0, 300.0, 0.0, 0.0, 0.0])  # agent 20 px left
 def rollout(env, actions):  # states (T, 7) after each of the px actions (T, 2)
     return np.stack([env.advance(a) or env.get_state() for a in actions])
 
-def test_simulator_constants_start_states_steps_and_the_future_are_dinowm_s():
-    """Constants, reset, the PD step's known answer, DINO-WM's step bit for bit; set_state/place; same state, future."""
+def test_simulator_is_dinowm_s_and_is_success_and_frames_are_upstreams_at_any_size():
+    """Constants, reset, the PD step's known answer, DINO-WM's step bit for bit; set_state/place; same state, future;
+    success: position error < 20, angle < pi/9 across the wrap-around, velocities never count, NumPy or torch; frames"""
     env, rs = PushT(), np.random.RandomState(5)
     assert env.block.moment == 3000.0 and env.block.mass == 1 and tuple(env.block.center_of_gravity) == (0.0, 45.0)
     assert env.space.damping == 0 and tuple(env.space.gravity) == (0, 0) and env.agent.body_type == env.agent.KINEMATIC
@@ -169,12 +170,11 @@ def test_simulator_constants_start_states_steps_and_the_future_are_dinowm_s():
     aeq(rollout(a, [[30.0, 5.0]] * 10), rollout(c, [[30.0, 5.0]] * 10))
     env.set_state(still := [60.0, 60.0, 300.0, 300.0, 0.5, 0.0, 0.0])
     rollout(env, [[20.0, 0.0]] * 5), aeq(env.get_state()[2:5], still[2:5])  # the block moves only while pushed
-    env.set_state(PUSH), rollout(env, [[30.0, 0.0]] * 3)
+    env.set_state(PUSH), rollout(env, [[30.0, 0.0]] * 2)
+    aeq(frame := env.step([30.0, 0.0]), render_state(env.get_state(), 224))  # in contact: no contact points drawn
+    assert frame.shape == (224, 224, 3) and frame.dtype == np.uint8
     assert env.get_state()[2] - 256.0 > 5  # pushed to the right; backing off ends contact, the T stops dead
     aeq((backed := rollout(env, [[-30.0, 0.0]] * 5))[-1, 2:5], backed[-2, 2:5])
-
-def test_is_success_and_frames_are_upstreams_picture_of_the_state_at_any_size():
-    """Position error < 20, angle error < pi/9 across the wrap-around, velocities never count, NumPy or torch; frames"""
     g = np.array([100.0, 100.0, 200.0, 200.0, 0.05, 0.0, 0.0])
     for delta, ok in [([0, 0, 0, 0, 0], True), ([10, 10, 10, 0, 0], True), ([10, 10, 10, 10, 0], False),  # 17.3; 20
                       ([0, 0, 0, 0, math.pi / 9 + 1e-3], False), ([0, 0, 0, 0, 2 * math.pi - 0.1], True),
@@ -185,10 +185,6 @@ def test_is_success_and_frames_are_upstreams_picture_of_the_state_at_any_size():
     g[:, 4] += 2 * np.pi * rng.integers(-1, 2, 400)  # angles that differ by whole turns
     want, got = np.array([is_success(a, b) for a, b in zip(g, s)]), is_success(torch.tensor(g), torch.tensor(s))
     assert 0 < want.mean() < 1 and (got.numpy() == want).all() and (is_success(g, s) == want).all()
-    (env := PushT(img_size=224)).set_state(PUSH)
-    frame = env.step([30.0, 0.0])  # in contact: a renderer drawing contact points would differ
-    assert frame.shape == (224, 224, 3) and frame.dtype == np.uint8
-    aeq(frame, render_state(env.get_state(), 224))
     big = render_state([100.0, 420.0, 350.0, 350.0, math.pi / 2, 0.0, 0.0], 512)
     assert tuple(big[420, 100]) == data.AGENT_LIGHT and tuple(big[420, 100 + 13]) == data.AGENT_RGB
     assert tuple(big[350, 250]) == data.BLOCK_LIGHT  # y down: angle pi/2 maps local (0, 100) to (-100, 0)
@@ -217,14 +213,12 @@ def test_collect_layout_statistics_replay_the_data_command_line_and_refusals(tmp
     assert "nothing to do" in capsys.readouterr().out
     user_error(collect, small, seed=4, names=["--out", small])
     assert (small / "meta.json").read_text() == before
-    data.info(data.InfoConfig(root=str(small)), bench=20)
-    out = capsys.readouterr().out
-    assert all(s in out for s in ("3 episodes, 93 frames", "5-step windows", "8x8", "windows/s", "(verified)", "drift"))
     run_script(monkeypatch, "data.py", "collect", "--out", tmp_path / "c", "--episodes", 3, "--steps", 12,
                "--img-size", 32, "--workers", 1)
     run_script(monkeypatch, "data.py", "info", tmp_path / "c")
-    out = capsys.readouterr().out
-    assert "frames/s" in out and "2 episodes, 26 frames" in out
+    out = capsys.readouterr().out  # collect's speed, then info's report
+    assert all(s in out for s in ("frames/s", "2 episodes, 26 frames", "5-step windows", "8x8", "windows/s",
+                                  "(verified)", "drift"))
     assert data.load_meta(tmp_path / "c")["splits"]["val"]["frames"] == 13
     data.figure(data.FigureConfig(out=str(tmp_path / "f.png")))
     assert cv2.imread(str(tmp_path / "f.png")).shape == (224, 6 * 224 + 5 * 4, 3)  # 6 tiles, 4-px gutters
@@ -296,12 +290,10 @@ def test_import_converts_states_actions_and_video_frames(tmp_path):
     data.info(data.InfoConfig(root=str(out)), bench=5)  # the fingerprint covers the stored arrays
     aeq(WindowDataset(out, "val", pixels=True)[0]["obs"].numpy(), data.load_split(out, "val")["frames"][[0, 5]])
     (stale := tmp_path / ".out.tmp-killed").mkdir()  # left by an earlier, killed run
+    src = fake_dinowm(tmp_path / "src2", ONE, lengths_obj=[np.int64(20)])  # its lengths: NumPy integers
     data.import_dinowm(import_cfg(src, out := tmp_path / "out"))
     assert data.load_meta(out)["img_size"] == 224 and data.load_split(out, "val")["frames"] is None
-    assert not stale.exists()
-    src = fake_dinowm(tmp_path / "src2", dict(train=[20], val=[20]), lengths_obj=[np.int64(20)])  # NumPy integers
-    data.import_dinowm(import_cfg(src, out := tmp_path / "out2"))
-    assert data.load_split(out, "train")["lengths"].tolist() == [20]
+    assert not stale.exists() and data.load_split(out, "train")["lengths"].tolist() == [20]
 
 ONE = dict(train=[20], val=[20])
 BAD_SOURCES = {  # name: (make a bad pusht_noise folder, the file the error names, keep_frames): HOSTILE's import-*
@@ -400,7 +392,7 @@ def test_state_dict_keys_and_shapes_are_official_and_forward_equals_the_referenc
 
 def test_official_files_load_strictly_from_a_path_or_the_hub_cache(tmp_path, monkeypatch):
     """Official files load strictly into a frozen model, known by content; else the hub cache, else where to put it."""
-    g, calls = gen(2), []
+    g = gen(2)
     torch.save(sd := {k: torch.randn(s, generator=g) for k, s in official_shapes().items()},
                path := tmp_path / "dinov2_vits14_pretrain.pth")
     model = dino.load_dinov2("dinov2_vits14", str(path))
@@ -412,19 +404,17 @@ def test_official_files_load_strictly_from_a_path_or_the_hub_cache(tmp_path, mon
     torch.save({"model": {k: v for k, v in sd.items() if k != "blocks.3.ls1.gamma"}}, tmp_path / "ckpt.pth")
     for file, missing in (("ckpt.pth", ["blocks.3.ls1.gamma"]), ("nope.pth", [])):  # unwrapped, strict; missing
         user_error(dino.load_dinov2, "dinov2_vits14", str(tmp_path / file), names=[tmp_path / file, *missing])
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))  # empty hub cache, no network
-
-    def offline(url, dst, progress=True):
-        calls.append((url, dst))
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))  # empty hub cache, no network:
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline := unittest.mock.Mock(
+        side_effect=urllib.error.URLError("no network")))  # each download fails; the calls are recorded
     cached = tmp_path / "home" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
     url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
     user_error(dino.load_dinov2, "dinov2_vits14", names=[cached, "--dino-weights", "random", url])
     user_error(dino.load_dinov2, "dinov2_vits14_reg", names=["dinov2_vits14_reg4_pretrain.pth"])
-    assert calls == [(url, str(cached)), (url.replace("pretrain", "reg4_pretrain"), calls[1][1])]
+    assert [c.args for c in offline.call_args_list] == [(url, str(cached)),  # (url, dst); progress= as it likes
+                                                        (url.replace("pretrain", "reg4_pretrain"), unittest.mock.ANY)]
     cached.write_bytes(path.read_bytes())  # as if downloaded: now found without the network
-    assert torch.equal(dino.load_dinov2("dinov2_vits14").cls_token, sd["cls_token"]) and len(calls) == 2
+    assert torch.equal(dino.load_dinov2("dinov2_vits14").cls_token, sd["cls_token"]) and offline.call_count == 2
     assert dino.weights_tag(None) == dino.weights_tag(str(path))  # "" means that very file
 
 def test_random_encoder_positions_shapes_frozen_use_the_callers_precision_and_preprocessing(capsys):
@@ -434,17 +424,15 @@ def test_random_encoder_positions_shapes_frozen_use_the_callers_precision_and_pr
     assert vits.interpolate_pos_encoding(37, 37) is pe  # 518 px: the stored table, unchanged
     for (h0, w0), n in {(14, 14): 197, (16, 16): 257, (2, 3): 7, (39, 39): 1 + 39 * 39, (43, 40): 1 + 43 * 40}.items():
         assert vits.interpolate_pos_encoding(h0, w0).shape == (1, n, 384)
-    grid = pe[:, 1:].reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
-    offset = F.interpolate(grid, scale_factor=(14.1 / 37, 14.1 / 37), mode="bicubic", align_corners=False)
-    sized = F.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False)
-    close((table := vits.interpolate_pos_encoding(14, 14))[:, 1:], offset.flatten(2).transpose(1, 2), atol=0, rtol=0)
-    assert torch.equal(table[:, 0], pe[:, 0]) and vits.interpolate_pos_encoding(14, 14) is table
-    assert (table[:, 1:] - sized.flatten(2).transpose(1, 2)).abs().max() > 1e-3  # size= would change the features
-    grid = (reg := dino.load_dinov2("dinov2_vits14_reg", "random")).pos_embed[:, 1:].reshape(1, 37, 37, 384)
-    want = F.interpolate(grid.permute(0, 3, 1, 2), size=(16, 12), mode="bicubic", antialias=True).flatten(2)
-    close(reg.interpolate_pos_encoding(16, 12)[:, 1:], want.transpose(1, 2), atol=0, rtol=0)
+    grid = lambda pe, **kw: F.interpolate(  # noqa: E731  pe's 37 x 37 patch positions, resized: (1, h0 w0, 384)
+        pe[:, 1:].reshape(1, 37, 37, 384).permute(0, 3, 1, 2), mode="bicubic", **kw).flatten(2).transpose(1, 2)
+    close((pos := vits.interpolate_pos_encoding(14, 14))[:, 1:], grid(pe, scale_factor=[14.1 / 37] * 2), atol=0, rtol=0)
+    assert torch.equal(pos[:, 0], pe[:, 0]) and vits.interpolate_pos_encoding(14, 14) is pos  # cls kept; cached
+    assert (pos[:, 1:] - grid(pe, size=(14, 14))).abs().max() > 1e-3  # size= would change the features
+    want = grid((reg := dino.load_dinov2("dinov2_vits14_reg", "random")).pos_embed, size=(16, 12), antialias=True)
+    close(reg.interpolate_pos_encoding(16, 12)[:, 1:], want, atol=0, rtol=0)
     reg.load_state_dict({k: v + 1 for k, v in reg.state_dict().items()})  # new weights: no stale cached table
-    close(reg.interpolate_pos_encoding(16, 12)[:, 1:], want.transpose(1, 2) + 1, atol=1e-5, rtol=0)
+    close(reg.interpolate_pos_encoding(16, 12)[:, 1:], want + 1, atol=1e-5, rtol=0)
     rng, other = torch.get_rng_state(), dino.load_dinov2("dinov2_vits14", "random")
     assert "RANDOM" in capsys.readouterr().err and torch.equal(torch.get_rng_state(), rng)  # own generator
     a, b = (vits := cached_dinov2("dinov2_vits14", "random")).state_dict(), other.state_dict()
@@ -474,11 +462,10 @@ def test_random_encoder_positions_shapes_frozen_use_the_callers_precision_and_pr
     close(dino.preprocess(frames, size=56), full)  # already at size: untouched
     pytest.raises(ValueError, dino.preprocess, full.permute(0, 2, 3, 1), size=28)  # float frames: a mix-up
 
-def test_feature_cache_and_store(tmp_path, monkeypatch, cached_dino):
+def test_feature_cache_and_store(tmp_path, cached_dino):
     """The cache: the encoder's tokens, refused on a small disk, per encoder, rebuilt when damaged; the int8 store."""
     collect(root := tmp_path / "data", episodes=3, steps=7, img_size=32)  # 16 train frames
-    with monkeypatch.context() as m:
-        m.setattr(dino.shutil, "disk_usage", lambda path: type("U", (), {"free": 10_000})())
+    with unittest.mock.patch.object(dino.shutil, "disk_usage", return_value=SimpleNamespace(free=10_000)):
         user_error(dino.main, encode_cfg(root), names=[root, "--features memory"])
     assert not list(root.glob("*/features.*"))  # nothing written, nothing half-written
     dino.main(encode_cfg(root))
@@ -510,11 +497,10 @@ def test_state_tokens_and_the_token_source_config():
     """Contact looks the same wherever the T is; 20 degrees weigh like 20 px, no wrap-around; the derived config."""
     rng = np.random.default_rng(0)
     s = np.c_[rng.uniform(50, 450, (5, 4)), rng.uniform(0, 6, 5), rng.normal(0, 50, (5, 2))]  # (N, 7)
-    z, phi, moved = dino.state_tokens(s), 1.3, s.copy()  # moved: the same scene turned by phi and shifted
+    z, phi = dino.state_tokens(s), 1.3
     assert z.shape == (5, 1, 12) and dino.state_tokens(torch.tensor(s)[None]).shape == (1, 5, 1, 12)
     R = np.array([[math.cos(phi), -math.sin(phi)], [math.sin(phi), math.cos(phi)]])  # turns like the T's angle
-    moved[:, 0:2], moved[:, 2:4], moved[:, 5:7] = s[:, 0:2] @ R.T + 40, s[:, 2:4] @ R.T + 40, s[:, 5:7] @ R.T
-    moved[:, 4] += phi
+    moved = np.c_[s[:, 0:2] @ R.T + 40, s[:, 2:4] @ R.T + 40, s[:, 4] + phi, s[:, 5:7] @ R.T]  # turned, shifted
     close((zm := dino.state_tokens(moved))[..., 6:10], z[..., 6:10], atol=1e-5, rtol=0)  # block frame: offset, speed
     assert (zm[..., :6] - z[..., :6]).abs().max() > 0.1  # the world frame does see where the T is
     s = np.array([[200.0, 200.0, 300.0, 300.0, 6.2, 0.0, 0.0]])
@@ -572,9 +558,7 @@ def test_predictor_and_idm_are_causal_the_idm_computes_only_its_token_and_rollou
     assert torch.allclose(u[:, :2], v[:, :2], atol=1e-5) and not torch.allclose(u[:, 2], v[:, 2])
     idm, z = m.idm, torch.randn(2, 3, 4, 16)  # (B, T, P, D), 3 blocks
     x = idm.proj(torch.cat([idm.action_prompt.expand(2, 3, 1, -1), z], 2)) + idm.pos
-    for block in idm.blocks:
-        x = block(x)  # every token of every block
-    assert torch.allclose(idm(z), idm.head(x[:, :, 0]), atol=1e-5)
+    assert torch.allclose(idm(z), idm.head(torch.nn.Sequential(*idm.blocks)(x)[:, :, 0]), atol=1e-5)  # all tokens
     z0, p0, cond = torch.randn(2, 4, 16), torch.randn(2, 4), torch.randn(2, 5, 8)
     zs, ps = m.rollout(z0, cond, p0)
     frames = [torch.cat([z0, m.embed_proprio(p0)[:, None].expand(-1, 4, -1)], -1)]  # (B, P, 19)
@@ -596,9 +580,7 @@ def test_vq_codebook_init_nearest_code_straight_through_ema_and_dead_codes():
     q, codes, _ = vq(x)
     assert vq.initialised and all((x - e).abs().sum(1).min() < 1e-6 for e in vq.embedding)  # E = 4 of its inputs
     close(vq.embedding, vq.embedding_avg / vq.cluster_size[:, None]), close(q, vq.embedding[codes])  # E = m / n, n = 1
-    torch.manual_seed(0)
-    (vq := wm.VectorQuantizer(4, 8, ema_decay=0.9, commitment=0.05))(x)  # the first batch initialises the codebook
-    E, x = vq.embedding.clone(), x.requires_grad_()  # (K, L) before this batch's EMA update
+    vq.decay, E, x = 0.9, vq.embedding.clone(), x.requires_grad_()  # real EMA steps from now; (K, L) E before this one
     q, codes, commit = vq(x)
     assert torch.equal(codes, torch.cdist(x, E).argmin(1)) and torch.allclose(q, E[codes], atol=1e-6)
     close(commit, 0.05 * ((x - q) ** 2).mean())  # beta ||z_e - sg(z_q)||^2
@@ -618,8 +600,9 @@ def test_vq_codebook_init_nearest_code_straight_through_ema_and_dead_codes():
     vq(x + 100)  # everything now far away; code 3 may or may not be picked, but must not jump back to 1e3
     assert vq.embedding[3].abs().max() < 200
 
-def test_idm_carries_what_the_frame_lacks():
-    """Next frame = frame + an offset only the pair reveals: la's error is well below action-free ~1, shuffled worse"""
+def test_idm_carries_what_the_frame_lacks_and_the_diagnostics_known_answers():
+    """Next frame = frame + an offset only the pair reveals: la's error is well below action-free ~1, shuffled worse;
+    swap_score ~1 / shuffle_delta > 1 when the conditioning dictates, both 0 when ignored; perplexity, dead codes."""
     g, held_out, a, errors = gen(0), gen(1), torch.zeros(64, 2, 10), {}
 
     def pair(gen, B=64):  # fresh samples every step: no memorising
@@ -634,22 +617,14 @@ def test_idm_carries_what_the_frame_lacks():
         errors[variant] = m.eval()(z := pair(held_out), a)["visual_loss"].item()
     assert errors["baseline"] > 0.8 and errors["la"] < 0.6 * errors["baseline"], errors
     assert train.shuffle_delta(m, z, a) > 1.0  # la's predictor relies on the latent
-
-def test_diagnostics_and_perplexity_known_answers():
-    """swap_score ~1 / shuffle_delta > 1 when the conditioning dictates, both 0 when ignored; perplexity, dead codes."""
-    for shortcut in (True, False):
-        m, (z, a, p) = WorldModel(tiny_wm("baseline")), batch(B=64)
-        a[:, :, 0] = torch.arange(64.0)[:, None]  # the action names its sample; the encoder copies it to cond[..., 0]
-        with torch.no_grad():
-            m.action_encoder.weight.zero_(), m.action_encoder.bias.zero_(), m.action_encoder.weight[0, 0].fill_(1.0)
-        g = gen(0)
-        if shortcut:  # predicts the target of the sample the conditioning came from: only fixed points fail to win
-            m.predict = lambda obs, cond: z[cond[:, 0, 0].round().long(), 1:]  # (B, n, P, D)
-            assert train.swap_score(m, z, a, p, generator=g) > 0.95 and train.shuffle_delta(m, z, a, p, generator=g) > 1
-        else:  # the context dictates
-            m.predict = lambda obs, cond: z[:, 1:] + 0.01
-            assert train.swap_score(m, z, a, p, generator=g) == 0
-            assert abs(train.shuffle_delta(m, z, a, p, generator=g)) < 1e-6
+    m, (z, a, p) = WorldModel(tiny_wm("baseline")), batch(B=64)
+    a[:, :, 0] = torch.arange(64.0)[:, None]  # the action names its sample; the encoder copies it to cond[..., 0]
+    m.action_encoder.load_state_dict({"weight": torch.eye(8, 10), "bias": torch.zeros(8)})  # cond[..., :8] = a[..., :8]
+    for shortcut, predict in ((True, lambda obs, cond: z[cond[:, 0, 0].round().long(), 1:]),  # (B, n, P, D): the
+                              (False, lambda obs, cond: z[:, 1:] + 0.01)):  # target of cond's sample; or the context's
+        m.predict, g = predict, gen(0)  # the shortcut: only fixed points of a permutation fail to win the swap
+        swap, shuffled = train.swap_score(m, z, a, p, generator=g), train.shuffle_delta(m, z, a, p, generator=g)
+        assert (swap > 0.95 and shuffled > 1) if shortcut else (swap == 0 and abs(shuffled) < 1e-6), (swap, shuffled)
         assert m.training  # the diagnostics restore the mode
     assert train.perplexity(torch.arange(8).repeat(5), 8) == (pytest.approx(8.0), 0)  # uniform usage: PPL = K
     assert train.perplexity(torch.full((40,), 3), 8) == (pytest.approx(1.0), 7)
@@ -658,21 +633,25 @@ def test_diagnostics_and_perplexity_known_answers():
 # ---- train.py (state tokens): the run folder, exact resume, moved data, settings on resume, lock, NaN guard, DDP -----
 def kill_at(monkeypatch, n, nan=False):
     """WorldModel.forward: at the n-th training call, a KeyboardInterrupt (a kill), or with nan=True a NaN loss."""
-    calls, forward = [], WorldModel.forward
+    calls, forward = itertools.count(1), WorldModel.forward  # counts the training calls
 
     def patched(self, *args):
-        calls.append(self.training)
-        if sum(calls) == n and self.training and not nan:
+        if (hit := self.training and next(calls) == n) and not nan:
             raise KeyboardInterrupt
         out = forward(self, *args)
-        if sum(calls) == n and self.training and nan:
+        if hit:
             out["loss"] = out["pred_loss"] = out["pred_loss"] * float("nan")
         return out
     monkeypatch.setattr(WorldModel, "forward", patched)
 
-def test_run_folder_resume_after_a_kill_is_bit_identical_and_the_nan_guard(pipe, tmp_path, monkeypatch):
+def test_run_folder_exact_resume_after_a_kill_the_nan_guard_and_labels_only_runs(pipe, tmp_path, monkeypatch, drawn):
     """The run folder; killed in step 5, a run resumes from step 3 to the same weights bit for bit, no repeated rows;
-    a NaN loss stops the run and keeps the last good checkpoint."""
+    a NaN loss stops the run and keeps the last good checkpoint; --labels N: exactly the N windows of the seeded
+    subset, recorded in the checkpoint (bad counts: HOSTILE)."""
+    assert len(set(data.label_subset(50, 7, 3))) == 7 and np.array_equal(data.label_subset(50, -1, 3), np.arange(50))
+    train.main(*train_cfgs(pipe.data, tmp_path / "run", "baseline", steps=30, labels=12, eval_every=30))
+    assert set(drawn) == set(data.label_subset(pipe.windows, 12, train.TrainConfig.seed).tolist())  # the default seed
+    assert len(drawn) >= 30 * 4 and tload(tmp_path / "run" / "ckpt.pt")["stats"]["labels"] == 12
     model, ckpt, root = wm.load_run(pipe.vq6)
     assert ckpt["step"] == 6 and not model.training and model.quantizer.initialised
     assert root == pipe.data and ckpt["data"]["relative"] == "../data"
@@ -703,9 +682,7 @@ def test_a_run_finds_its_data_moved_with_it_or_by_flag_and_refuses_other_setting
                        (replace(cfg, data=str(other)), mc, "--data")):
         user_error(train.main, c, m, names=[flag])
         assert (pipe.vq6 / "ckpt.pt").read_bytes() == before
-    for name in ("data", "vq6"):  # the run and its dataset copied together elsewhere, their relative layout kept
-        shutil.copytree(pipe.root / name, tmp_path / "moved" / name)
-    moved = tmp_path / "moved" / "vq6"
+    moved = shutil.copytree(pipe.root, tmp_path / "moved") / "vq6"  # copied elsewhere with its data, layout kept
     assert wm.load_run(moved)[2] == (moved.parent / "data").resolve()  # the relative path wins over the old one
     train.main(*train_cfgs(moved.parent / "data", moved, steps=7, log_every=1))
     ckpt = tload(moved / "ckpt.pt")
@@ -727,13 +704,6 @@ def test_a_run_finds_its_data_moved_with_it_or_by_flag_and_refuses_other_setting
             user_error(train.resume, c, mc, set(), names=["--warmup" if warmup else "--latent-noise", old])
         else:
             assert train.resume(c, mc, set())[2]["step"] == ck["step"]
-
-def test_labels_only_training_draws_from_a_fixed_subset(pipe, tmp_path, drawn):
-    """--labels N: exactly the N windows of the seeded subset, recorded in the checkpoint (bad counts: HOSTILE)."""
-    assert len(set(data.label_subset(50, 7, 3))) == 7 and np.array_equal(data.label_subset(50, -1, 3), np.arange(50))
-    train.main(*train_cfgs(pipe.data, tmp_path / "run", "baseline", steps=30, labels=12, eval_every=30))
-    assert set(drawn) == set(data.label_subset(pipe.windows, 12, train.TrainConfig.seed).tolist())  # the default seed
-    assert len(drawn) >= 30 * 4 and tload(tmp_path / "run" / "ckpt.pt")["stats"]["labels"] == 12
 
 def preset_vq():  # an initialised VQ whose codes are one input of each cluster of clustered(5)
     vq = wm.VectorQuantizer(4, 8, ema_decay=0.9, commitment=0.05)
@@ -822,7 +792,7 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     assert img.shape == (60 + 3 * 100, 400, 3) and img.dtype == np.uint8
     cell3 = img[60:160, 300:400]  # code 3: row 0, column 3; its arrow is drawn in colour (B > R)
     assert ((cell3[..., 0].astype(int) - cell3[..., 2]) > 100).sum() > 20
-    ckpt, saved = tload(run / "ckpt.pt"), tload(run / "decoder.pt")
+    (model, ckpt, data_root), saved = wm.load_run(run), tload(run / "decoder.pt")
     (ref := ActionDecoder(**saved["config"]["arch"])).load_state_dict(saved["model"])
     p, z = torch.randn(2, 1, 12), torch.randn(2, 8)  # (B, P, D), (B, L)
     assert torch.allclose(decode.load_head(run, ckpt, CPU)[0](p, z), ref.eval()(p, z))  # the saved weights
@@ -837,9 +807,8 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
         elif delta:
             user_error(decode.load_head, old, ckpt, CPU, names=["decoder.pt", "--use-delta"])
         else:  # what they did not use loads as it was
-            assert wm.load_run(old)[0].cfg == wm.load_run(run)[0].cfg and decode.load_head(old, ckpt, CPU)
+            assert wm.load_run(old)[0].cfg == model.cfg and decode.load_head(old, ckpt, CPU)
     shutil.rmtree(old)
-    model, _, data_root = wm.load_run(run)
     ds, E = dino.windows(model.cfg, data_root, "val", 2), model.quantizer.embedding  # (K, L)
     pairs = decode.build_pairs(model, ds, 16, dino.make_input(model.cfg, CPU), tiny_decode(run),
                                contextlib.nullcontext(), CPU, gen(0), CPU)
@@ -1030,8 +999,7 @@ def test_eval_metrics_side_by_side_and_success_tables_from_floor_to_ceiling_and_
     out = capsys.readouterr().out  # one row per method, one column per count, its fraction of the dataset's windows
     assert pipe.windows == 260 and "| method | 20 (7.7%) | 80 (30.8%) | 130 (50.0%) | 260 (all) |" in out
     assert "| baseline | 0.00 [0.00, 0.56] | – | 0.33 [0.06, 0.79] | 1.00 [0.44, 1.00] |" in out
-    img = cv2.imread(str(tmp_path / "sweep" / "m_labels.png"))
-    assert "| vq + decoder | – | " in out and img is not None and img.shape == (500, 760, 3)
+    assert "| vq + decoder | – | " in out and cv2.imread(str(tmp_path / "sweep/m_labels.png")).shape == (500, 760, 3)
 
 # ---- plumbing every stage shares: flags, configs, resume merge, locks, disk, atomic writes, hostile input ------------
 def test_flags_and_help_come_from_config_fields_and_configs_built_in_code_are_checked_like_flags(monkeypatch, capsys):
@@ -1114,10 +1082,6 @@ def edited_data(edit):  # a setup: the shared dataset copied to t/data, then cha
 def edit_val(split_file, change):  # an edit: np.save(d/val/split_file, change(its array))
     return lambda d: np.save(d / "val" / split_file, change(np.load(d / "val" / split_file)))
 
-def nan_at(a, i=(3, 2)):
-    a[i] = np.nan
-    return a
-
 def frames_cut_short(d):  # an edit: a train/frames.npy that a full disk cut short
     np.save(f := d / "train" / "frames.npy", np.zeros((len(np.load(d / "train" / "states.npy")), 28, 28, 3), np.uint8))
     os.truncate(f, 1000)
@@ -1126,35 +1090,38 @@ RESULTS = dict(success_rate=0.0, successes=[0], episodes=1, protocol="open-loop"
                variant="baseline", via="actions", labels=1, reference={"random": 0.0, "replay": 1.0})  # a valid one
 TRAIN = "train.py --variant baseline --tokens state --steps 1 --device cpu"
 ON_COPY = TRAIN + " --data {t}/data --out {t}/run"  # training on t/data: the shared dataset, as edited_data changed it
+ON_DATA = TRAIN + " --data {r}/data --out {t}/run"  # training on the shared dataset
 PLAN = "plan.py --episodes 1 --ceiling-episodes 0 --videos 0 --device cpu"
 EVAL = "eval.py --results {t}/r.json --out {t}/m.json --device cpu"
+ONE_FLAG = {  # command: bad flags HOSTILE gives it one at a time, each refused in one line naming that flag
+    TRAIN + " --data {r}/data": "--out '', --out {r}/data",
+    ON_DATA: "--seed -1, --frames -3, --lr-predictor inf, --steps 1e3, --jepa-dim 32, --labels 0, --labels 261",
+    ON_DATA.replace("baseline", "la"): "--labels 10",  # above: a jepa flag on state tokens; 261 = 260 windows + 1
+    "train.py --tokens dinov2 --data {r}/data --out {t}/run": "--dino-size 0",
+    PLAN + " --run {r}/baseline": "--out {r}/baseline/ckpt.pt, --out {r}/data/meta.json",  # over a checkpoint, data
+    PLAN + " --run {r}/baseline --out {t}/r.json": f"--seed {2 ** 40}, --var-scale inf, --pseudocount 0.1, "
+                                                   "--via adapter",  # a pseudocount of codes; it has no adapter
+    PLAN + " --run {r}/vq --out {t}/r.json": "--la-prior standard",
+    "data.py collect --out {t}/c": "--img-size 100000, --episodes 1, --seed -1, --workers 100000",
+    "data.py figure": "--out {r}/baseline/ckpt.pt",
+    "dino.py encode --data {t}/c": "--size 30, --size 0",
+    "eval.py --run {r}/baseline --device cpu": "--out {r}/data/meta.json",
+    "eval.py --run {r}/baseline --out {t}/m.json": "--gap-tasks -1, --plot {r}/baseline/ckpt.pt",
+    "decode.py --run {r}/la --device cpu": "--ensemble 2"}  # an ensemble of adapters, not of decoders
 HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline's root; what the one error line names;
     # a setup(t, r) run first). Each must exit 2 with that one line, no traceback, every file and folder kept.
-    "plan-out-over-a-checkpoint": (PLAN + " --run {r}/baseline --out {r}/baseline/ckpt.pt", ["--out"]),
-    "plan-out-over-a-users-json": (PLAN + " --run {r}/baseline --out {r}/data/meta.json", ["--out"]),
     "plan-ceiling-cache-a-users-file": (PLAN + " --run {r}/baseline --out {t}/r.json --ceiling-episodes 1", ["--out"],
                                         lambda t, r: written(t / "ceiling", "notes")),
-    "train-out-empty": (TRAIN + " --data {r}/data --out ''", ["--out"]),
     "train-data-missing": (TRAIN + " --data {t}/no-data --out {t}/run", ["{t}/no-data"]),
-    "train-out-the-dataset": (TRAIN + " --data {r}/data --out {r}/data", ["--out"]),
     "train-out-a-users-folder": (TRAIN + " --data {r}/data --out {t}/mine", ["--out"],
                                  lambda t, r: written(t / "mine" / "config.json")),
     "policy-out-a-users-folder": ("policy.py train --data {r}/data --steps 1 --out {t}/mine", ["--out"],
                                   lambda t, r: written(t / "mine" / "notes.txt")),
-    "seed-negative": (TRAIN + " --data {r}/data --out {t}/run --seed -1", ["--seed"]),
-    "frames-negative": (TRAIN + " --data {r}/data --out {t}/run --frames -3", ["--frames"]),
-    "gap-tasks-negative": ("eval.py --run {r}/baseline --out {t}/m.json --gap-tasks -1", ["--gap-tasks"]),
-    "seed-huge": (PLAN + " --run {r}/baseline --out {t}/r.json --seed " + str(2 ** 40), ["--seed"]),
-    "lr-inf": (TRAIN + " --data {r}/data --out {t}/run --lr-predictor inf", ["--lr-predictor"]),
-    "var-scale-inf": (PLAN + " --run {r}/baseline --out {t}/r.json --var-scale inf", ["--var-scale"]),
-    "img-size-absurd": ("data.py collect --out {t}/d --img-size 100000", ["--img-size"]),
-    "jepa-flag-on-a-state-run": (TRAIN + " --data {r}/data --out {t}/run --jepa-dim 32", ["--jepa-dim"]),
-    "la-prior-on-vq": (PLAN + " --run {r}/vq --out {t}/r.json --la-prior standard", ["--la-prior"]),
-    "pseudocount-off-codes": (PLAN + " --run {r}/baseline --out {t}/r.json --pseudocount 0.1", ["--pseudocount"]),
     "meta-missing-a-key": (ON_COPY, ["meta.json"], edited_data(lambda d: written(
         d / "meta.json", json.dumps({**jload(d / "meta.json"), "action_std": None})))),
     "meta-not-an-object": (ON_COPY, ["meta.json"], edited_data(lambda d: written(d / "meta.json", "[1, 2]"))),
-    "states-not-finite": (ON_COPY, ["states.npy"], edited_data(edit_val("states.npy", nan_at))),
+    "states-not-finite": (ON_COPY, ["states.npy"], edited_data(edit_val(  # one NaN, at [3, 2] of (F, 7)
+        "states.npy", lambda s: np.put(s, 3 * 7 + 2, np.nan) or s))),
     "arrays-changed-under-meta": (PLAN + " --run {r}/baseline --out {t}/r.json --data {t}/data", ["fingerprint"],
                                   edited_data(edit_val("states.npy", lambda s: s + 1.0))),  # an old meta.json
     **{f"results-{k}": (EVAL, ["--results", "{t}/r.json"], lambda t, r, v=v: written(t / "r.json", v))
@@ -1163,15 +1130,8 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
                     ("protocol-a-list", json.dumps({**RESULTS, "protocol": ["x"]})))},
     "config-json-corrupt": (TRAIN + " --data {r}/data --out {t}/mine", ["config.json"],
                             lambda t, r: written(t / "mine" / "config.json", "{oops")),
-    "labels-zero": (TRAIN + " --data {r}/data --out {t}/run --labels 0", ["--labels"]),
-    "labels-too-many": (TRAIN + " --data {r}/data --out {t}/run --labels 261", ["--labels"]),  # 260 windows + 1
-    "labels-on-la": (TRAIN.replace("baseline", "la") + " --data {r}/data --out {t}/run --labels 10", ["--labels"]),
-    "via-adapter-without-one": (PLAN + " --run {r}/baseline --out {t}/r.json --via adapter", ["--via"]),
-    "ensemble-on-a-decoder": ("decode.py --run {r}/la --ensemble 2 --device cpu", ["--ensemble"]),
     "head-adapter-on-a-baseline": ("decode.py --run {r}/baseline --head adapter --device cpu",
                                    ["--head adapter", "baseline"]),
-    "collect-one-episode": ("data.py collect --out {t}/c --episodes 1", ["--episodes"]),
-    "encode-size-30": ("dino.py encode --data {t}/c --size 30", ["--size"]),
     "train-typed-default-lr-on-a-run": ("train.py --data {r}/data --out {r}/la --lr-predictor 5e-5",
                                         ["--lr-predictor", "{r}/la"]),  # typed, even at its default, and different
     "decode-without-a-run": ("decode.py --run {t}/norun --device cpu", ["{t}/norun/ckpt.pt"]),
@@ -1180,16 +1140,7 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
     "adapter-saved-as-decoder": (PLAN + " --run {t}/la --out {t}/r.json", ["decoder.pt", "adapter"],
                                  lambda t, r: shutil.copy(shutil.copytree(r / "la", t / "la") / "adapter.pt",
                                                           t / "la" / "decoder.pt")),
-    "eval-out-over-a-dataset": ("eval.py --run {r}/baseline --out {r}/data/meta.json --device cpu", ["--out"]),
-    "eval-plot-over-a-checkpoint": ("eval.py --run {r}/baseline --out {t}/m.json --plot {r}/baseline/ckpt.pt",
-                                    ["--plot"]),
-    "figure-over-a-checkpoint": ("data.py figure --out {r}/baseline/ckpt.pt", ["--out"]),
-    "collect-seed-negative": ("data.py collect --out {t}/c --seed -1", ["--seed"]),
-    "collect-workers-absurd": ("data.py collect --out {t}/c --workers 100000", ["--workers"]),
-    "encode-size-0": ("dino.py encode --data {t}/c --size 0", ["--size"]),
-    "idm-dim-0": (TRAIN.replace("baseline", "la") + " --data {r}/data --out {t}/run --idm-dim 0", ["--idm-"]),
-    "dino-size-0": ("train.py --tokens dinov2 --data {r}/data --out {t}/run --dino-size 0", ["--dino-size"]),
-    "steps-not-a-whole-number": (TRAIN + " --data {r}/data --out {t}/run --steps 1e3", ["--steps"]),
+    "idm-dim-0": (ON_DATA.replace("baseline", "la") + " --idm-dim 0", ["--idm-"]),
     "dinov2-weights-of-another-model": ("dino.py check --weights {t}/w.pth", ["{t}/w.pth"],
                                         lambda t, r: torch.save({"cls_token": torch.zeros(1, 1, 768)}, t / "w.pth")),
     "meta-action-std-zero": (ON_COPY, ["action_std"], edited_data(lambda d: written(
@@ -1200,7 +1151,9 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
        for k, (make, file, keep_frames) in BAD_SOURCES.items()},
     **{f"dataset-{k}": ("data.py info {t}/d", [file],
                         lambda t, r, damage=damage: damage(write_dataset(t / "d", [12, 15])))
-       for k, (damage, file) in DAMAGED.items()}}
+       for k, (damage, file) in DAMAGED.items()},
+    **{f"{cmd.split(' --')[0]} {arg}": (f"{cmd} {arg}", [arg.split()[0]]) for cmd, args in ONE_FLAG.items()
+       for arg in args.split(", ")}}
 
 @pytest.mark.parametrize("case", HOSTILE)
 def test_hostile_input_is_refused_in_one_line_and_loses_nothing(pipe, tmp_path, monkeypatch, capsys, case):
@@ -1263,17 +1216,13 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
     """train_flops, encoder_flops = FlopCounterMode's (meta); --dry-run: no dataset, an estimate per stage, config.json,
     a feature mode that does not fit refused; --batch-episodes 0: as many as half the free RAM holds, else the flag."""
     for variant in ("baseline", "la"):
-        with torch.device("meta"):
+        with torch.device("meta"), FlopCounterMode(display=False) as counted:  # building counts no FLOPs
             model = WorldModel(mc := wm.derive(WMConfig(variant=variant, **SMALL), {"img_size": 32}))
-        z, a, p = (torch.zeros(3, 2, *s, device="meta") for s in ((4, 384), (10,), (4,)))
-        with FlopCounterMode(display=False) as counted:
-            model(z, a, p)["loss"].backward()
+            model(*(torch.zeros(3, 2, *s) for s in ((4, 384), (10,), (4,))))["loss"].backward()  # z, a, p
         assert counted.get_total_flops() / 3 == pytest.approx(train.train_flops(mc), rel=1e-2), variant
     for name, size in (("dinov2_vits14", 196), ("dinov2_vitb14_reg", 224)):
-        with torch.device("meta"):
-            vit = dino.DinoVisionTransformer(name)
-        with FlopCounterMode(display=False) as counted, torch.no_grad():
-            vit.forward_features(torch.zeros(2, 3, size, size, device="meta"))
+        with torch.device("meta"), FlopCounterMode(display=False) as counted, torch.no_grad():
+            dino.DinoVisionTransformer(name).forward_features(torch.zeros(2, 3, size, size))
         assert counted.get_total_flops() / 2 == pytest.approx(train.encoder_flops(name, size), rel=2e-2), name
     run, missing = tmp_path / "vq", tmp_path / "not-collected"
     px = WMConfig(variant="vq", tokens="dinov2", **SMALL)  # a pixel run: every refusal below is about its features
@@ -1359,8 +1308,7 @@ def test_policy_train_and_eval_state_tokens(pipe, tmp_path, drawn, algo, goal_st
     assert policy.train(cfg) > 0 and policy.train(cfg) is None
     ck = data.load_pt(folder / "policy.pt", "")  # plain tensors and strings (weights_only)
     assert ck["tokens"] == "state" and ("critic" in ck) == (algo == "iql") and len(drawn) == 6 * 8
-    assert ck["labels"] == (10 if labels > 0 else pipe.windows)
-    assert labels < 0 or len(set(drawn)) == 2  # the chunks drawn
+    assert ck["labels"] == (10 if labels > 0 else pipe.windows) and (labels < 0 or len(set(drawn)) == 2)  # chunks drawn
     for protocol, n in (("open-loop", 3), ("mpc", 2)):
         res = policy_eval(folder, out := tmp_path / f"{folder.name}-{protocol}.json", episodes=n, protocol=protocol)
         r = jload(out)
@@ -1420,9 +1368,8 @@ def test_jepa_runs_train_plan_and_refuse_a_collapsed_encoder(tmp_path):
     collect(root := tmp_path / "data", episodes=12, steps=40, img_size=32, seed=0, val_fraction=0.1)
     assert train.main(small_train(root, tmp_path / "run", steps=4, eval_every=4, val_batches=2, log_every=2),
                       WMConfig(**jepa, jepa_idm=1.0)).encoder is not None
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert any("reg_loss" in r and "idm_loss" in r for r in rows)
-    assert any("token_std_median" in r and "probe_agent" in r for r in rows)
+    rows = [json.loads(line).keys() for line in open(tmp_path / "run" / "log.jsonl")]
+    assert all(any(k <= r for r in rows) for k in ({"reg_loss", "idm_loss"}, {"token_std_median", "probe_agent"}))
     res = plan.main(small_plan(run := tmp_path / "run", tmp_path / "res.json", allow_collapsed=True))
     assert res["tokens"] == "jepa" and "token_std_median" in res["token_stats"]
     metrics, _ = evaluate.main(evaluate.EvalConfig(run=[str(run)], out=str(tmp_path / "m.json"), windows=16,
@@ -1456,8 +1403,7 @@ def test_method_decoded_latents_replay_the_recording_adapter_imagines_it_la_plan
     for head in ("decoder", "adapter"):  # a small la run on state tokens, its decoder and adapter: ~30 s on one core
         decode.main(DecodeConfig(run=str(la_run), head=head, pairs=8000, val_pairs=1000))
     model, ckpt, root = wm.load_run(la_run)
-    decoder, adapter, stats = (*(decode.load_head(la_run, ckpt, "cpu", h)[0] for h in ("decoder", "adapter")),
-                               ckpt["stats"])
+    decoder, adapter = (decode.load_head(la_run, ckpt, "cpu", h)[0] for h in ("decoder", "adapter"))
     tasks, split = plan.make_tasks(root, "val", "open-loop", 60, 0, 64), data.load_split(root, "val")
     g = split["starts"][tasks["episode"]] + tasks["step"]  # (n,) global start frames
     z = dino.state_tokens(split["states"][g[:, None] + 5 * np.arange(6)])  # (n, 6, 1, 12) recorded macro steps
@@ -1465,25 +1411,19 @@ def test_method_decoded_latents_replay_the_recording_adapter_imagines_it_la_plan
         pairs = torch.stack([z[:, :-1], z[:, 1:]], 2).flatten(0, 1)  # (n*5, 2, 1, 12)
         latents = model.conditioning(pairs)["latent"][:, 0].view(len(g), 5, -1)  # (n, 5, L)
         a = plan.decode_plan(model, decoder, z[:, 0], latents)  # (n, 5, A)
-    start, final = [], []
-    for s0, goal, act in zip(tasks["start_state"], tasks["goal_state"],
-                             data.macro_to_env(a.numpy(), stats["action_mean"], stats["action_std"])):  # (n, 25, 2)
-        (env := PushT()).place(s0)
-        start.append(plan.distances(goal, env.get_state())[0]), rollout(env, act)
-        final.append(plan.distances(goal, env.get_state())[0])
-    assert np.mean(final) < 0.6 * np.mean(start), (np.mean(final), np.mean(start))
+    px = data.macro_to_env(a.numpy(), (stats := ckpt["stats"])["action_mean"], stats["action_std"])  # (n, 25, 2)
+    start, final = (plan.distances(tasks["goal_state"], np.stack([PushT().replay(s, x) for s, x in zip(
+        tasks["start_state"], acts)]))[0] for acts in (px[:, :0], px))  # (n,) px from the goal, before and after
+    assert final.mean() < 0.6 * start.mean(), (final.mean(), start.mean())
     z0, zg = (dino.state_tokens(tasks[k]) for k in ("start_state", "goal_state"))  # (n, 1, 12); a (n, 5, A): recorded
     a = data.env_to_macro(torch.tensor(tasks["actions"]).float(), stats["action_mean"], stats["action_std"])
     with torch.no_grad():
         true, mean = (plan.rollout_cost(model, z0, zg, x[:, None], adapter=adapter)[:, 0] for x in (a, 0 * a))  # (n,)
     start = (z0 - zg).square().mean((-1, -2))  # (n,); measured 0.064 against 0.29 and 0.33; next-step pairing: 0.138
     assert true.mean() < 0.35 * min(start.mean(), mean.mean()), (true.mean(), mean.mean(), start.mean())
-    seen, cem_gaussian = [], plan.cem_gaussian
-
-    def spy(cost_fn, mu, sigma, *args, **kw):
-        seen.append((mu[0, 0].clone(), sigma[0, 0].clone()))
-        return cem_gaussian(cost_fn, mu, sigma, *args, **kw)
-    monkeypatch.setattr(plan, "cem_gaussian", spy)
+    seen, cem_gaussian = [], plan.cem_gaussian  # each call's start mean and std (episode 0, step 0)
+    monkeypatch.setattr(plan, "cem_gaussian", lambda cost_fn, mu, sigma, *args, **kw: seen.append(
+        (mu[0, 0].clone(), sigma[0, 0].clone())) or cem_gaussian(cost_fn, mu, sigma, *args, **kw))
     plan.main(plan.PlanConfig(run=str(la_run), out=str(tmp_path / "r.json"), episodes=2, num_samples=16, topk=4,
                               opt_steps=1, ceiling_episodes=0, videos=0))
     mean, std = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])
@@ -1536,8 +1476,7 @@ def test_gpu_compiled_world_model_matches_eager(monkeypatch):
     for (name, w), w2 in zip(eager.named_parameters(), compiled.parameters()):
         close(w2.grad, w.grad, rtol=1e-3, atol=1e-5, msg=name)
     eager.eval(), compiled.eval()
-    z0, zg = torch.randn(2, 2, 4, 16, device="cuda")  # (E, P, D) start and goal tokens
-    p0, pg = torch.randn(2, 2, 4, device="cuda")  # (E, 4) start and goal proprio
+    (z0, zg), _, (p0, pg) = (t.cuda() for t in batch(B=2, seed=1))  # start and goal: tokens (E, P, D), proprio (E, 4)
     codes = torch.randint(4, (2, 16, 5), device="cuda")  # (E, N, H) plans of code indices
     with torch.no_grad():
         pg, cond = eager.embed_proprio(pg), eager.plan_to_cond(codes[:, 0])  # (E, proprio_dim), (E, H, C)
