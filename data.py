@@ -594,8 +594,9 @@ class WindowDataset(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
 
-def label_subset(n, labels, seed):
+def label_subset(n, labels, seed, batch=1):
     """The sorted subset, fixed by seed and count, of `labels` of n labelled windows a labels-only run trains on."""
+    require(batch <= n, f"--batch-size {batch}: more than the {n} windows of the train split; lower it")
     if labels < 0:
         return np.arange(n)
     require(1 <= labels <= n, f"--labels {labels}: the train split has {n} labelled windows; choose 1..{n} or -1 (all)")

@@ -72,12 +72,9 @@ class CheckConfig:
 # Shapes: B batch, S image side (px), P patches = (size/14)^2, D width, R register tokens (0 or 4), N = 1 + R + P.
 PATCH = 14  # patch side in px (all DINOv2 hub models)
 GRID = 37  # side of the stored positional grid: the hub builds every model at img_size 518 = 37 * 14
-ARCHS = {  # name -> (width D, depth, heads of 64 dims, FFN); dinov2/hub/backbones.py
-    "dinov2_vits14": (384, 12, 6, "mlp"),
-    "dinov2_vitb14": (768, 12, 12, "mlp"),
-    "dinov2_vitl14": (1024, 24, 16, "mlp"),
-    "dinov2_vitg14": (1536, 40, 24, "swiglu"),
-}
+# name -> (width D, depth, heads of 64 dims, FFN); dinov2/hub/backbones.py
+ARCHS = {"dinov2_vits14": (384, 12, 6, "mlp"), "dinov2_vitb14": (768, 12, 12, "mlp"),
+         "dinov2_vitl14": (1024, 24, 16, "mlp"), "dinov2_vitg14": (1536, 40, 24, "swiglu")}
 DISK_RESERVE = 2 ** 30  # bytes a feature cache leaves free for checkpoints, logs and other writers
 STORE_SPARE = 8 * 2 ** 30  # bytes the in-memory store leaves free for training (the seed's la step peaks near 10 GB)
 

@@ -1095,7 +1095,8 @@ PLAN = "plan.py --episodes 1 --ceiling-episodes 0 --videos 0 --device cpu"
 EVAL = "eval.py --results {t}/r.json --out {t}/m.json --device cpu"
 ONE_FLAG = {  # command: bad flags HOSTILE gives it one at a time, each refused in one line naming that flag
     TRAIN + " --data {r}/data": "--out '', --out {r}/data",
-    ON_DATA: "--seed -1, --frames -3, --lr-predictor inf, --steps 1e3, --jepa-dim 32, --labels 0, --labels 261",
+    ON_DATA: "--seed -1, --frames -3, --lr-predictor inf, --steps 1e3, --jepa-dim 32, --labels 0, --labels 261, "
+             "--batch-size 100000",
     ON_DATA.replace("baseline", "la"): "--labels 10",  # above: a jepa flag on state tokens; 261 = 260 windows + 1
     "train.py --tokens dinov2 --data {r}/data --out {t}/run": "--dino-size 0",
     PLAN + " --run {r}/baseline": "--out {r}/baseline/ckpt.pt, --out {r}/data/meta.json",  # over a checkpoint, data
@@ -1107,7 +1108,8 @@ ONE_FLAG = {  # command: bad flags HOSTILE gives it one at a time, each refused 
     "dino.py encode --data {t}/c": "--size 30, --size 0",
     "eval.py --run {r}/baseline --device cpu": "--out {r}/data/meta.json",
     "eval.py --run {r}/baseline --out {t}/m.json": "--gap-tasks -1, --plot {r}/baseline/ckpt.pt",
-    "decode.py --run {r}/la --device cpu": "--ensemble 2"}  # an ensemble of adapters, not of decoders
+    "decode.py --run {r}/la --device cpu": "--ensemble 2",
+    "policy.py train --data {r}/data --steps 1 --out {t}/p": "--batch-size 100000"}  # an ensemble of adapters, not of decoders
 HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline's root; what the one error line names;
     # a setup(t, r) run first). Each must exit 2 with that one line, no traceback, every file and folder kept.
     "plan-ceiling-cache-a-users-file": (PLAN + " --run {r}/baseline --out {t}/r.json --ceiling-episodes 1", ["--out"],

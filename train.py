@@ -358,7 +358,7 @@ def main(cfg: TrainConfig, mc: WMConfig = None, given=None):
         start = ckpt["step"] if ckpt else 0
         ds = {s: dino.windows(mc, cfg.data, s, mc.num_hist + 1, cfg.dino_weights, cfg.features, device, ctx)
               for s in ("train", "val")}
-        subset = data.label_subset(len(ds["train"]), cfg.labels, cfg.seed)  # (N,) window indices
+        subset = data.label_subset(len(ds["train"]), cfg.labels, cfg.seed, cfg.batch_size)  # (N,) window indices
         gen = torch.Generator().manual_seed(cfg.seed)  # endless: a fresh seeded permutation per epoch (DINO-WM: once)
         order = (int(subset[i]) for _ in itertools.count() for i in torch.randperm(len(subset), generator=gen).tolist())
         order = itertools.islice(order, start * cfg.batch_size * world + rank, None, world)  # resumed; rank r's share
