@@ -98,8 +98,9 @@ def draw_codes(steps_px, usage, title, cols=8, cell=150):
 class ActionDecoder(nn.Module):
     """(P_t, z) -> normalised macro action: the seed's MacroActionDecoderStd as its README runs it (no Delta input)."""
 
-    def __init__(self, visual_dim=384, latent_dim=32, action_dim=10):
+    def __init__(self, visual_dim=384, latent_dim=32, action_dim=10, norm=True):
         super().__init__()
+        self.norm = norm  # the seed's LayerNorm of the pooled token; the adapter standardises its tokens instead
         # One learned query pools the 196 patch tokens into one state vector (seed: randn * 0.02).
         self.query = nn.Parameter(torch.randn(visual_dim) * 0.02)
         self.proj_e = nn.Sequential(nn.Linear(visual_dim, HID), nn.GELU(), nn.Linear(HID, FEAT))
@@ -117,7 +118,7 @@ class ActionDecoder(nn.Module):
         """p_t (B, P, D), z (B, L) -> (B, A)."""
         e = self.pool(p_t)  # (B, D)
         # LayerNorm without affine parameters before the projection (seed: F.layer_norm(e, [D])).
-        f_e = self.proj_e(F.layer_norm(e, e.shape[-1:]))  # (B, FEAT)
+        f_e = self.proj_e(F.layer_norm(e, e.shape[-1:]) if self.norm else e)  # (B, FEAT)
         return self.head(torch.cat([f_e, self.d_const.expand(len(e), -1), z], -1))  # (B, A)
 
 
@@ -125,17 +126,23 @@ class ActionAdapter(nn.Module):
     """g(P_t, a_t) -> the conditioning a label-free predictor saw: the planner searches real actions and imagines each
     step through g, so it cannot leave the latents the IDM produces, and its plan needs no decoder. The decoder's net
     with latent and action swapped; la regresses the z-scored latent, vq classifies the code. An ensemble averages
-    its nets' outputs: the planner searches for the errors of one net, and independent errors partly cancel."""
+    its nets' outputs: the planner searches for the errors of one net, and independent errors partly cancel. Tokens
+    are standardised per channel, not layer-normed: a LayerNorm drops a token's mean and scale, which for a 12-number
+    state token are where the agent and the T are (10k labels: val MSE 0.023 -> 0.016, planning 0.54 -> 0.64)."""
 
     def __init__(self, visual_dim=384, action_dim=10, cond_dim=32, num_codes=0, ensemble=1):
         super().__init__()
-        self.nets = nn.ModuleList(ActionDecoder(visual_dim, action_dim, num_codes or cond_dim) for _ in range(ensemble))
+        self.nets = nn.ModuleList(ActionDecoder(visual_dim, action_dim, num_codes or cond_dim, norm=False)
+                                  for _ in range(ensemble))
+        self.register_buffer("token_mean", torch.zeros(visual_dim))  # (D,) of the fitting pairs' tokens (decode.py)
+        self.register_buffer("token_std", torch.ones(visual_dim))  # (D,)
         self.register_buffer("mean", torch.zeros(cond_dim))  # (C,) la: the IDM's latent statistics (train.py)
         self.register_buffer("std", torch.ones(cond_dim))  # (C,)
         self.register_buffer("codebook", torch.zeros(num_codes, cond_dim))  # (K, C) vq: the world model's codes
 
     def raw(self, p, a):
         """The nets' mean output: (B, C) z-scored latent, or (B, K) code logits."""
+        p = (p - self.token_mean) / self.token_std  # (B, P, D)
         return torch.stack([net(p, a) for net in self.nets]).mean(0)
 
     def forward(self, p, a):
@@ -159,7 +166,7 @@ def load_head(run, ckpt, device, head="decoder"):
     require(kind == head, f"{path} holds the {kind}, not the {head}; refit it with {command}")
     arch = dict(saved["config"]["arch"])  # a decoder of an earlier version may name the removed Delta branch
     require(not arch.pop("use_delta", False), f"{path} feeds the removed Delta branch (--use-delta); refit it")
-    require(head == "decoder" or "ensemble" in arch, f"{path} was written by an earlier decode.py; refit it")
+    require(head == "decoder" or "token_std" in saved["model"], f"{path} was written by an earlier decode.py; refit it")
     module = cls(**arch).to(device)
     module.load_state_dict(saved["model"])
     return module.eval(), saved["report"]
@@ -272,6 +279,8 @@ def main(cfg: DecodeConfig):
             arch = dict(visual_dim=mc.visual_dim, action_dim=mc.action_dim, cond_dim=mc.cond_dim,
                         num_codes=mc.num_codes if mc.variant == "vq" else 0, ensemble=cfg.ensemble)
             head = ActionAdapter(**arch).to(device)
+            tokens = train["p"][:1000].float().flatten(0, 1)  # (1000 P, D) of the random train pairs
+            head.token_mean.copy_(tokens.mean(0)), head.token_std.copy_(tokens.std(0).clamp_min(1e-6))
             if mc.variant == "vq":
                 head.codebook.copy_(model.quantizer.embedding)
                 loss_fn = score = lambda out, b: F.cross_entropy(out, b["codes"])  # noqa: E731  the IDM's code
@@ -280,7 +289,7 @@ def main(cfg: DecodeConfig):
                 for pairs in (train, val):  # the target: the IDM's latent, z-scored with the run's statistics
                     pairs["zn"] = (pairs["z"] - head.mean.cpu()) / head.std.cpu()  # (N, C)
                 loss_fn = score = lambda out, b: (out - b["zn"]).pow(2).mean()  # noqa: E731
-            nets, fwd = head.nets, lambda net, b: net(b["p"], b["y"])  # noqa: E731
+            nets, fwd = head.nets, lambda net, b: net((b["p"] - head.token_mean) / head.token_std, b["y"])  # noqa: E731
 
         # --- fit each net (an ensemble: the same pairs, its own init and order), early stopping on the val score
         t0 = time.time()

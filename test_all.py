@@ -826,11 +826,14 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     assert tree(root) == before and tree(tmp_path) == ["la", "la/ckpt.pt", "r", "r/ckpt.pt"]
     assert len(decode.main(tiny_decode(bare, head="adapter", ensemble=3))["members_val"]) == 3  # planning: their mean
     head, (p, y) = decode.load_head(bare, ckpt, CPU, "adapter")[0], (torch.randn(5, 1, 12), torch.randn(5, 10))
-    members = torch.stack([net(p, y) for net in head.nets])  # (3, N, L) z-scored
+    q = (p - head.token_mean) / head.token_std  # the tokens standardised with the fitting pairs' statistics
+    members = torch.stack([net(q, y) for net in head.nets])  # (3, N, L) z-scored
     close(head(p, y), head.mean + head.std * members.mean(0))
+    assert (head.token_std != 1).all() and not torch.allclose(head.nets[0](2 * q, y), members[0])  # no LayerNorm
     assert not torch.equal(members[0], members[1])  # each net: its own init and order
-    saved = tload(bare / "adapter.pt")  # one of an earlier version (a single net, no "ensemble" in its arch)
-    saved["config"]["arch"].pop("ensemble"), torch.save(saved, bare / "adapter.pt")
+    saved = tload(bare / "adapter.pt")  # one of an earlier version, whose nets layer-normed the tokens
+    del saved["model"]["token_mean"], saved["model"]["token_std"]
+    torch.save(saved, bare / "adapter.pt")
     user_error(decode.load_head, bare, ckpt, CPU, "adapter", names=["adapter.pt", "refit"])
 
 # ---- plan.py: planners on known costs and their update rules, batched = separate, rollout_cost, tasks, end to end ----
