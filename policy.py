@@ -201,8 +201,7 @@ def train(cfg: TrainConfig):
                                          device, ctx) for s in ("train", "val"))
         end, val_end = episode_ends(cfg.data, "train"), episode_ends(cfg.data, "val")
         gen = torch.Generator().manual_seed(cfg.seed)
-        subset = data.label_subset(len(ds), cfg.labels // H if cfg.labels > 0 else -1, cfg.seed,  # (N,) its chunks
-                                   cfg.batch_size)
+        subset = data.label_subset(len(ds), cfg.labels // H if cfg.labels > 0 else -1, cfg.seed, cfg.batch_size)
         labels = H * len(subset) if cfg.labels > 0 else len(data.WindowDataset(cfg.data, "train", 2, mc.frameskip))
         order = (int(subset[i]) for _ in itertools.count() for i in torch.randperm(len(subset), generator=gen).tolist())
         it = iter(data.loader(ds, cfg.batch_size, order, 0, device, drop_last=True))  # a NumPy gather per batch

@@ -94,13 +94,6 @@ def frame_causal_mask(num_patches, num_frames):
     return frame[None, :] <= frame[:, None]  # (T*P, T*P), True = may attend
 
 
-def sinusoidal(n, dim):
-    """Fixed 1-D sin/cos table, sin on even and cos on odd channels, base 10000 (AdaWorld). -> (n, dim)"""
-    pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
-    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
-    return torch.stack([torch.sin(pos * div), torch.cos(pos * div)], -1).flatten(1)  # (n, dim), interleaved
-
-
 def rotary(x, theta=10000.0):
     """Rotary position embedding over the sequence axis, interleaved pairs as rotary-embedding-torch. (..., S, d)"""
     S, d = x.shape[-2:]
@@ -209,7 +202,10 @@ class IDM(nn.Module):
         super().__init__()
         self.action_prompt = nn.Parameter(torch.empty(1, 1, 1, in_dim).uniform_(-1, 1))  # (1, 1, 1, D), AdaWorld
         self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim), nn.LayerNorm(dim))
-        self.register_buffer("pos", sinusoidal(num_patches + 1, dim), persistent=False)  # (P+1, dim), spatial only
+        # fixed spatial positions: a 1-D sin/cos table, sin on even and cos on odd channels, base 10000 (AdaWorld)
+        angle = torch.arange(num_patches + 1, dtype=torch.float32)[:, None] * torch.exp(
+            torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (P+1, dim/2)
+        self.register_buffer("pos", torch.stack([angle.sin(), angle.cos()], -1).flatten(1), persistent=False)
         self.blocks = nn.ModuleList(IDMBlock(dim, heads, mlp_dim) for _ in range(depth))
         self.head = nn.Linear(dim, dim)  # output head; no final norm (AdaWorld)
 
