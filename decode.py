@@ -137,10 +137,10 @@ class ActionAdapter(nn.Module):
         self.register_buffer("std", torch.ones(cond_dim))  # (C,)
         self.register_buffer("codebook", torch.zeros(num_codes, cond_dim))  # (K, C) vq: the world model's codes
 
-    def raw(self, p, a):
-        """The nets' mean output: (B, C) z-scored latent, or (B, K) code logits."""
+    def raw(self, p, a, nets=None):
+        """The nets' (or a subset's) mean output: (B, C) z-scored latent, or (B, K) code logits."""
         p = (p - self.token_mean) / self.token_std  # (B, P, D)
-        return torch.stack([net(p, a) for net in self.nets]).mean(0)
+        return torch.stack([net(p, a) for net in nets or self.nets]).mean(0)
 
     def forward(self, p, a):
         """p (B, P, D) tokens, a (B, A) normalised macro action -> (B, C): la the latent, vq its likeliest code."""
@@ -286,7 +286,7 @@ def main(cfg: DecodeConfig):
                 for pairs in (train, val):  # the target: the IDM's latent, z-scored with the run's statistics
                     pairs["zn"] = (pairs["z"] - head.mean.cpu()) / head.std.cpu()  # (N, C)
                 loss_fn = score = lambda out, b: (out - b["zn"]).pow(2).mean()  # noqa: E731
-            nets, fwd = head.nets, lambda net, b: net((b["p"] - head.token_mean) / head.token_std, b["y"])  # noqa: E731
+            nets, fwd = head.nets, lambda net, b: head.raw(b["p"], b["y"], [net])  # noqa: E731
 
         # --- fit each net (an ensemble: the same pairs, its own init and order), early stopping on the val score
         t0 = time.time()

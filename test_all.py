@@ -1111,8 +1111,8 @@ ONE_FLAG = {  # command: bad flags HOSTILE gives it one at a time, each refused 
     "dino.py encode --data {t}/c": "--size 30, --size 0",
     "eval.py --run {r}/baseline --device cpu": "--out {r}/data/meta.json",
     "eval.py --run {r}/baseline --out {t}/m.json": "--gap-tasks -1, --plot {r}/baseline/ckpt.pt",
-    "decode.py --run {r}/la --device cpu": "--ensemble 2",
-    "policy.py train --data {r}/data --steps 1 --out {t}/p": "--batch-size 100000"}  # an ensemble of adapters, not of decoders
+    "decode.py --run {r}/la --device cpu": "--ensemble 2",  # an ensemble of adapters, not of decoders
+    "policy.py train --data {r}/data --steps 1 --out {t}/p": "--batch-size 100000"}
 HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline's root; what the one error line names;
     # a setup(t, r) run first). Each must exit 2 with that one line, no traceback, every file and folder kept.
     "plan-ceiling-cache-a-users-file": (PLAN + " --run {r}/baseline --out {t}/r.json --ceiling-episodes 1", ["--out"],
