@@ -38,6 +38,8 @@ class DecodeConfig:
     pairs: int = 100_000  # label budget: labelled train transitions the decoder may use (seed: 100,000)
     val_pairs: int = 10_000  # labelled val transitions for early stopping and the report (seed: 10,000)
     ensemble: int = 1  # adapters fitted on the same pairs (own init and order) and averaged: less error to exploit
+    unlabelled: int = 0  # adapter: train windows beyond the pairs it also fits on, their actions inferred by an inverse
+    # model fitted on the pairs (pseudo-labels, as VPT: Baker et al. 2022); -1 = every other train window
     batch_size: int = 256  # decoder training batch (seed train_action_decoder.py)
     lr: float = 1e-3  # AdamW learning rate (seed)
     max_epochs: int = 200  # epoch cap (seed)
@@ -54,8 +56,9 @@ class DecodeConfig:
         require(min(self.pairs, self.val_pairs, self.batch_size, self.max_epochs, self.patience, self.code_states,
                     self.ensemble) >= 1, "--pairs, --val-pairs, --batch-size, --max-epochs, --patience, --code-states "
                 "and --ensemble must be >= 1")
-        data.unused(self, ("ensemble",) if self.head == "decoder" else (), "--head decoder")
-        require(self.lr > 0 and self.workers >= -1, "--lr must be > 0; --workers >= -1")
+        data.unused(self, ("ensemble", "unlabelled") if self.head == "decoder" else (), "--head decoder")
+        require(self.lr > 0 and min(self.workers, self.unlabelled) >= -1, "--lr must be > 0; --workers and "
+                "--unlabelled >= -1")
 
 
 # Shapes: B batch, N pairs, P tokens/frame, D token width, L/C latent width, A macro action (10), F frameskip, K codes.
@@ -170,14 +173,15 @@ def load_head(run, ckpt, device, head="decoder"):
 
 
 @torch.no_grad()
-def build_pairs(model, ds, n, input_of, cfg, ctx, device, generator, store):
+def build_pairs(model, ds, n, input_of, cfg, ctx, device, generator, store, unlabelled=0):
     """Label n random windows of ds with the frozen world model -> dict of tensors: p (N, P, D) fp16 real tokens of
     frame t, on `store`; z (N, C) the conditioning the predictor saw (pre-VQ latent for la, codebook vector for vq);
-    y (N, A) the true normalised macro action between frame t and t+5; codes (N,) for vq. z, y, codes on the CPU."""
+    y (N, A) the true normalised macro action between frame t and t+5 (NaN in the last `unlabelled` rows: their
+    labels stay unread); dp (N, D) the patch-mean token change P_t+5 - P_t; codes (N,) for vq. All but p on the CPU."""
     idx = torch.randperm(len(ds), generator=generator)[:n].tolist()
     loader = data.loader(ds, 64, idx, cfg.workers, device)  # 64 windows per world-model batch
     p = torch.empty(len(idx), model.cfg.num_patches, model.cfg.visual_dim, dtype=torch.float16, device=store)
-    rows, i, t0 = {"z": [], "y": [], "codes": []}, 0, time.time()
+    rows, i, t0 = {"z": [], "y": [], "dp": [], "codes": []}, 0, time.time()
     for batch in tqdm(loader, desc="labelling pairs", leave=False, disable=None):
         with ctx:
             v = model.encode(input_of(batch))  # (B, 2, P, D)
@@ -185,10 +189,13 @@ def build_pairs(model, ds, n, input_of, cfg, ctx, device, generator, store):
         p[i:i + len(v)] = v[:, 0].to(store)  # (B, P, D) fp16
         rows["z"].append(c["cond"][:, 0].float().cpu())  # (B, C) a_0, the real transition (the seed's shift convention)
         rows["y"].append(batch["action"][:, 0].float())  # (B, A) row 0: the actions between frame 0 and frame 1
+        rows["dp"].append((v[:, 1] - v[:, 0]).float().mean(1).cpu())  # (B, D)
         rows["codes"] += [c["codes"][:, 0].cpu()] if "codes" in c else []  # (B,)
         i += len(v)
     print(f"labelled {i} pairs in {time.time() - t0:.1f} s ({i / (time.time() - t0 + 1e-9):.0f} pairs/s)")
-    return {"p": p, **{k: torch.cat(v) for k, v in rows.items() if v}}
+    pairs = {"p": p, **{k: torch.cat(v) for k, v in rows.items() if v}}
+    pairs["y"][len(idx) - unlabelled:] = math.nan  # (N, A) the unlabelled windows' actions: never used
+    return pairs
 
 
 def take(pairs, idx, device):
@@ -250,28 +257,29 @@ def main(cfg: DecodeConfig):
         input_of = dino.make_input(mc, device, weights)
         ds = {s: dino.windows(mc, root, s, 2, weights) for s in ("train", "val")}
         n_train, n_val = min(cfg.pairs, len(ds["train"])), min(cfg.val_pairs, len(ds["val"]))
+        n_unl = len(ds["train"]) - n_train if cfg.unlabelled < 0 else min(cfg.unlabelled, len(ds["train"]) - n_train)
         # The token store (150 KB per pair at P 196, D 384 in fp16: 16.5 GB for the seed's 110k pairs) stays on the
         # GPU when it takes under half of the free memory, which saves a host gather and copy per batch.
-        need = (n_train + n_val) * mc.num_patches * mc.visual_dim * 2
+        need = (n_train + n_unl + n_val) * mc.num_patches * mc.visual_dim * 2
         fits = device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0]
         store = device if fits else torch.device("cpu")
         print(f"pair token store: {need / 1e9:.3f} GB on {store}")
-        train = build_pairs(model, ds["train"], n_train, input_of, cfg, ctx, device, gen, store)
+        train = build_pairs(model, ds["train"], n_train + n_unl, input_of, cfg, ctx, device, gen, store, n_unl)
         val = build_pairs(model, ds["val"], n_val, input_of, cfg, ctx, device, gen, store)
         # Every labelled transition counts, the val pairs of early stopping too: that is what the head cost in labels.
-        budget = {"train_pairs": len(train["y"]), "val_pairs": len(val["y"]), "requested_train_pairs": cfg.pairs,
-                  "labels": len(train["y"]) + len(val["y"])}
+        budget = {"train_pairs": n_train, "val_pairs": len(val["y"]), "requested_train_pairs": cfg.pairs,
+                  "labels": n_train + len(val["y"]), "unlabelled": n_unl}
         print(f"label budget: {budget['labels']} labelled transitions ({budget['train_pairs']} train + "
               f"{budget['val_pairs']} val)")
 
         # --- model and objective. decoder: Huber on normalised actions, val RMSE (seed); la adapter: MSE on the
         # z-scored latent; vq adapter: cross-entropy over the codes. fwd(net, batch) -> out; loss(out, batch) -> ()
+        huber = lambda out, b: F.smooth_l1_loss(out, b["y"])  # noqa: E731
+        rmse = lambda out, b: (out - b["y"]).pow(2).mean().sqrt()  # noqa: E731  val RMSE
         if cfg.head == "decoder":
             arch = dict(visual_dim=mc.visual_dim, latent_dim=mc.cond_dim, action_dim=mc.action_dim)
             head = ActionDecoder(**arch).to(device)
-            nets, fwd = [head], lambda net, b: net(b["p"], b["z"])  # noqa: E731
-            loss_fn = lambda out, b: F.smooth_l1_loss(out, b["y"])  # noqa: E731
-            score = lambda out, b: (out - b["y"]).pow(2).mean().sqrt()  # noqa: E731  val RMSE
+            nets, fwd, loss_fn, score = [head], lambda net, b: net(b["p"], b["z"]), huber, rmse  # noqa: E731
         else:
             arch = dict(visual_dim=mc.visual_dim, action_dim=mc.action_dim, cond_dim=mc.cond_dim,
                         num_codes=mc.num_codes if mc.variant == "vq" else 0, ensemble=cfg.ensemble)
@@ -287,6 +295,17 @@ def main(cfg: DecodeConfig):
                     pairs["zn"] = (pairs["z"] - head.mean.cpu()) / head.std.cpu()  # (N, C)
                 loss_fn = score = lambda out, b: (out - b["zn"]).pow(2).mean()  # noqa: E731
             nets, fwd = head.nets, lambda net, b: head.raw(b["p"], b["y"], [net])  # noqa: E731
+        if n_unl:  # pseudo-labels: an inverse model, the decoder's net with the standardised token change as its
+            # latent, fitted on the labelled pairs as a decoder is, infers the actions of the unlabelled windows
+            dp = train["dp"][:n_train]
+            dp_mean, dp_std = dp.mean(0).to(device), dp.std(0).clamp_min(1e-6).to(device)  # (D,)
+            inverse = ActionDecoder(mc.visual_dim, mc.visual_dim, mc.action_dim, norm=False).to(device)
+            inverse_fwd = lambda net, b: net((b["p"] - head.token_mean) / head.token_std,  # noqa: E731
+                                             (b["dp"] - dp_mean) / dp_std)
+            fit(inverse, {k: v[:n_train] for k, v in train.items()}, val, cfg, device, gen, inverse_fwd, huber, rmse)
+            train["y"][n_train:] = predict(inverse, {k: v[n_train:] for k, v in train.items()}, device, inverse_fwd)
+            inverse_rmse = rmse(predict(inverse, val, device, inverse_fwd), val).item()
+            print(f"inverse model: val RMSE {inverse_rmse:.4f} (normalised actions); it labelled {n_unl} windows")
 
         # --- fit each net (an ensemble: the same pairs, its own init and order), early stopping on the val score
         t0 = time.time()
@@ -298,7 +317,7 @@ def main(cfg: DecodeConfig):
                   "labels": budget["labels"], "epochs": len(history),
                   "best_epoch": min(history, key=lambda h: h["val"])["epoch"], "val": score(out, val).item(),
                   "members_val": [min(h["val"] for h in hs) for hs in histories], "train_seconds": time.time() - t0,
-                  "history": history}
+                  "history": history, **({"inverse_val_rmse": inverse_rmse} if n_unl else {})}
         if cfg.head == "decoder":  # val RMSE (normalised; px per env step, overall and per axis) and R^2 per dim
             err_px, r2 = macro_px(out, stats) - macro_px(val["y"], stats), wm.r2(out, val["y"])  # (N, F, 2), (A,)
             report.update(val_rmse_norm=report["val"], val_rmse_px=err_px.pow(2).mean().sqrt().item(),

@@ -75,7 +75,9 @@ background() {  # background NAME COMMAND...: a stage on one core, its output in
 join() { for p in "${pids[@]}"; do wait "$p"; done; pids=(); }  # a failed stage fails the script here
 
 # State tokens: one 12-number token per frame from the simulator state (wm.state_tokens), a small predictor and IDM.
-ADAPTER=(--head adapter --ensemble 5)  # 5 adapters averaged: the planner finds fewer errors to exploit
+# 5 adapters averaged (the planner finds fewer errors to exploit), fitted on every train window: the unlabelled ones
+# pseudo-labelled by an inverse model fitted on the same labelled pairs (decode.py --unlabelled)
+ADAPTER=(--head adapter --ensemble 5 --unlabelled -1)
 STATE_MODEL=(--tokens state --depth 4 --heads 4 --dim-head 32 --mlp-dim 512 --dropout 0 --idm-depth 2 --idm-heads 4
              --idm-dim 64 --idm-mlp-dim 128 --batch-size 256 --lr-predictor 1e-3 --lr-action 1e-3 --lr-idm 1e-3
              --schedule cosine --val-batches 8 --stats-batches 20 --log-every 500 --eval-every 2000)

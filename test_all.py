@@ -813,6 +813,9 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     pairs = decode.build_pairs(model, ds, 16, dino.make_input(model.cfg, CPU), tiny_decode(run),
                                contextlib.nullcontext(), CPU, gen(0), CPU)
     close(pairs["z"], E[pairs["codes"]])  # straight-through: z_e + (z_q - z_e) = z_q, what planning feeds
+    part = decode.build_pairs(model, ds, 16, dino.make_input(model.cfg, CPU), tiny_decode(run),
+                              contextlib.nullcontext(), CPU, gen(0), CPU, 6)  # the last 6 pairs unlabelled
+    aeq(part["y"][:10], pairs["y"][:10]), aeq(part["dp"], pairs["dp"]), aeq(part["y"][10:].isnan(), True)
     out = decode.load_head(run, ckpt, CPU, "adapter")[0](pairs["p"].float(), pairs["y"])  # (N, L)
     assert torch.equal(out, E[(out[:, None] - E).abs().sum(-1).argmin(1)])  # the adapter's output is a code
     r, bare = tmp_path / "r", tmp_path / "la"  # a checkpoint whose dataset changed since training
@@ -824,7 +827,9 @@ def test_decode_reports_accuracy_and_what_each_vq_code_does_with_heads_tied_to_t
     for run, via, names in ((bare, "adapter", ["adapter.pt"]), (root / "la", "actions", ["--via"])):
         user_error(plan.main, tiny_plan(run, tmp_path / "r.json", via=via), names=names)
     assert tree(root) == before and tree(tmp_path) == ["la", "la/ckpt.pt", "r", "r/ckpt.pt"]
-    assert len(decode.main(tiny_decode(bare, head="adapter", ensemble=3))["members_val"]) == 3  # planning: their mean
+    report = decode.main(tiny_decode(bare, head="adapter", ensemble=3, unlabelled=-1))  # + every other train window
+    assert len(report["members_val"]) == 3 and report["labels"] == 64 + 16 == report["label_budget"]["labels"]
+    assert report["label_budget"]["unlabelled"] == pipe.windows - 64 and math.isfinite(report["inverse_val_rmse"])
     head, (p, y) = decode.load_head(bare, ckpt, CPU, "adapter")[0], (torch.randn(5, 1, 12), torch.randn(5, 10))
     q = (p - head.token_mean) / head.token_std  # the tokens standardised with the fitting pairs' statistics
     members = torch.stack([net(q, y) for net in head.nets])  # (3, N, L) z-scored
@@ -1111,7 +1116,8 @@ ONE_FLAG = {  # command: bad flags HOSTILE gives it one at a time, each refused 
     "dino.py encode --data {t}/c": "--size 30, --size 0",
     "eval.py --run {r}/baseline --device cpu": "--out {r}/data/meta.json",
     "eval.py --run {r}/baseline --out {t}/m.json": "--gap-tasks -1, --plot {r}/baseline/ckpt.pt",
-    "decode.py --run {r}/la --device cpu": "--ensemble 2",  # an ensemble of adapters, not of decoders
+    "decode.py --run {r}/la --device cpu": "--ensemble 2, --unlabelled 5",  # adapter flags, not the decoder's
+    "decode.py --run {r}/la --head adapter --device cpu": "--unlabelled -2",
     "policy.py train --data {r}/data --steps 1 --out {t}/p": "--batch-size 100000"}
 HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline's root; what the one error line names;
     # a setup(t, r) run first). Each must exit 2 with that one line, no traceback, every file and folder kept.
