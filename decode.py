@@ -6,9 +6,11 @@ adapter (ours): (tokens P_t, macro action a_t) -> the conditioning the predictor
   code); plan.py --via adapter plans real actions through it, as the baseline plans.
 Reads RUN/ckpt.pt and the run's dataset (--data for a moved run). Writes RUN/decoder.pt + RUN/decode.json (val RMSE
 in px per env step, R^2 per dim, labels used; vq: each code's mean push, RUN/codes.png), or RUN/adapter.{pt,json}.
+With --unlabelled the adapter also fits on unlabelled train windows, whose actions an inverse model fitted on the
+pairs infers (pseudo-labels, as VPT: Baker et al. 2022): the labels spent stay the pairs.
 GPU:  python decode.py --run runs/full/vq                 (100k + 10k pairs of DINOv2 tokens; H200: not yet measured)
 CPU:  python decode.py --run runs/quick/vq --pairs 20000 --val-pairs 2000     (state tokens: ~15 s on 2 cores)
-      python decode.py --run runs/quick/la --head adapter --ensemble 5 --pairs 18000 --val-pairs 2000
+      python decode.py --run runs/quick/la --head adapter --ensemble 5 --pairs 18000 --val-pairs 2000 --unlabelled -1
 """
 import copy
 import math
@@ -38,8 +40,7 @@ class DecodeConfig:
     pairs: int = 100_000  # label budget: labelled train transitions the decoder may use (seed: 100,000)
     val_pairs: int = 10_000  # labelled val transitions for early stopping and the report (seed: 10,000)
     ensemble: int = 1  # adapters fitted on the same pairs (own init and order) and averaged: less error to exploit
-    unlabelled: int = 0  # adapter: train windows beyond the pairs it also fits on, their actions inferred by an inverse
-    # model fitted on the pairs (pseudo-labels, as VPT: Baker et al. 2022); -1 = every other train window
+    unlabelled: int = 0  # adapter: also fit on N more train windows, pseudo-labelled from the pairs (VPT); -1: all
     batch_size: int = 256  # decoder training batch (seed train_action_decoder.py)
     lr: float = 1e-3  # AdamW learning rate (seed)
     max_epochs: int = 200  # epoch cap (seed)
