@@ -1404,7 +1404,8 @@ def test_jepa_runs_train_plan_and_refuse_a_collapsed_encoder(tmp_path):
 def test_method_decoded_latents_replay_the_recording_adapter_imagines_it_la_plans_from_its_prior(tmp_path, monkeypatch):
     """IDM latents of recorded transitions, decoded as the planner does (step h from frame h), retrace the recording;
     through the adapter, the recorded macro actions carry the imagined start far closer to the goal than the start and
-    the mean action, and 1,500 pairs plus pseudo-labelled windows nearly as close as 8,000 pairs; Gaussian CEM over la latents starts from the run's latent mean and std, not N(0, 1)."""
+    the mean action (1,500 pairs with pseudo-labelled windows about as close as 8,000 pairs, far closer than 1,500
+    alone); Gaussian CEM over la latents starts from the run's latent mean and std, not N(0, 1)."""
     collect(root := tmp_path / "data", episodes=300, steps=100, img_size=224, seed=0, val_fraction=0.1)
     train.main(train.TrainConfig(data=str(root), out=str(la_run := tmp_path / "la"), steps=600, batch_size=128,
                                  lr_predictor=2e-3, lr_action=2e-3, lr_idm=2e-3, eval_every=600, val_batches=4,
