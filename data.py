@@ -383,8 +383,7 @@ def load_meta(root, verify=False):
     path, fix = Path(root) / "meta.json", "re-create the dataset with `python data.py collect`"
     require(Path(root).is_dir(), f"dataset folder {root} does not exist; make one with `python data.py collect --out "
                                  f"{root}` (or check the path)")
-    meta = load_json(path, f"{root} is not a dataset folder of this data.py; {fix}", ("format", "fingerprint"))
-    require(meta["format"] == FORMAT, f"{path}: format {meta['format']!r}, expected {FORMAT!r}; {fix}")
+    meta = load_json(path, f"{root} is not a dataset folder of this data.py; {fix}", ("fingerprint",), FORMAT)
     bad = [k for k, n in dict(action_mean=2, action_std=2, proprio_mean=4, proprio_std=4).items() if not (
         isinstance(meta.get(k), list) and len(meta[k]) == n and all(isinstance(v, (int, float)) and math.isfinite(v)
                                                                     and (v > 0 or "std" not in k) for v in meta[k]))]
@@ -861,18 +860,22 @@ def atomic_write(path, obj):
         tmp.unlink(missing_ok=True)
 
 
-def load_pt(path, fix, read=functools.partial(torch.load, map_location="cpu", weights_only=True)):
-    """read(path), by default torch.load(weights_only=True); a missing or unreadable file is a UserError naming fix."""
+def load_pt(path, fix, read=functools.partial(torch.load, map_location="cpu", weights_only=True), fmt=None):
+    """read(path), by default torch.load(weights_only=True); a missing or unreadable file, or with fmt one whose
+    "format" is another (written by another version of this code), is a UserError naming fix."""
     require(Path(path).is_file(), f"{path} is missing; {fix}")
     try:
-        return read(path)
+        obj = read(path)
     except Exception as e:
         raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}); {fix}") from e
+    got = obj.get("format") if isinstance(obj, dict) else None
+    require(fmt is None or got == fmt, f"{path}: format {got!r}, this code reads {fmt!r}; {fix}")
+    return obj
 
 
-def load_json(path, fix, keys=()):
+def load_json(path, fix, keys=(), fmt=None):
     """A JSON object from path, holding keys; a missing, unreadable or partial file is a UserError naming fix."""
-    obj = load_pt(path, fix, lambda p: json.loads(Path(p).read_text()))
+    obj = load_pt(path, fix, lambda p: json.loads(Path(p).read_text()), fmt)
     missing = [k for k in keys if k not in obj] if isinstance(obj, dict) else "all"
     require(not missing, f"{path} is not what it should be (missing {missing}); {fix}")
     return obj

@@ -532,10 +532,9 @@ def main(cfg: EncodeConfig):
     need = sum(p["need"] for p in plans.values())
     free = shutil.disk_usage(root).free + sum(p["freed"] for p in plans.values())
     print(f"disk: the feature cache needs {need / 1e9:.1f} GB more, {free / 1e9:.1f} GB are free under {root}")
-    require(need + DISK_RESERVE <= free, f"the feature cache needs {need / 1e9:.1f} GB more disk under {root}, only "
-            f"{free / 1e9:.1f} GB are free (keeping {DISK_RESERVE / 2**30:.0f} GiB spare): free space, or skip the "
-            "cache and train with --features memory (int8 in GPU memory) or off (DINOv2 on every batch); train.py "
-            "--dry-run says the cost of each")
+    require(need + DISK_RESERVE <= free, f"the feature cache needs {need / 1e9:.1f} GB more disk under {root} + "
+            f"{DISK_RESERVE / 2**30:.0f} GiB spare, {free / 1e9:.1f} GB are free: free space, or train with --features "
+            "memory (int8 in GPU memory) or off (DINOv2 on every batch); train.py --dry-run says the cost of each")
     if all(p["done"] == p["shape"][0] for p in plans.values()):
         return print(f"{cfg.data}: the feature cache of {cfg.split} is complete")
     model = load_dinov2(cfg.name, cfg.dino_weights or None, device)

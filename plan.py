@@ -202,8 +202,8 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
         per_ep = np.maximum(lengths - GOAL_STEPS, 0)  # (E,) rows per episode, episode-major, steps ascending
         rows_ep = np.repeat(np.arange(len(lengths)), per_ep)  # (R,)
         rows_step = np.arange(per_ep.sum()) - np.repeat(np.cumsum(per_ep) - per_ep, per_ep)  # (R,)
-        if episodes > len(rows_ep):
-            raise UserError(f"{root}/{split}: --episodes {episodes} > {len(rows_ep)} start rows; lower --episodes")
+        require(episodes <= len(rows_ep), f"{root}/{split}: --episodes {episodes} > {len(rows_ep)} start rows; lower "
+                                          "--episodes")
         pick = rng.choice(len(rows_ep), size=episodes, replace=False)  # (n,)
         ep, step = rows_ep[pick].tolist(), rows_step[pick].tolist()
     g = np.array([starts[e] + t for e, t in zip(ep, step)], dtype=np.int64)  # (n,) global start frame
@@ -245,7 +245,7 @@ def run_policy(tasks, idx, policy, budget, every_step, img_size, record=(), desc
             t += 1
             bar.update()
     bar.close()
-    success = done if every_step else np.array([is_success(g, s) for g, s in zip(goal, state)])
+    success = done if every_step else is_success(goal, state)
     for j in record:  # open loop: the final frame shows the verdict
         clips[j][1][-1] = bool(success[j])
     return success, state, best, clips, (seconds, solves)
@@ -442,17 +442,13 @@ def main(cfg: PlanConfig):
     tasks = make_tasks(root, cfg.split, cfg.protocol, n, cfg.seed, img)
     collapse = None  # a jepa encoder that maps every frame to nearly one point makes the planner chase noise
     if model.encoder is not None:
-        states = np.concatenate([tasks["start_state"], tasks["goal_state"]])  # (2n, 7)
-        with torch.inference_mode():
-            collapse = train.token_stats(encode(states).float().cpu())
-        require(cfg.allow_collapsed or not collapse["collapsed"], f"{cfg.run}: its jepa encoder has collapsed: the "
-                f"median per-dimension token std over the {len(states)} start and goal frames is "
-                f"{collapse['token_std_median']:.2e} < {train.COLLAPSE_STD} (effective rank "
-                f"{collapse['effective_rank']:.1f}); retrain it (train.py logs the statistic at every validation) or "
-                "pass --allow-collapsed to plan anyway")
+        with torch.inference_mode():  # the tokens of the 2n start and goal frames
+            collapse = train.token_stats(encode(np.r_[tasks["start_state"], tasks["goal_state"]]).float().cpu())
+        std = f"median per-dimension token std {collapse['token_std_median']:.2e} < {train.COLLAPSE_STD}"
+        require(cfg.allow_collapsed or not collapse["collapsed"], f"{cfg.run}: its jepa encoder has collapsed ({std} "
+                f"over the {2 * n} start and goal frames); retrain it, or pass --allow-collapsed to plan anyway")
         if collapse["collapsed"]:
-            print(f"WARNING: planning with a collapsed jepa encoder (median token std "
-                  f"{collapse['token_std_median']:.2e})")
+            print(f"WARNING: planning with a collapsed jepa encoder ({std})")
     ref = references(tasks, cfg, stats, budget, every_step, img, Path(cfg.out).parent / "ceiling")
 
     # --- solve: encode the current frames once, plan (E*N rollouts per iteration), decode to px actions

@@ -183,7 +183,7 @@ def train(cfg: TrainConfig):
         t_start, meta = time.perf_counter(), data.load_meta(cfg.data, verify=True)
         fp = meta["fingerprint"]
         if path.is_file():  # this very policy (same settings and dataset) is left as it is; another is an error
-            old = data.load_pt(path, "delete it to start over, or choose another --out")
+            old = data.load_pt(path, "delete it to start over, or choose another --out", fmt=FORMAT)
             diff = data.differences(old["config"], asdict(cfg), "the policy has", RUNTIME + ("data",))
             if old["data"]["fingerprint"] != fp:
                 diff.append(f"--data {cfg.data} (fingerprint {fp}; the policy's dataset: {old['data']['root']}, "
@@ -279,9 +279,7 @@ def evaluate_policy(cfg: EvalConfig):
     t_start, folder = time.perf_counter(), Path(cfg.policy)
     device, ctx = data.setup(cfg.device, cfg.seed, cfg.dtype)
     data.writable(cfg.out, "--out", plan.RESULT_KEYS)  # a .json, never a checkpoint or another file of the user's
-    ck = data.load_pt(folder / "policy.pt", f"train one with `python policy.py train --out {folder} ...`")
-    require(ck.get("format") == FORMAT, f"{folder}/policy.pt: format {ck.get('format')!r}, this policy.py reads "
-                                        f"{FORMAT!r}; retrain it with this code")
+    ck = data.load_pt(folder / "policy.pt", f"train one with `python policy.py train --out {folder} ...`", fmt=FORMAT)
     require(not cfg.tokens or cfg.tokens == ck["tokens"], f"--tokens {cfg.tokens}: {folder} is a {ck['algo']} policy "
                                                           f"trained on {ck['tokens']} tokens, not {cfg.tokens} tokens")
     root = data.dataset_of(folder, ck["data"], cfg.data, f"{ck['algo']} policy on {ck['tokens']} tokens")

@@ -1267,14 +1267,12 @@ def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(pipe, tmp_
     """Goals stay in the episode as set; IQL's target at the goal is 0, its value loss an expectile; dinov2 tokens
     train from the cache, evaluate on frames; another token source or dataset names both sides."""
     end, rng = policy.episode_ends(pipe.data, "train"), np.random.default_rng(0)  # (F,)
-    t = np.arange(0, len(end) - 30, 3)
-    t = t[t + 29 <= end[t]]  # window starts: a chunk fits
-    every = np.repeat(np.flatnonzero(np.arange(len(end)) < end), 50)  # every frame before its episode's last, 50x
-    g = policy.actor_goals(rng, every, end, 25)
-    assert (g <= end[every]).all() and (g == every + 25)[every + 25 <= end[every]].all()  # 25 ahead, capped at the end
-    g = policy.actor_goals(rng, every, end, 0)  # uniform future (swm)
-    assert ((g > every) & (g <= end[every])).all() and (g == end[every]).any()
-    cfg, tt = tiny_policy(pipe.data, "unused", algo="iql"), np.repeat(t, 200)
+    tt = np.repeat(np.flatnonzero(np.arange(len(end)) < end), 50)  # every frame before its episode's last, 50x
+    g = policy.actor_goals(rng, tt, end, 25)
+    assert (g <= end[tt]).all() and (g == tt + 25)[tt + 25 <= end[tt]].all()  # 25 ahead, capped at the end
+    g = policy.actor_goals(rng, tt, end, 0)  # uniform future (swm)
+    assert ((g > tt) & (g <= end[tt])).all() and (g == end[tt]).any()
+    cfg = tiny_policy(pipe.data, "unused", algo="iql")
     g = policy.value_goals(rng, tt, end, cfg)
     assert np.mean(g == tt) == pytest.approx(cfg.p_current, abs=0.03)
     assert 0 < np.mean(end[g] != end[tt]) <= cfg.p_random  # only random goals leave the episode
@@ -1359,15 +1357,13 @@ def test_sigreg_known_answers_the_jepa_encoder_token_stats_probes_and_the_collap
     assert enc.convs[0].weight.grad.abs().sum() > 0
     st = train.token_stats(torch.randn(4000, 1, 8))
     assert not st["collapsed"] and st["effective_rank"] > 7.8
-    st = train.token_stats(torch.full((100, 1, 8), 3.0) + 1e-5 * torch.randn(100, 1, 8))
-    assert st["collapsed"] and st["token_std_median"] < train.COLLAPSE_STD
     st = train.token_stats(torch.randn(1, 1, 8).expand(100, 1, 8) + 1e-5 * torch.randn(100, 1, 8))
     assert st["collapsed"]  # every frame the same token: collapsed, however much its dimensions differ
     y = train.probe_targets(torch.rand(400, 7) * torch.tensor([512, 512, 512, 512, 6.28, 1, 1]))  # (400, 6)
     z = (y @ torch.randn(6, 10, dtype=torch.float64))[:, None]  # (400, 1, 10) a linear code
     assert min(train.probe_r2(z[:200], y[:200], z[200:], y[200:]).values()) > 0.999
     assert max(train.probe_r2(torch.randn(200, 1, 10), y[:200], torch.randn(200, 1, 10), y[200:]).values()) < 0.2
-    z, state = torch.full((64, 1, 8), 0.5) + 1e-6 * torch.randn(64, 1, 8), torch.rand(64, 7)
+    z, state = torch.full((64, 1, 8), 0.5) + 1e-6 * torch.randn(64, 1, 8), torch.rand(64, 7)  # one point: collapsed
     assert train.jepa_metrics(z, state)["collapsed"] and "collapsed" in capsys.readouterr().out
     assert not train.jepa_metrics(torch.randn(64, 1, 8), state)["collapsed"]
 

@@ -66,15 +66,13 @@ class TrainConfig:
 
     def __post_init__(self):
         data.check_choices(self)
-        require(self.steps >= 1 and self.batch_size >= 1, f"--steps {self.steps} / --batch-size {self.batch_size}: "
-                                                          "both must be >= 1")
-        require(min(self.eval_every, self.val_batches, self.stats_batches, self.log_every) >= 1,
-                "--eval-every, --val-batches, --stats-batches and --log-every must be >= 1")
+        require(min(self.steps, self.batch_size, self.eval_every, self.val_batches, self.stats_batches,
+                    self.log_every) >= 1, "--steps, --batch-size, --eval-every, --val-batches, --stats-batches and "
+                "--log-every must be >= 1")
         require(min(self.lr_predictor, self.lr_action, self.lr_idm) > 0 and self.weight_decay >= 0,
                 "learning rates must be > 0 and --weight-decay >= 0")
-        require(self.frames >= 0 and self.num_workers >= -1, "--frames must be >= 0, --num-workers >= -1")
-        require(self.labels == -1 or self.labels >= 1, f"--labels {self.labels}: a number of labelled windows >= 1, "
-                                                       "or -1 for all of them")
+        require(self.frames >= 0 and self.num_workers >= -1 and (self.labels == -1 or self.labels >= 1), "--frames "
+                f"must be >= 0, --num-workers >= -1, --labels {self.labels} a count of labelled windows >= 1 or -1")
 
 
 # Shape legend: B batch, T = num_hist + 1 frames, P tokens per frame, D token width, A macro action, C cond, L latent.
@@ -119,9 +117,7 @@ def resume(cfg, mc, given):
     path = Path(cfg.out) / "ckpt.pt"
     if not path.exists():
         return cfg, mc, None
-    ckpt = data.load_pt(path, "delete it to start over, or choose another --out")
-    require(ckpt.get("format") == CKPT_FORMAT, f"{path}: format {ckpt.get('format')!r}, this train.py writes "
-                                               f"{CKPT_FORMAT!r}; choose another --out")
+    ckpt = data.load_pt(path, "delete it to start over, or choose another --out", fmt=CKPT_FORMAT)
     cfg, mc = data.merge_resume(path, given, (cfg, ckpt["train_config"], RUNTIME), (mc, ckpt["model_config"], ()))
     require(cfg.steps >= ckpt["step"], f"--steps {cfg.steps} is below the step {ckpt['step']} that {path} reached")
     fp = data.load_meta(cfg.data, verify=True)["fingerprint"]

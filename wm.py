@@ -435,9 +435,8 @@ def load_run(run, device="cpu", data_dir="", dino_weights=None):
     """RUN/ckpt.pt -> (WorldModel in eval mode on device, checkpoint dict, dataset root: data_dir, else the stored path
     relative to the run, else the absolute one, fingerprint checked). dino_weights: the stage's flag (state refuses)."""
     run = Path(run)
-    ckpt = data.load_pt(run / "ckpt.pt", f"train a model into {run} with `python train.py --out {run} ...`")
-    require(ckpt.get("format") == CKPT_FORMAT, f"{run}/ckpt.pt: format {ckpt.get('format')!r}, this wm.py reads "
-                                                f"{CKPT_FORMAT!r}; retrain it with this code")
+    ckpt = data.load_pt(run / "ckpt.pt", f"train a model into {run} with `python train.py --out {run} ...`",
+                        fmt=CKPT_FORMAT)
     saved = ckpt["model_config"]  # a run of an earlier version may name options removed since (VCReg)
     require(saved.get("jepa_reg", "sigreg") == "sigreg", f"{run} was trained with VCReg, which this version removed")
     mc = WMConfig(**{k: v for k, v in saved.items() if k in WMConfig.__dataclass_fields__})
