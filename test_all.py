@@ -325,10 +325,12 @@ def randomize_(model):  # every parameter random, off its default: a norm swap, 
     with torch.no_grad():
         for name, p in model.named_parameters():
             r = torch.randn(p.shape, generator=g)
-            p.copy_(0.1 + 0.1 * torch.rand(p.shape, generator=g) if name.endswith("gamma")  # LayerScale: (0.1, 0.2)
-                    else 1 + 0.1 * r if "norm" in name and name.endswith("weight")  # LayerNorm scales: near 1
-                    else 0.5 * r if name in tokens or name.endswith("bias")
-                    else r / math.sqrt(p[0].numel()))  # matrices: scaled by fan-in
+            if name.endswith("gamma"):  # LayerScale: in (0.1, 0.2)
+                p.copy_(0.1 + 0.1 * torch.rand(p.shape, generator=g))
+            elif "norm" in name and name.endswith("weight"):  # LayerNorm scales: near 1
+                p.copy_(1 + 0.1 * r)
+            else:  # tokens and biases: 0.5 r; matrices: r scaled by fan-in
+                p.copy_(0.5 * r if name in tokens or name.endswith("bias") else r / math.sqrt(p[0].numel()))
     return model
 
 def reference_forward(sd, x, reg):  # DINOv2's forward (vision_transformer.py, layers/) from sd -> prenorm, normed
