@@ -3,7 +3,7 @@ path, policy, jepa, the method end to end, GPU only (skipped without CUDA). A us
 wording: data.UserError naming the flag or file, or exit status 2 with one stderr line naming it and nothing written.
 The tiny state-token pipeline `pipe` is built once and shared; one small la run (~30 s) checks the method. ~1 min on
 2 cores, CPU only."""
-import contextlib, copy, dataclasses, fcntl, functools, hashlib, itertools, json, math, os, pickle, runpy  # noqa: E401
+import contextlib, copy, dataclasses, functools, hashlib, itertools, json, math, os, pickle, runpy  # noqa: E401
 import shlex, shutil, socket, subprocess, sys, unittest.mock, urllib.error  # noqa: E401
 from dataclasses import replace
 from pathlib import Path
@@ -1060,6 +1060,9 @@ HOSTILE = {  # name: (command line in t = a temp folder, r = the shared pipeline
                                  lambda t, r: written(t / "mine" / "config.json")),
     "policy-out-a-users-folder": ("policy.py train --data {r}/data --steps 1 --out {t}/mine", ["--out"],
                                   lambda t, r: written(t / "mine" / "notes.txt")),
+    "policy-out-holds-another-format": ("policy.py train --data {r}/data --steps 1 --out {t}/p", ["{t}/p/policy.pt"],
+                                        lambda t, r: torch.save({"format": "old"}, written(t / "p" / ".lock", "")
+                                                                .with_name("policy.pt"))),  # of an earlier policy.py
     "meta-missing-a-key": (ON_COPY, ["meta.json"], edited_data(lambda d: written(
         d / "meta.json", json.dumps({**jload(d / "meta.json"), "action_std": None})))),
     "meta-not-an-object": (ON_COPY, ["meta.json"], edited_data(lambda d: written(d / "meta.json", "[1, 2]"))),
