@@ -1144,8 +1144,7 @@ def test_pixel_tokens_end_to_end_features_in_memory_train_like_exact_ones(pipe, 
     """The DINOv2 path (random ViT-S/14 at 28 px, tokens on the fly): train la, decode, plan, eval; --features memory
     (int8, encoded once) validates like DINOv2 on every batch to int8 precision; it needs memory."""
     for folder, features in (("la", "off"), ("memory", "memory")):
-        cfg, mc = train_cfgs(pipe.data, tmp_path / folder, "la", steps=2, eval_every=2, dino_weights="random",
-                             features=features)
+        cfg, mc = train_cfgs(pipe.data, tmp_path / folder, "la", steps=2, dino_weights="random", features=features)
         raw = train.main(cfg, px := replace(mc, tokens="dinov2", dino_size=28))
         assert (raw.cfg.visual_dim, raw.cfg.num_patches, raw.cfg.img_size) == (384, 4, 28)
     off, memory = ([json.loads(line) for line in open(tmp_path / f / "log.jsonl")] for f in ("la", "memory"))
@@ -1172,10 +1171,9 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
         with torch.device("meta"), FlopCounterMode(display=False) as counted, torch.no_grad():
             dino.DinoVisionTransformer(name).forward_features(torch.zeros(2, 3, size, size))
         assert counted.get_total_flops() / 2 == pytest.approx(train.encoder_flops(name, size), rel=2e-2), name
-    run, missing = tmp_path / "vq", tmp_path / "not-collected"
     px = WMConfig(variant="vq", tokens="dinov2", **SMALL)  # a pixel run: every refusal below is about its features
-    cfg = train.TrainConfig(data=str(missing), out=str(run), batch_size=4, steps=100, eval_every=50, features="off",
-                            dry_run=True, frames=1000)
+    cfg = train.TrainConfig(data=str(missing := tmp_path / "not-collected"), out=str(run := tmp_path / "vq"),
+                            batch_size=4, steps=100, eval_every=50, features="off", dry_run=True, frames=1000)
     stages = train.main(cfg, px)
     assert set(stages) == {"train-vq", "decode-vq", "plan-vq-open-loop", "plan-vq-mpc"} and min(stages.values()) > 0
     out = capsys.readouterr().out
@@ -1190,12 +1188,10 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
     model, cfg = WorldModel(mc).eval(), plan.PlanConfig(run="r", num_samples=300)  # mc: la's, from the first loop
     assert plan.auto_batch(plan.PlanConfig(run="r", num_samples=8, topk=2), model, 7, CPU, 8) == 7  # a tiny plan: all
     assert plan.auto_batch(plan.PlanConfig(run="r", batch_episodes=3), model, 7, CPU, 8) == 3  # else the flag
-    monkeypatch.setattr(dino, "available_ram", lambda: 10 ** 9)
-    e1 = plan.auto_batch(cfg, model, 10 ** 9, CPU, 8)
-    monkeypatch.setattr(dino, "available_ram", lambda: 2 * 10 ** 9)
-    assert 1 < e1 and plan.auto_batch(cfg, model, 10 ** 9, CPU, 8) in (2 * e1, 2 * e1 + 1)  # in proportion to RAM
-    monkeypatch.setattr(dino, "available_ram", lambda: 1)
-    user_error(plan.auto_batch, cfg, model, 100, CPU, 8, names=["--num-samples"])
+    monkeypatch.setattr(dino, "available_ram", unittest.mock.Mock(side_effect=[10 ** 9, 2 * 10 ** 9, 1]))  # per call
+    e1, e2 = (plan.auto_batch(cfg, model, 10 ** 9, CPU, 8) for _ in range(2))  # 1 GB free, then 2 GB
+    assert 1 < e1 and e2 in (2 * e1, 2 * e1 + 1)  # in proportion to RAM
+    user_error(plan.auto_batch, cfg, model, 100, CPU, 8, names=["--num-samples"])  # 1 byte free
 
 # ---- policy.py (GCBC, GC-IQL): goal sampling, IQL's targets, train -> eval, a DINOv2 cache, refusals ----------------
 policy_eval = lambda folder, out, **kw: policy.evaluate_policy(policy_eval_cfg(folder, out, **kw))  # noqa: E731
@@ -1205,34 +1201,26 @@ def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(pipe, tmp_
     train from the cache, evaluate on frames; another token source or dataset names both sides."""
     end, rng = policy.episode_ends(pipe.data, "train"), np.random.default_rng(0)  # (F,)
     tt = np.repeat(np.flatnonzero(np.arange(len(end)) < end), 50)  # every frame before its episode's last, 50x
-    g = policy.actor_goals(rng, tt, end, 25)
-    assert (g <= end[tt]).all() and (g == tt + 25)[tt + 25 <= end[tt]].all()  # 25 ahead, capped at the end
+    aeq(policy.actor_goals(rng, tt, end, 25), np.minimum(tt + 25, end[tt]))  # 25 ahead, capped at the end
     g = policy.actor_goals(rng, tt, end, 0)  # uniform future (swm)
     assert ((g > tt) & (g <= end[tt])).all() and (g == end[tt]).any()
     cfg = tiny_policy(pipe.data, "unused", algo="iql")
-    g = policy.value_goals(rng, tt, end, cfg)
-    assert np.mean(g == tt) == pytest.approx(cfg.p_current, abs=0.03)
-    assert 0 < np.mean(end[g] != end[tt]) <= cfg.p_random  # only random goals leave the episode
+    g = policy.value_goals(rng, tt, end, cfg)  # t itself with p_current; only random goals leave the episode:
+    assert np.mean(g == tt) == pytest.approx(cfg.p_current, abs=0.03) and 0 < np.mean(end[g] != end[tt]) <= cfg.p_random
     g = policy.value_goals(rng, tt, end, replace(cfg, p_random=0.0, p_future=0.8))
     assert ((g >= tt) & (g <= end[tt]) & (((g - tt) % 5 == 0) | (g == end[tt]))).all()  # whole macro steps ahead
     mc = wm.derive(WMConfig(tokens="state"), data.load_meta(pipe.data))
-    torch.manual_seed(0)
     nets, s = policy.build(cfg, mc), torch.tensor(data.load_split(pipe.data, "train")["states"][:8]).float()
-    z, a0 = dino.state_tokens(torch.stack([s, s], 1)), torch.randn(8, mc.action_dim)  # (B, 2, 1, 12), (B, A)
+    z, a0 = dino.state_tokens(s), torch.randn(8, mc.action_dim)  # (B, 1, 12), (B, A)
     for v, weight in ((0.0, 1 - cfg.expectile), (-5.0, cfg.expectile)):  # Q_target - V = -3 < 0: 1 - tau; 2 > 0: tau
-        with torch.no_grad():  # Q = Q_target = -3 and V = v everywhere
-            for name, value in (("critic", -3.0), ("critic_target", -3.0), ("value", v)):
-                nets[name].mlp[-1].weight.zero_(), nets[name].mlp[-1].bias.fill_(value)
-        value_loss, critic_loss, w, _ = policy.iql_losses(nets, z[:, 0], z[:, 1], a0, z[:, 0], s, s, z[:, 0], cfg)
+        for name, value in (("critic", -3.0), ("critic_target", -3.0), ("value", v)):  # Q = Q_target = -3 and V = v
+            torch.nn.init.zeros_(nets[name].mlp[-1].weight), torch.nn.init.constant_(nets[name].mlp[-1].bias, value)
+        value_loss, critic_loss, w, _ = policy.iql_losses(nets, z, z, a0, z, s, s, z, cfg)  # s -> s, goal s
         assert value_loss.item() == pytest.approx(weight * (v + 3) ** 2)  # the expectile loss; g = s:
         assert critic_loss.item() == pytest.approx(9.0)  # (Q - 0)^2: reward 0, the episode over
         assert w.shape == (8,) and (w <= policy.AWR_CLIP).all()
     pixels = dict(tokens="dinov2", dino_size=28, dino_weights="random", patch_dim=2)
-    head = dino.cache_header(cached := shutil.copytree(pipe.data, tmp_path / "data"), "dinov2_vits14", 28, "random")
-    for split in ("train", "val"):  # a random 4 x 384 'DINOv2' cache in dino.py's format
-        n = data.load_meta(cached)["splits"][split]["frames"]
-        np.save(cached / split / "features.npy", rng.normal(0, 1, (n, 4, 384)).astype(np.float16))  # (F, P, D)
-        (cached / split / "features.json").write_text(json.dumps({**head, "frames": n, "done": n}))
+    dino.main(encode_cfg(cached := shutil.copytree(pipe.data, tmp_path / "data"), batch_size=64))  # its feature cache
     with monkeypatch.context() as m:  # trained from the cache: the encoder never runs
         m.setattr(dino, "encode", lambda *a: pytest.fail("policy.train encoded frames despite the cache"))
         policy.train(tiny_policy(cached, p := tmp_path / "p", **pixels))
@@ -1249,21 +1237,19 @@ def test_policy_goals_iql_targets_a_dinov2_feature_cache_and_refusals(pipe, tmp_
 @pytest.mark.parametrize("algo,goal_steps,labels", [("gcbc", 25, -1), ("iql", 25, 12), ("gcbc", 0, -1)])
 def test_policy_train_and_eval_state_tokens(pipe, tmp_path, drawn, algo, goal_steps, labels):
     """Train (again: a no-op), evaluate under both protocols; --labels 12 trains on 12 // 5 = 2 chunks of 5."""
-    folder = tmp_path / f"{algo}{goal_steps}"
-    cfg = tiny_policy(pipe.data, folder, algo=algo, goal_steps=goal_steps, labels=labels)
+    cfg = tiny_policy(pipe.data, folder := tmp_path / algo, algo=algo, goal_steps=goal_steps, labels=labels)
     assert policy.train(cfg) > 0 and policy.train(cfg) is None
     ck = data.load_pt(folder / "policy.pt", "")  # plain tensors and strings (weights_only)
     assert ck["tokens"] == "state" and ("critic" in ck) == (algo == "iql") and len(drawn) == 6 * 8
     assert ck["labels"] == (10 if labels > 0 else pipe.windows) and (labels < 0 or len(set(drawn)) == 2)  # chunks drawn
-    for protocol, n in (("open-loop", 3), ("mpc", 2)):
+    for protocol, n, budget in (("open-loop", 3, 25), ("mpc", 2, 50)):
         res = policy_eval(folder, out := tmp_path / f"{folder.name}-{protocol}.json", episodes=n, protocol=protocol)
-        r = jload(out)
-        assert r == json.loads(json.dumps(res)) and len(r["successes"]) == r["episodes"] == n
-        assert (r["planner"], r["variant"], r["via"], r["tokens"], r["run"]) == (algo, algo, algo, "state", str(folder))
-        assert r["labels"] == ck["labels"] and r["protocol"] == protocol and 0 <= r["success_rate"] <= 1
-        assert len(r["ci95"]) == 2 and set(r["reference"]) >= {"random", "replay", "ceiling", "ceiling_episodes"}
-        assert r["budget"] == (50 if protocol == "mpc" else 25)  # uniform-future goals re-query every mpc step:
-        assert r["mpc_execute"] == (1 if protocol == "mpc" and goal_steps == 0 else 5)
+        want = dict(planner=algo, variant=algo, via=algo, tokens="state", run=str(folder), labels=ck["labels"],
+                    episodes=n, protocol=protocol, budget=budget,  # uniform-future goals re-query every mpc step:
+                    mpc_execute=1 if protocol == "mpc" and goal_steps == 0 else 5)
+        assert (r := jload(out)) == json.loads(json.dumps(res)) and {k: r[k] for k in want} == want
+        assert len(r["successes"]) == n and 0 <= r["success_rate"] <= 1 and len(r["ci95"]) == 2
+        assert set(r["reference"]) >= {"random", "replay", "ceiling", "ceiling_episodes"}
 
 # ---- the jepa token source: SIGReg known answers, the encoder, collapse statistics, jepa runs end to end -------------
 def test_sigreg_known_answers_the_jepa_encoder_token_stats_probes_and_the_collapse_flag(capsys):
@@ -1274,9 +1260,8 @@ def test_sigreg_known_answers_the_jepa_encoder_token_stats_probes_and_the_collap
     expect = math.sqrt(2 * math.pi) * (math.erf(3 / math.sqrt(2)) - math.erf(3 * math.sqrt(1.5)) / math.sqrt(3))
     assert abs(gauss - expect) < 0.25, (gauss, expect)
     t = torch.linspace(0, 3, dino.SIGREG_KNOTS, dtype=torch.float64)  # SIGReg per row of a batch at 0, from its
-    (w := torch.full_like(t, 6 / (dino.SIGREG_KNOTS - 1)))[[0, -1]] /= 2  # definition: sum_k w_k phi_k (1 - phi_k)^2
-    zero = (w * (phi := torch.exp(-t ** 2 / 2)) * (1 - phi) ** 2).sum().item()  # B identical rows: B * zero
-    assert abs(dino.sigreg(torch.zeros(128, 2, 16)).item() - 128 * zero) < 1e-3
+    zero = 2 * torch.trapezoid((phi := torch.exp(-t ** 2 / 2)) * (1 - phi) ** 2, t).item()  # definition on [-3, 3]
+    assert abs(dino.sigreg(torch.zeros(128, 2, 16)).item() - 128 * zero) < 1e-3  # B identical rows: B * zero
     assert 50 < 128 * zero < 53  # LeWM's Push-T batch 128: ~52
     assert gauss < dino.sigreg(0.3 * torch.randn(2048, 2, 16)).item() < 2048 * zero
     s, z = torch.tensor([0.3, 0.0], requires_grad=True), torch.randn(512, 1, 16)  # why the encoder ends in BatchNorm:
@@ -1287,54 +1272,45 @@ def test_sigreg_known_answers_the_jepa_encoder_token_stats_probes_and_the_collap
     reg = {w: [dino.jepa_reg(x, WMConfig(tokens="jepa", jepa_delta=w)).item() for x in (z, still)] for w in (0, 1)}
     assert abs(reg[0][0] - reg[0][1]) < 0.05 and reg[1][0] < 2 and reg[1][1] > 50, reg
     enc = dino.JEPAEncoder(img_size=32, dim=16, width=4)
-    z = enc(torch.randint(0, 256, (6, 2, 32, 32, 3), dtype=torch.uint8))
-    assert z.shape == (6, 2, 1, 16)
-    assert torch.allclose(z.flatten(0, 2).std(0, unbiased=False), torch.ones(16), atol=1e-2)  # the final BatchNorm
+    z = enc(torch.randint(0, 256, (6, 2, 32, 32, 3), dtype=torch.uint8))  # batch std 1: the final BatchNorm
+    assert z.shape == (6, 2, 1, 16) and torch.allclose(z.std((0, 1, 2), unbiased=False), torch.ones(16), atol=1e-2)
     z.square().sum().backward()
     assert enc.convs[0].weight.grad.abs().sum() > 0
-    st = train.token_stats(torch.randn(4000, 1, 8))
-    assert not st["collapsed"] and st["effective_rank"] > 7.8
-    st = train.token_stats(torch.randn(1, 1, 8).expand(100, 1, 8) + 1e-5 * torch.randn(100, 1, 8))
-    assert st["collapsed"]  # every frame the same token: collapsed, however much its dimensions differ
     y = train.probe_targets(torch.rand(400, 7) * torch.tensor([512, 512, 512, 512, 6.28, 1, 1]))  # (400, 6)
     z = (y @ torch.randn(6, 10, dtype=torch.float64))[:, None]  # (400, 1, 10) a linear code
     assert min(train.probe_r2(z[:200], y[:200], z[200:], y[200:]).values()) > 0.999
-    assert max(train.probe_r2(torch.randn(200, 1, 10), y[:200], torch.randn(200, 1, 10), y[200:]).values()) < 0.2
-    z, state = torch.full((64, 1, 8), 0.5) + 1e-6 * torch.randn(64, 1, 8), torch.rand(64, 7)  # one point: collapsed
-    assert train.jepa_metrics(z, state)["collapsed"] and "collapsed" in capsys.readouterr().out
-    assert not train.jepa_metrics(torch.randn(64, 1, 8), state)["collapsed"]
+    m = train.jepa_metrics(torch.randn(4000, 1, 8), state := torch.rand(4000, 7))  # random: spread, full rank, no probe
+    assert not m["collapsed"] and m["effective_rank"] > 7.8 and max(m[f"probe_{k}"] for k in train.PROBE_GROUPS) < 0.2
+    z = torch.randn(1, 1, 8).expand(100, 1, 8) + 1e-5 * torch.randn(100, 1, 8)  # every frame the same token, however
+    assert train.jepa_metrics(z, state[:100])["collapsed"] and "collapsed" in capsys.readouterr().out  # its dims differ
 
 def test_jepa_runs_train_plan_and_refuse_a_collapsed_encoder(tmp_path):
     """A jepa run logs its regulariser and statistics, plans, is evaluated; a collapsed one is refused; vq on jepa."""
-    jepa = dict(tokens="jepa", depth=1, heads=2, dim_head=8, mlp_dim=32, dropout=0.0, jepa_dim=16, jepa_width=4)
+    jepa = dict(tokens="jepa", depth=1, dropout=0.0, jepa_dim=16, jepa_width=4)  # on train_cfgs' sizes
     small_plan = functools.partial(tiny_plan, episodes=2, opt_steps=1, ceiling_episodes=0, videos=0)
-    small_train = config(train.TrainConfig, "data", "out", batch_size=16, num_workers=0)
     collect(root := tmp_path / "data", episodes=12, steps=40, img_size=32, seed=0, val_fraction=0.1)
-    assert train.main(small_train(root, tmp_path / "run", steps=4, eval_every=4, val_batches=2, log_every=2),
-                      WMConfig(**jepa, jepa_idm=1.0)).encoder is not None
-    rows = [json.loads(line).keys() for line in open(tmp_path / "run" / "log.jsonl")]
+    cfg, mc = train_cfgs(root, run := tmp_path / "run", "baseline", steps=4, batch_size=16, eval_every=4)
+    assert train.main(cfg, replace(mc, **jepa, jepa_idm=1.0)).encoder is not None
+    rows = [json.loads(line).keys() for line in open(run / "log.jsonl")]
     assert all(any(k <= r for r in rows) for k in ({"reg_loss", "idm_loss"}, {"token_std_median", "probe_agent"}))
-    res = plan.main(small_plan(run := tmp_path / "run", tmp_path / "res.json", allow_collapsed=True))
+    res = plan.main(small_plan(run, tmp_path / "res.json", allow_collapsed=True))
     assert res["tokens"] == "jepa" and "token_std_median" in res["token_stats"]
-    metrics, _ = evaluate.main(evaluate.EvalConfig(run=[str(run)], out=str(tmp_path / "m.json"), windows=16,
-                                                   probe_windows=32, batch_size=16, gap_tasks=3, workers=0))
+    metrics, _ = evaluate.main(tiny_eval(tmp_path / "m.json", run=[str(run)], gap_tasks=3))
     assert {"probe_agent", "effective_rank", "collapsed", "gap_cost_plan", "gap_plan_cheaper"} <= set(metrics["run"])
-    ckpt = tload(run / "ckpt.pt")
-    for k in ("encoder.projector.4.weight", "encoder.projector.4.bias"):
-        ckpt["model"][k].zero_()  # every frame maps to one token
+    (ckpt := tload(run / "ckpt.pt"))["model"]["encoder.projector.4.weight"].zero_()  # every frame: one token, the bias
     torch.save(ckpt, written(collapsed := tmp_path / "collapsed" / "ckpt.pt"))
     plan_cfg = functools.partial(small_plan, collapsed.parent, tmp_path / "r.json", data=str(root))
     user_error(plan.main, plan_cfg(), names=[collapsed.parent, "--allow-collapsed"])
     assert not (tmp_path / "r.json").exists() and plan.main(plan_cfg(allow_collapsed=True))["token_stats"]["collapsed"]
     user_error(WMConfig, tokens="jepa", variant="la", jepa_idm=1.0, names=["--jepa-idm"])  # label-using, not baseline
-    train.main(small_train(root, tmp_path / "vq", steps=3, eval_every=3, val_batches=1, stats_batches=1, log_every=3),
-               WMConfig(**jepa, variant="vq", idm_depth=1, idm_heads=2, idm_dim=16, idm_mlp_dim=32, num_codes=4))
+    cfg, mc = train_cfgs(root, tmp_path / "vq", "vq", steps=3, batch_size=16, val_batches=1, stats_batches=1)
+    train.main(cfg, replace(mc, **jepa))
     decode.main(tiny_decode(tmp_path / "vq", max_epochs=1, code_states=4, device="auto"))
     res = plan.main(small_plan(tmp_path / "vq", tmp_path / "vq.json", allow_collapsed=True))
     assert res["tokens"] == "jepa" and res["planner"] == "cem_categorical"  # IDM, VQ, decoder see only tokens
 
 # ---- the method end to end (state tokens): decoded IDM latents replay the recording, la plans from its own prior ----
-def test_method_decoded_latents_replay_the_recording_adapter_imagines_it_la_plans_from_its_prior(tmp_path, monkeypatch):
+def test_method_decoded_latents_replay_the_recording_adapter_imagines_it_la_plans_from_its_prior(tmp_path):
     """IDM latents of recorded transitions, decoded as the planner does (step h from frame h), retrace the recording;
     through the adapter, the recorded macro actions carry the imagined start far closer to the goal than the start and
     the mean action (1,500 pairs with pseudo-labelled windows about as close as 8,000 pairs, far closer than 1,500
@@ -1351,35 +1327,31 @@ def test_method_decoded_latents_replay_the_recording_adapter_imagines_it_la_plan
                                           ("8000", "adapter", 8000, 0), ("decoder", "decoder", 8000, 0)):
         decode.main(DecodeConfig(run=str(la_run), head=head, pairs=pairs, val_pairs=pairs // 8, unlabelled=unlabelled))
         adapters[name] = decode.load_head(la_run, ckpt, "cpu", head)[0]
-    decoder, adapter = adapters.pop("decoder"), adapters["8000"]
+    decoder, adapter, stats = adapters.pop("decoder"), adapters["8000"], ckpt["stats"]
     tasks, split = plan.make_tasks(root, "val", "open-loop", 60, 0, 64), data.load_split(root, "val")
     g = split["starts"][tasks["episode"]] + tasks["step"]  # (n,) global start frames
     z = dino.state_tokens(split["states"][g[:, None] + 5 * np.arange(6)])  # (n, 6, 1, 12) recorded macro steps
-    with torch.no_grad():
-        pairs = torch.stack([z[:, :-1], z[:, 1:]], 2).flatten(0, 1)  # (n*5, 2, 1, 12)
-        latents = model.conditioning(pairs)["latent"][:, 0].view(len(g), 5, -1)  # (n, 5, L)
-        a = plan.decode_plan(model, decoder, z[:, 0], latents)  # (n, 5, A)
-    px = data.macro_to_env(a.numpy(), (stats := ckpt["stats"])["action_mean"], stats["action_std"])  # (n, 25, 2)
-    start, final = (plan.distances(tasks["goal_state"], np.stack([PushT().replay(s, x) for s, x in zip(
-        tasks["start_state"], acts)]))[0] for acts in (px[:, :0], px))  # (n,) px from the goal, before and after
-    assert final.mean() < 0.6 * start.mean(), (final.mean(), start.mean())
     z0, zg = (dino.state_tokens(tasks[k]) for k in ("start_state", "goal_state"))  # (n, 1, 12); a (n, 5, A): recorded
     a = data.env_to_macro(torch.tensor(tasks["actions"]).float(), stats["action_mean"], stats["action_std"])
     with torch.no_grad():
+        pairs = torch.stack([z[:, :-1], z[:, 1:]], 2).flatten(0, 1)  # (n*5, 2, 1, 12)
+        latents = model.conditioning(pairs)["latent"][:, 0].view(len(g), 5, -1)  # (n, 5, L)
+        decoded = plan.decode_plan(model, decoder, z[:, 0], latents)  # (n, 5, A)
         true, mean = (plan.rollout_cost(model, z0, zg, x[:, None], adapter=adapter)[:, 0] for x in (a, 0 * a))  # (n,)
         few = {k: plan.rollout_cost(model, z0, zg, a[:, None], adapter=h)[:, 0].mean() for k, h in adapters.items()}
+    px = data.macro_to_env(decoded.numpy(), stats["action_mean"], stats["action_std"])  # (n, 25, 2)
+    start, final = (plan.distances(tasks["goal_state"], np.stack([PushT().replay(s, x) for s, x in zip(
+        tasks["start_state"], acts)]))[0] for acts in (px[:, :0], px))  # (n,) px from the goal, before and after
+    assert final.mean() < 0.6 * start.mean(), (final.mean(), start.mean())
     assert few["1500+"] < 0.7 * few["1500"], few  # measured 0.042 against 0.089 (8000 pairs: 0.046)
     start = (z0 - zg).square().mean((-1, -2))  # (n,); measured 0.046 against 0.29 and 0.35; next-step pairing: 0.130
     assert true.mean() < 0.35 * min(start.mean(), mean.mean()), (true.mean(), mean.mean(), start.mean())
-    seen, cem_gaussian = [], plan.cem_gaussian  # each call's start mean and std (episode 0, step 0)
-    monkeypatch.setattr(plan, "cem_gaussian", lambda cost_fn, mu, sigma, *args, **kw: seen.append(
-        (mu[0, 0].clone(), sigma[0, 0].clone())) or cem_gaussian(cost_fn, mu, sigma, *args, **kw))
-    plan.main(plan.PlanConfig(run=str(la_run), out=str(tmp_path / "r.json"), episodes=2, num_samples=16, topk=4,
-                              opt_steps=1, ceiling_episodes=0, videos=0))
+    with unittest.mock.patch.object(plan, "cem_gaussian", wraps=plan.cem_gaussian) as cem:  # records each call
+        plan.main(tiny_plan(la_run, tmp_path / "r.json", episodes=2, opt_steps=1, ceiling_episodes=0, videos=0))
     mean, std = torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"])
-    assert seen and (mean.abs().max() > 0.2 or (std - 1).abs().max() > 0.2)  # the prior is not N(0, 1) here
-    for mu, sigma in seen:
-        close(mu, mean), close(sigma, std)
+    assert cem.called and (mean.abs().max() > 0.2 or (std - 1).abs().max() > 0.2)  # the prior is not N(0, 1) here
+    for _, mu, sigma, *_ in (c.args for c in cem.call_args_list):  # each call's start (E, H, L), every episode and step
+        close(mu, mean.expand_as(mu)), close(sigma, std.expand_as(sigma))
 
 # ---- GPU only (skipped without CUDA): bf16 encoder vs fp32, compiled vs eager world model, auto_batch fits ----------
 @CUDA
@@ -1398,9 +1370,8 @@ def test_gpu_bf16_encoder_matches_fp32_and_auto_batch_fits(monkeypatch):
         z = dino.encode(model, frames, 196)  # (B, P, D)
     assert z.dtype == torch.float32 and z.shape == ref.shape == (8, 196, 384) and not torch.equal(z, ref)
     assert F.cosine_similarity(z, ref, dim=-1).min() > 0.999 and (z - ref).norm() / ref.norm() < 1e-2
-    mc = wm.derive(WMConfig(variant="vq"), {"img_size": 224})
-    model, cfg, device = WorldModel(mc).cuda().eval(), plan.PlanConfig(run="r"), torch.device("cuda")
-    E = plan.auto_batch(cfg, model, 100, device, None)  # vq plans code indices
+    model, device = WorldModel(wm.derive(WMConfig(variant="vq"), {"img_size": 224})).cuda().eval(), torch.device("cuda")
+    E = plan.auto_batch(plan.PlanConfig(run="r"), model, 100, device, None)  # vq plans code indices (N 300, H 5)
     z, codes = torch.zeros(E, 196, 384, device=device), torch.zeros(E, 300, 5, dtype=torch.long, device=device)
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
