@@ -344,8 +344,7 @@ def _existing(out, args):
 def _staging(out):
     """A temp folder next to out, renamed to out on success; under a lock that also clears a killed run's leftovers."""
     lock = f".{out.name}.lock"
-    with locked(out.parent, lock, f"another process is writing the dataset {out}; wait for it, or choose another "
-                                  "--out"):
+    with locked(out.parent, lock, f"another process is writing the dataset {out}: wait for it or choose another --out"):
         for old in out.parent.glob(f".{out.name}.tmp-*"):
             print(f"removing {old}, left by an interrupted earlier run")
             shutil.rmtree(old, ignore_errors=True)
@@ -353,8 +352,7 @@ def _staging(out):
         try:
             (tmp / "train").mkdir(), (tmp / "val").mkdir()
             yield tmp
-            require(not out.exists() or not any(out.iterdir()), f"--out {out} was filled while this ran; choose "
-                                                                 "another --out")
+            require(not out.exists() or not any(out.iterdir()), f"--out {out} was filled meanwhile; choose another")
             os.rename(tmp, out)  # atomic, also onto an empty folder: a reader sees no dataset or a complete one
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed: only a failed run leaves one to remove

@@ -58,8 +58,7 @@ class DecodeConfig:
                     self.ensemble) >= 1, "--pairs, --val-pairs, --batch-size, --max-epochs, --patience, --code-states "
                 "and --ensemble must be >= 1")
         data.unused(self, ("ensemble", "unlabelled") if self.head == "decoder" else (), "--head decoder")
-        require(self.lr > 0 and min(self.workers, self.unlabelled) >= -1, "--lr must be > 0; --workers and "
-                "--unlabelled >= -1")
+        require(self.lr > 0 and min(self.workers, self.unlabelled) >= -1, "--lr > 0; --workers, --unlabelled >= -1")
 
 
 # Shapes: B batch, N pairs, P tokens/frame, D token width, L/C latent width, A macro action (10), F frameskip, K codes.
@@ -270,8 +269,7 @@ def main(cfg: DecodeConfig):
         # Every labelled transition counts, the val pairs of early stopping too: that is what the head cost in labels.
         budget = {"train_pairs": n_train, "val_pairs": len(val["y"]), "requested_train_pairs": cfg.pairs,
                   "labels": n_train + len(val["y"]), "unlabelled": n_unl}
-        print(f"label budget: {budget['labels']} labelled transitions ({budget['train_pairs']} train + "
-              f"{budget['val_pairs']} val)")
+        print(f"label budget: {budget['labels']} labelled transitions ({n_train} train + {len(val['y'])} val)")
 
         # --- model and objective. decoder: Huber on normalised actions, val RMSE (seed); la adapter: MSE on the
         # z-scored latent; vq adapter: cross-entropy over the codes. fwd(net, batch) -> out; loss(out, batch) -> ()

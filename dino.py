@@ -218,8 +218,7 @@ def load_dinov2(name="dinov2_vits14", weights=None, device="cpu"):
     with torch.device("meta"):  # no memory, no global-RNG draws; filled below (frozen: in place, no autograd)
         model = DinoVisionTransformer(name).to_empty(device="cpu").requires_grad_(False)
     if weights == "random":
-        print(f"WARNING: {name} has RANDOM weights (seed 0): features are meaningless, for tests and offline "
-              "demos only", file=sys.stderr)
+        print(f"WARNING: {name} has RANDOM weights (seed 0): meaningless features (tests, demos)", file=sys.stderr)
         g = torch.Generator().manual_seed(0)
         for key, p in model.named_parameters():  # fixed order, so the draws are reproducible
             if key.endswith("bias"):
@@ -238,10 +237,9 @@ def load_dinov2(name="dinov2_vits14", weights=None, device="cpu"):
             try:
                 torch.hub.download_url_to_file(url, str(path), progress=True)  # writes a temp file, then renames
             except OSError as e:  # offline, DNS, proxy or HTTP error (URLError is an OSError)
-                raise data.UserError(f"DINOv2 weights {file} are not on this machine and could not be downloaded ({e})."
-                                     f" Fetch {url} elsewhere and put it at {path} (the torch hub cache), or pass "
-                                     f"--dino-weights /path/to/{file}; --dino-weights random runs offline with a "
-                                     "meaningless encoder.") from e
+                raise data.UserError(f"DINOv2 weights {file} are not here and could not be downloaded ({e}). Fetch "
+                                     f"{url} elsewhere and put it at {path} (the torch hub cache), or pass "
+                                     f"--dino-weights /path/to/{file} (random: a meaningless encoder, offline)") from e
         sd = data.load_pt(path, f"pass --dino-weights PATH to an official {file}, or random")
         sd = sd.get("model", sd.get("state_dict", sd)) if isinstance(sd, dict) else sd  # unwrap training checkpoints
         try:
@@ -339,8 +337,7 @@ def encoded_chunks(model, split_dir, states, img_size, size, device, ctx, start=
     loader = torch.utils.data.DataLoader(spans, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                                          collate_fn=partial(load_frames, split_dir, states, img_size),
                                          generator=torch.Generator())  # leaves the global RNG (model init) alone
-    print(f"{split_dir.name}: encoding frames {start}..{len(states)} in chunks of {batch_size} ({workers} loader "
-          "workers)")
+    print(f"{split_dir.name}: encoding frames {start}..{len(states)}, {batch_size} per chunk, {workers} loader workers")
     with tqdm(total=len(states) - start, unit="img", desc=f"encode {split_dir.name}", disable=None) as bar:
         for (a, b), frames in zip(spans, loader):
             with ctx:  # bf16 autocast on CUDA unless --dtype float32

@@ -300,8 +300,7 @@ def main(cfg: EvalConfig):
     with ctx:
         metrics = {name: evaluate_run(run, cfg, device) for name, run in zip(names, cfg.run)}
     if len({m["dataset"] for m in metrics.values()}) > 1:
-        print("WARNING: these runs were trained on different datasets (see the dataset row); their numbers are not "
-              "comparable.")
+        print("WARNING: these runs were trained on different datasets (see the dataset row): not comparable")
 
     # --- write and print: the metrics table (a column per run, a row per metric some run has), the rollout plot
     if metrics:

@@ -202,8 +202,7 @@ def make_tasks(root, split, protocol, episodes, seed, img_size):
         per_ep = np.maximum(lengths - GOAL_STEPS, 0)  # (E,) rows per episode, episode-major, steps ascending
         rows_ep = np.repeat(np.arange(len(lengths)), per_ep)  # (R,)
         rows_step = np.arange(per_ep.sum()) - np.repeat(np.cumsum(per_ep) - per_ep, per_ep)  # (R,)
-        require(episodes <= len(rows_ep), f"{root}/{split}: --episodes {episodes} > {len(rows_ep)} start rows; lower "
-                                          "--episodes")
+        require(episodes <= len(rows_ep), f"{root}/{split} has {len(rows_ep)} start rows: lower --episodes {episodes}")
         pick = rng.choice(len(rows_ep), size=episodes, replace=False)  # (n,)
         ep, step = rows_ep[pick].tolist(), rows_step[pick].tolist()
     g = np.array([starts[e] + t for e, t in zip(ep, step)], dtype=np.int64)  # (n,) global start frame

@@ -1183,7 +1183,7 @@ def test_counted_flops_dry_runs_without_data_and_auto_batch(tmp_path, monkeypatc
     user_error(train.main, replace(cfg, frames=0), px, names=[missing, "--frames"])
     monkeypatch.setattr(train, "GPU_BYTES", 2 ** 20)  # a 1 MiB "GPU"
     user_error(train.main, replace(cfg, features="memory"), px, names=["--features memory", "off"])
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 6, 10 ** 6, 10 ** 3))
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 6, 10 ** 6, 10 ** 3))
     user_error(train.main, replace(cfg, features="cache"), px, names=["--features cache", "memory"])
     model, cfg = WorldModel(mc).eval(), plan.PlanConfig(run="r", num_samples=300)  # mc: la's, from the first loop
     assert plan.auto_batch(plan.PlanConfig(run="r", num_samples=8, topk=2), model, 7, CPU, 8) == 7  # a tiny plan: all

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import secrets
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -289,9 +288,8 @@ def dry_run(cfg, mc, ckpt):
     if mc.tokens != "dinov2" or cfg.features == "off":
         per_window, once, note = dino_flops * (mc.num_hist + 1), 0, "DINOv2 on every batch" * (dino_flops > 0)
     elif cfg.features == "cache":
-        free = shutil.disk_usage(next(p for p in [root.resolve(), *root.resolve().parents] if p.exists())).free
-        require(found or size + dino.DISK_RESERVE <= free, f"--features cache: the fp16 feature cache needs "
-                f"{size / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB are free: --features memory or off")
+        if not found:  # with the spare that `dino.py encode` keeps
+            data.need_disk(root, size + dino.DISK_RESERVE, "--features cache (else --features memory or off)")
         per_window, once, note = 0, 0 if found else frames * dino_flops, f"fp16 cache, {size / 1e9:.1f} GB of disk"
     else:
         require(size + dino.STORE_SPARE <= GPU_BYTES, f"--features memory: {size / 1e9:.1f} GB of int8 features do "
