@@ -70,8 +70,8 @@ class TrainConfig:
                 "--log-every must be >= 1")
         require(min(self.lr_predictor, self.lr_action, self.lr_idm) > 0 and self.weight_decay >= 0,
                 "learning rates must be > 0 and --weight-decay >= 0")
-        require(self.frames >= 0 and self.num_workers >= -1 and (self.labels == -1 or self.labels >= 1), "--frames "
-                f"must be >= 0, --num-workers >= -1, --labels {self.labels} a count of labelled windows >= 1 or -1")
+        require(self.frames >= 0 and self.num_workers >= -1 and (self.labels == -1 or self.labels >= 1),
+                "--frames must be >= 0, --num-workers >= -1, --labels >= 1 (labelled windows) or -1 (all of them)")
 
 
 # Shape legend: B batch, T = num_hist + 1 frames, P tokens per frame, D token width, A macro action, C cond, L latent.
