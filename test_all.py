@@ -1,8 +1,8 @@
 """All tests in pipeline order: data, dino, wm, train, decode, plan, eval, plumbing and hostile input, the DINOv2 pixel
 path, policy, jepa, the method end to end, GPU only (skipped without CUDA). A user error is a property, never a
 wording: data.UserError naming the flag or file, or exit status 2 with one stderr line naming it and nothing written.
-The tiny state-token pipeline `pipe` is built once and shared; one small la run (~30 s) checks the method. ~1 min on
-2 cores, CPU only."""
+The tiny state-token pipeline `pipe` is built once and shared; one small la run (~1 min) checks the method. Under
+2 min on 2 cores, CPU only (CI: 98 s)."""
 import contextlib, copy, dataclasses, functools, hashlib, itertools, json, math, os, pickle, runpy  # noqa: E401
 import shlex, shutil, socket, subprocess, sys, unittest.mock, urllib.error  # noqa: E401
 from dataclasses import replace
